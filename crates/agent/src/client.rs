@@ -1,0 +1,178 @@
+//! Reaching an engine: one TLS connection per control channel, stream or
+//! private dial.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use strait_proto::{
+    ClientDetails, FrameReader, MAX_FRAME_LEN, Message, Payload, Prefixed, StreamReq, StreamResult, write_message,
+};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::AgentError;
+use crate::control::ControlChannel;
+
+/// A connection to the engine carrying raw bytes, with any bytes that came
+/// right behind the engine's response replayed first.
+pub type Stream = Prefixed<TlsStream<TcpStream>>;
+
+/// How to reach and authenticate to an engine.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `host:port` (port 443 when omitted).
+    pub engine: String,
+    pub token: Option<String>,
+    /// Trust this CA file instead of the web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// TLS server name, when it differs from the engine's host.
+    pub server_name: Option<String>,
+    /// Skip the engine's response on streams and dials (the SDK default).
+    pub zero_rtt: bool,
+    /// Heartbeat interval to negotiate; `None` sends no heartbeats.
+    pub heartbeat_interval: Option<Duration>,
+    pub connect_timeout: Duration,
+    pub operation_timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(engine: impl Into<String>, token: Option<String>) -> Self {
+        Self {
+            engine: engine.into(),
+            token,
+            ca_file: None,
+            server_name: None,
+            zero_rtt: true,
+            heartbeat_interval: Some(Duration::from_secs(5)),
+            connect_timeout: Duration::from_secs(15),
+            operation_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A configured client; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) config: Arc<ClientConfig>,
+    connector: TlsConnector,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+}
+
+pub(crate) fn client_details(token: Option<String>) -> ClientDetails {
+    ClientDetails {
+        agent: Some("strait".into()),
+        channel: Some("stable".into()),
+        version: Some(env!("CARGO_PKG_VERSION").into()),
+        os: Some(std::env::consts::OS.into()),
+        arch: Some(std::env::consts::ARCH.into()),
+        token,
+        protocol_version: Some(strait_proto::PROTOCOL_VERSION.into()),
+    }
+}
+
+fn split_engine(engine: &str) -> Result<(String, u16), AgentError> {
+    let bad = || AgentError::BadEngineAddress(engine.to_string());
+    if engine.contains("://") || engine.trim().is_empty() {
+        return Err(bad());
+    }
+    match engine.rsplit_once(':') {
+        Some((host, _)) if !host.ends_with(']') && host.contains(':') => Ok((engine.to_string(), 443)),
+        Some((host, port)) => {
+            let port: u16 = port.parse().map_err(|_| bad())?;
+            if port == 0 || host.is_empty() {
+                return Err(bad());
+            }
+            Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
+        }
+        None => Ok((engine.to_string(), 443)),
+    }
+}
+
+impl Client {
+    pub fn new(config: ClientConfig) -> Result<Self, AgentError> {
+        let (host, port) = split_engine(&config.engine)?;
+        let name = config.server_name.clone().unwrap_or_else(|| host.clone());
+        let server_name =
+            ServerName::try_from(name.clone()).map_err(|_| AgentError::BadEngineAddress(name.clone()))?;
+        let connector = TlsConnector::from(crate::tls::client_config(config.ca_file.as_deref())?);
+        Ok(Self { config: Arc::new(config), connector, host, port, server_name })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Opens a TLS connection to the engine with ALPN `rstrm/1`.
+    pub(crate) async fn connect_tls(&self) -> Result<TlsStream<TcpStream>, AgentError> {
+        let addr = format!("{}:{}", self.host, self.port);
+        let connect = async {
+            let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+            tcp.set_nodelay(true)?;
+            self.connector.connect(self.server_name.clone(), tcp).await
+        };
+        match tokio::time::timeout(self.config.connect_timeout, connect).await {
+            Ok(Ok(tls)) => Ok(tls),
+            Ok(Err(source)) => Err(AgentError::Connect { addr, source }),
+            Err(_) => Err(AgentError::Timeout("connecting to the engine")),
+        }
+    }
+
+    /// Opens a control channel.
+    pub async fn connect(&self) -> Result<ControlChannel, AgentError> {
+        ControlChannel::open(self.clone()).await
+    }
+
+    /// Dials a private tunnel by id or name.
+    pub async fn dial(&self, tunnel: &str) -> Result<Stream, AgentError> {
+        let mut tls = self.connect_tls().await?;
+        let zero_rtt = self.config.zero_rtt;
+        let req = StreamReq {
+            client_details: Some(client_details(self.config.token.clone())),
+            tunnel_id_name: tunnel.trim().to_string(),
+            zero_rtt: Some(zero_rtt),
+            datagram_channel: None,
+        };
+        write_message(&mut tls, &Message::from(Payload::StreamReq(req))).await?;
+        if zero_rtt {
+            return Ok(Prefixed::new(Default::default(), tls));
+        }
+        let mut reader = FrameReader::new(tls, MAX_FRAME_LEN);
+        let rsp = tokio::time::timeout(self.config.operation_timeout, reader.read_message())
+            .await
+            .map_err(|_| AgentError::Timeout("waiting for StreamRsp"))??;
+        match rsp.payload {
+            Some(Payload::StreamRsp(rsp)) => match rsp.payload {
+                Some(StreamResult::StreamId(_)) => {
+                    let (tls, rest) = reader.into_parts();
+                    Ok(Prefixed::new(rest, tls))
+                }
+                Some(StreamResult::Error(e)) => Err(AgentError::Engine(e)),
+                None => Err(AgentError::Protocol("empty StreamRsp".into())),
+            },
+            other => Err(AgentError::Protocol(format!(
+                "expected StreamRsp, got {}",
+                other.map_or("nothing", |p| p.name())
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_engine;
+
+    #[test]
+    fn engine_addresses() {
+        assert_eq!(split_engine("edge.example.com").unwrap(), ("edge.example.com".into(), 443));
+        assert_eq!(split_engine("localhost:8443").unwrap(), ("localhost".into(), 8443));
+        assert_eq!(split_engine("[::1]:8443").unwrap(), ("::1".into(), 8443));
+        assert!(split_engine("https://x").is_err());
+        assert!(split_engine("x:0").is_err());
+        assert!(split_engine("x:http").is_err());
+    }
+}

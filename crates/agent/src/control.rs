@@ -1,0 +1,398 @@
+//! An open control channel, agent side.
+//!
+//! A reader task routes what the engine sends: tunnel replies to their
+//! waiting callers, `ProxyConnReq`s to a bounded pool of dial-back tasks,
+//! heartbeat acknowledgements to the liveness check. A writer task drains
+//! one outbox, so every caller's frames leave in order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use strait_proto::{
+    CloseControlChannelReq, CloseTunnelReq, ControlChannelLiveness, Error, ErrorCode, FrameError, FrameReader,
+    Heartbeat, MAX_FRAME_LEN, Message, OpenControlChannelReq, OpenControlChannelResult, OpenTunnelReq,
+    OpenTunnelResult, Payload, Prefixed, ProxyConnReq, ProxyConnRsp, ProxyReq, ServerDetails, TunnelProperties,
+    write_message,
+};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+use crate::client::{Client, Stream, client_details};
+use crate::tunnel::Tunnel;
+use crate::AgentError;
+
+/// Dial-backs in flight at once, as the Go and Python SDKs cap them; more
+/// wait for a slot.
+const MAX_ACTIVE_STREAMS: usize = 64;
+
+/// Streams handed to a tunnel and not yet accepted.
+const TUNNEL_BACKLOG: usize = 256;
+
+type OpenReply = oneshot::Sender<Result<TunnelProperties, Error>>;
+
+#[derive(Default)]
+struct State {
+    opening: HashMap<String, (OpenReply, mpsc::Sender<Stream>)>,
+    tunnels: HashMap<String, mpsc::Sender<Stream>>,
+    closing: HashMap<String, Vec<oneshot::Sender<()>>>,
+}
+
+pub(crate) struct Inner {
+    client: Client,
+    outbox: mpsc::Sender<Message>,
+    state: Mutex<State>,
+    dialbacks: Semaphore,
+    /// `None` while open; the reason once closed.
+    closed: watch::Sender<Option<String>>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn close_with(&self, reason: String) {
+        self.closed.send_if_modified(|current| {
+            if current.is_none() {
+                *current = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+        let mut state = self.lock();
+        state.opening.clear();
+        state.tunnels.clear();
+        state.closing.clear();
+    }
+
+    fn closed_reason(&self) -> Option<String> {
+        self.closed.borrow().clone()
+    }
+
+    pub(crate) async fn send(&self, payload: Payload) -> Result<(), AgentError> {
+        self.outbox
+            .send(payload.into())
+            .await
+            .map_err(|_| AgentError::Closed(self.closed_reason().unwrap_or_else(|| "writer stopped".into())))
+    }
+
+    pub(crate) async fn close_tunnel(&self, tunnel_id: &str) -> Result<(), AgentError> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = self.lock();
+            if !state.tunnels.contains_key(tunnel_id) {
+                return Ok(());
+            }
+            state.closing.entry(tunnel_id.to_string()).or_default().push(tx);
+        }
+        self.send(Payload::CloseTunnelReq(CloseTunnelReq { tunnel_id: tunnel_id.to_string() })).await?;
+        tokio::time::timeout(self.client.config.operation_timeout, rx)
+            .await
+            .map_err(|_| AgentError::Timeout("waiting for CloseTunnelRsp"))?
+            .map_err(|_| AgentError::Closed(self.closed_reason().unwrap_or_default()))
+    }
+}
+
+/// An open control channel. Dropping it closes the connection.
+pub struct ControlChannel {
+    inner: Arc<Inner>,
+    client_id: String,
+    server_details: Option<ServerDetails>,
+    liveness: Option<ControlChannelLiveness>,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl ControlChannel {
+    pub(crate) async fn open(client: Client) -> Result<Self, AgentError> {
+        let tls = client.connect_tls().await?;
+        let (read_half, mut write_half) = tokio::io::split(tls);
+        let interval_ms = client.config.heartbeat_interval.map(|d| d.as_millis().clamp(1, u32::MAX as u128) as u32);
+        let req = OpenControlChannelReq {
+            client_details: Some(client_details(client.config.token.clone())),
+            liveness: interval_ms.map(|ms| ControlChannelLiveness { heartbeat_interval_ms: ms, heartbeat_timeout_ms: 0 }),
+        };
+        write_message(&mut write_half, &Payload::OpenControlChannelReq(req).into()).await?;
+        let mut reader = FrameReader::new(read_half, MAX_FRAME_LEN);
+        let rsp = tokio::time::timeout(client.config.operation_timeout, reader.read_message())
+            .await
+            .map_err(|_| AgentError::Timeout("waiting for OpenControlChannelRsp"))??;
+        let ok = match rsp.payload {
+            Some(Payload::OpenControlChannelRsp(rsp)) => match rsp.payload {
+                Some(OpenControlChannelResult::Ok(ok)) => ok,
+                Some(OpenControlChannelResult::Error(e)) => return Err(AgentError::Engine(e)),
+                None => return Err(AgentError::Protocol("empty OpenControlChannelRsp".into())),
+            },
+            other => {
+                return Err(AgentError::Protocol(format!(
+                    "expected OpenControlChannelRsp, got {}",
+                    other.map_or("nothing", |p| p.name())
+                )));
+            }
+        };
+        if let Some(l) = &ok.liveness
+            && (Some(l.heartbeat_interval_ms) != interval_ms
+                || l.heartbeat_timeout_ms < l.heartbeat_interval_ms
+                || l.heartbeat_timeout_ms > 900_000)
+        {
+            return Err(AgentError::Protocol("engine returned an invalid liveness policy".into()));
+        }
+
+        let (outbox, mut outbox_rx) = mpsc::channel::<Message>(1024);
+        let (closed, _) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            client,
+            outbox,
+            state: Mutex::new(State::default()),
+            dialbacks: Semaphore::new(MAX_ACTIVE_STREAMS),
+            closed,
+        });
+        let stop = tokio_util::sync::CancellationToken::new();
+
+        // Writer.
+        let writer_inner = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            while let Some(message) = outbox_rx.recv().await {
+                if let Err(e) = write_message(&mut write_half, &message).await {
+                    if let Some(inner) = writer_inner.upgrade() {
+                        inner.close_with(format!("write failed: {e}"));
+                    }
+                    return;
+                }
+            }
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut write_half).await;
+        });
+
+        // Heartbeats.
+        let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        if let Some(interval) = inner.client.config.heartbeat_interval {
+            let hb_inner = Arc::downgrade(&inner);
+            let negotiated = ok.liveness.is_some();
+            let sent = sent.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut ticker = tokio::time::interval(interval);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = ticker.tick() => {}
+                    }
+                    let Some(inner) = hb_inner.upgrade() else { return };
+                    let hb = if negotiated {
+                        let seq = sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        Heartbeat { sequence: seq, acknowledgement: 0 }
+                    } else {
+                        Heartbeat::default()
+                    };
+                    if inner.send(Payload::Heartbeat(hb)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+
+        // Reader.
+        let read_inner = inner.clone();
+        let timeout = ok.liveness.as_ref().map(|l| Duration::from_millis(l.heartbeat_timeout_ms as u64));
+        let read_stop = stop.clone();
+        tokio::spawn(async move {
+            let reason = read_loop(&read_inner, &mut reader, timeout, &sent, &read_stop).await;
+            read_stop.cancel();
+            read_inner.close_with(reason);
+        });
+
+        Ok(Self {
+            inner,
+            client_id: ok.client_id,
+            server_details: ok.server_details,
+            liveness: ok.liveness,
+            _stop: stop.drop_guard(),
+        })
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    pub fn server_details(&self) -> Option<&ServerDetails> {
+        self.server_details.as_ref()
+    }
+
+    /// The liveness policy the engine accepted, if any.
+    pub fn liveness(&self) -> Option<&ControlChannelLiveness> {
+        self.liveness.as_ref()
+    }
+
+    /// Opens a tunnel; the reply carries the complete properties served.
+    pub async fn open_tunnel(&self, properties: TunnelProperties) -> Result<Tunnel, AgentError> {
+        let request_id = format!("{:032x}", rand::random::<u128>());
+        let (reply, rx) = oneshot::channel();
+        let (streams, incoming) = mpsc::channel(TUNNEL_BACKLOG);
+        self.inner.lock().opening.insert(request_id.clone(), (reply, streams));
+        let req = OpenTunnelReq { request_id: request_id.clone(), tunnel_properties: Some(properties) };
+        if let Err(e) = self.inner.send(Payload::OpenTunnelReq(req)).await {
+            self.inner.lock().opening.remove(&request_id);
+            return Err(e);
+        }
+        let reply = tokio::time::timeout(self.inner.client.config.operation_timeout, rx).await;
+        let properties = match reply {
+            Ok(Ok(Ok(properties))) => properties,
+            Ok(Ok(Err(e))) => return Err(AgentError::Engine(e)),
+            Ok(Err(_)) => return Err(AgentError::Closed(self.inner.closed_reason().unwrap_or_default())),
+            Err(_) => {
+                self.inner.lock().opening.remove(&request_id);
+                return Err(AgentError::Timeout("waiting for OpenTunnelRsp"));
+            }
+        };
+        Ok(Tunnel::new(self.inner.clone(), properties, incoming))
+    }
+
+    /// Closes the channel: `CloseControlChannelReq`, then wait for the end.
+    pub async fn close(&self) -> Result<(), AgentError> {
+        if self.inner.closed_reason().is_some() {
+            return Ok(());
+        }
+        let _ = self.inner.send(Payload::CloseControlChannelReq(CloseControlChannelReq {})).await;
+        let mut closed = self.inner.closed.subscribe();
+        let wait = closed.wait_for(|c| c.is_some());
+        tokio::time::timeout(self.inner.client.config.operation_timeout, wait)
+            .await
+            .map_err(|_| AgentError::Timeout("waiting for CloseControlChannelRsp"))?
+            .map(|_| ())
+            .map_err(|_| AgentError::Closed("dropped".into()))
+    }
+
+    /// Waits until the channel ends; returns why.
+    pub async fn closed(&self) -> String {
+        let mut closed = self.inner.closed.subscribe();
+        match closed.wait_for(|c| c.is_some()).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            Err(_) => "dropped".into(),
+        }
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed_reason().is_some()
+    }
+}
+
+async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
+    inner: &Arc<Inner>,
+    reader: &mut FrameReader<R>,
+    timeout: Option<Duration>,
+    sent: &std::sync::atomic::AtomicU64,
+    stop: &tokio_util::sync::CancellationToken,
+) -> String {
+    let mut acknowledged = 0u64;
+    loop {
+        let read = async {
+            match timeout {
+                Some(t) => tokio::time::timeout(t, reader.read_message()).await.ok(),
+                None => Some(reader.read_message().await),
+            }
+        };
+        let message = tokio::select! {
+            _ = stop.cancelled() => return "closed by the agent".into(),
+            read = read => match read {
+                None => return "engine silent past the liveness timeout".into(),
+                Some(Err(FrameError::Closed)) => return "engine closed the connection".into(),
+                Some(Err(e)) => return format!("read failed: {e}"),
+                Some(Ok(m)) => m,
+            },
+        };
+        match message.payload {
+            Some(Payload::OpenTunnelRsp(rsp)) => {
+                let Some((reply, streams)) = inner.lock().opening.remove(&rsp.request_id) else { continue };
+                match rsp.payload {
+                    Some(OpenTunnelResult::TunnelProperties(p)) => {
+                        if let Some(id) = p.id.clone() {
+                            inner.lock().tunnels.insert(id, streams);
+                            let _ = reply.send(Ok(p));
+                        } else {
+                            let _ = reply.send(Err(Error::new(ErrorCode::Internal, "engine returned no tunnel id")));
+                        }
+                    }
+                    Some(OpenTunnelResult::Error(e)) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    None => {
+                        let _ = reply.send(Err(Error::new(ErrorCode::Internal, "empty OpenTunnelRsp")));
+                    }
+                }
+            }
+            Some(Payload::CloseTunnelRsp(rsp)) => {
+                // Solicited or a revocation: either way the tunnel is gone.
+                let mut state = inner.lock();
+                state.tunnels.remove(&rsp.tunnel_id);
+                for waiter in state.closing.remove(&rsp.tunnel_id).unwrap_or_default() {
+                    let _ = waiter.send(());
+                }
+            }
+            Some(Payload::ProxyConnReq(req)) => {
+                let inner = inner.clone();
+                tokio::spawn(async move { dial_back(inner, req).await });
+            }
+            Some(Payload::Heartbeat(hb)) => {
+                if timeout.is_none()
+                    || hb.sequence != 0
+                    || hb.acknowledgement <= acknowledged
+                    || hb.acknowledgement > sent.load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    return "engine sent an invalid heartbeat".into();
+                }
+                acknowledged = hb.acknowledgement;
+            }
+            Some(Payload::CloseControlChannelRsp(_)) => return "closed by the agent".into(),
+            Some(Payload::ServerMessage(m)) => tracing::info!(message = %m.message, "engine says"),
+            Some(other) => tracing::debug!(message = other.name(), "unexpected message from the engine ignored"),
+            None => {}
+        }
+    }
+}
+
+/// Answers a `ProxyConnReq`: dial the engine, present the stream secret,
+/// hand the stream to its tunnel, report the outcome.
+async fn dial_back(inner: Arc<Inner>, req: ProxyConnReq) {
+    let Some(streams) = inner.lock().tunnels.get(&req.tunnel_id).cloned() else {
+        let error = Error::new(ErrorCode::InvalidStream, "tunnel is not open on this client");
+        let _ = inner.send(Payload::ProxyConnRsp(ProxyConnRsp { stream_id: req.stream_id, error: Some(error) })).await;
+        return;
+    };
+    let Ok(_permit) = inner.dialbacks.acquire().await else { return };
+    let result = async {
+        let mut tls = inner.client.connect_tls().await?;
+        let zero_rtt = inner.client.config.zero_rtt;
+        let proxy = ProxyReq {
+            client_details: Some(client_details(req.secret.clone())),
+            stream_id: req.stream_id.clone(),
+            zero_rtt: Some(zero_rtt),
+        };
+        write_message(&mut tls, &Payload::ProxyReq(proxy).into()).await?;
+        if zero_rtt {
+            return Ok::<Stream, AgentError>(Prefixed::new(Default::default(), tls));
+        }
+        let mut reader = FrameReader::new(tls, MAX_FRAME_LEN);
+        let rsp = tokio::time::timeout(inner.client.config.operation_timeout, reader.read_message())
+            .await
+            .map_err(|_| AgentError::Timeout("waiting for ProxyRsp"))??;
+        match rsp.payload {
+            Some(Payload::ProxyRsp(rsp)) => match rsp.error {
+                Some(e) => Err(AgentError::Engine(e)),
+                None => {
+                    let (tls, rest) = reader.into_parts();
+                    Ok(Prefixed::new(rest, tls))
+                }
+            },
+            other => Err(AgentError::Protocol(format!("expected ProxyRsp, got {}", other.map_or("nothing", |p| p.name())))),
+        }
+    }
+    .await;
+    let error = match result {
+        Ok(stream) => match streams.try_send(stream) {
+            Ok(()) => None,
+            Err(_) => Some(Error::new(ErrorCode::CapacityExhausted, "tunnel backlog is full or closed")),
+        },
+        Err(e) => Some(Error::new(ErrorCode::InvalidStream, e.to_string())),
+    };
+    let _ = inner.send(Payload::ProxyConnRsp(ProxyConnRsp { stream_id: req.stream_id, error })).await;
+}

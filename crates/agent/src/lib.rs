@@ -1,0 +1,59 @@
+//! strait-agent: the agent side of the rstream wire protocol.
+//!
+//! - [`Client`]: how to reach an engine (address, token, TLS trust);
+//! - [`ControlChannel`]: one open control channel; opens and closes tunnels,
+//!   answers `ProxyConnReq`s by dialling back, keeps liveness;
+//! - [`Tunnel`]: a tunnel's incoming streams, or [`Tunnel::forward`] to a
+//!   local address;
+//! - [`Client::dial`]: a private dial to a tunnel by id or name.
+//!
+//! Used by the `strait` CLI, by `strait-engine dev` and by the engine's
+//! end-to-end tests.
+
+#![forbid(unsafe_code)]
+
+mod client;
+mod control;
+mod tls;
+mod tunnel;
+
+pub use client::{Client, ClientConfig, Stream};
+pub use control::ControlChannel;
+pub use strait_proto::TunnelProperties;
+pub use tunnel::Tunnel;
+
+/// Re-exported so binaries install the same crypto provider.
+pub use rustls;
+
+/// Errors an agent meets, with what went wrong on which side.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("engine address {0:?} is not host:port")]
+    BadEngineAddress(String),
+    #[error("cannot read CA file {path}: {reason}")]
+    CaFile { path: std::path::PathBuf, reason: String },
+    #[error("cannot connect to the engine at {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    #[error("the engine refused: {0}")]
+    Engine(strait_proto::Error),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("the control channel is closed: {0}")]
+    Closed(String),
+    #[error(transparent)]
+    Frame(#[from] strait_proto::FrameError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl AgentError {
+    /// The engine's error code, when the engine refused.
+    pub fn engine_code(&self) -> Option<strait_proto::ErrorCode> {
+        match self {
+            AgentError::Engine(e) => Some(e.code()),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! The TLS client configuration agents use: ALPN `rstrm/1`, trust from a CA
+//! file or the web PKI roots, and session resumption, since every stream is
+//! a new connection to the same engine.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::ClientConfig;
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+use crate::AgentError;
+
+pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, AgentError> {
+    let mut roots = RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| AgentError::CaFile { path: path.to_path_buf(), reason: e.to_string() })?;
+            let mut added = 0;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| AgentError::CaFile { path: path.to_path_buf(), reason: e.to_string() })?;
+                roots
+                    .add(cert)
+                    .map_err(|e| AgentError::CaFile { path: path.to_path_buf(), reason: e.to_string() })?;
+                added += 1;
+            }
+            if added == 0 {
+                return Err(AgentError::CaFile { path: path.to_path_buf(), reason: "no PEM certificate in it".into() });
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![strait_proto::ALPN.to_vec()];
+    Ok(Arc::new(config))
+}

@@ -1,0 +1,75 @@
+//! A tunnel, agent side: the properties the engine serves and the streams
+//! it sends.
+
+use std::sync::Arc;
+
+use strait_proto::TunnelProperties;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::AgentError;
+use crate::client::Stream;
+use crate::control::Inner;
+
+pub struct Tunnel {
+    control: Arc<Inner>,
+    properties: TunnelProperties,
+    incoming: mpsc::Receiver<Stream>,
+}
+
+impl Tunnel {
+    pub(crate) fn new(control: Arc<Inner>, properties: TunnelProperties, incoming: mpsc::Receiver<Stream>) -> Self {
+        Self { control, properties, incoming }
+    }
+
+    pub fn id(&self) -> &str {
+        self.properties.id.as_deref().unwrap_or_default()
+    }
+
+    /// The complete properties the engine serves.
+    pub fn properties(&self) -> &TunnelProperties {
+        &self.properties
+    }
+
+    /// `https://<hostname>[:port]` for a published tunnel.
+    pub fn public_url(&self) -> Option<String> {
+        let host = self.properties.hostname.as_deref()?;
+        let scheme = if self.properties.protocol.as_deref() == Some("http") { "https" } else { "tls" };
+        Some(match self.properties.port {
+            Some(443) | None => format!("{scheme}://{host}"),
+            Some(port) => format!("{scheme}://{host}:{port}"),
+        })
+    }
+
+    /// The next stream; `None` once the tunnel or its channel is closed.
+    pub async fn accept(&mut self) -> Option<Stream> {
+        self.incoming.recv().await
+    }
+
+    /// Asks the engine to close the tunnel and waits for its answer.
+    pub async fn close(&self) -> Result<(), AgentError> {
+        self.control.close_tunnel(self.id()).await
+    }
+
+    /// Serves every stream by connecting to `local` and splicing, until the
+    /// tunnel closes. Returns how many streams were served.
+    pub async fn forward(&mut self, local: String) -> u64 {
+        let mut served = 0;
+        while let Some(mut stream) = self.accept().await {
+            served += 1;
+            let local = local.clone();
+            tokio::spawn(async move {
+                match TcpStream::connect(&local).await {
+                    Ok(mut upstream) => {
+                        let _ = upstream.set_nodelay(true);
+                        if let Err(error) = strait_proto::splice::splice(&mut stream, &mut upstream).await {
+                            tracing::debug!(%error, "forwarded stream ended with an error");
+                        }
+                    }
+                    Err(error) => tracing::warn!(%local, %error, "cannot reach the local service"),
+                }
+            });
+        }
+        served
+    }
+}

@@ -1,0 +1,209 @@
+//! `strait forward`: publish (or privately offer) a local service, and keep
+//! it up across engine restarts and network drops.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rand::RngExt;
+use strait_agent::{Client, ControlChannel, TunnelProperties};
+
+/// The options of a tunnel, as `rstream forward` takes them.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TunnelOptions {
+    /// Tunnel name (unique among your tunnels; dialers use it).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Keep the tunnel private: reachable only by authenticated dialers.
+    #[arg(long, conflicts_with = "publish")]
+    pub private: bool,
+    /// Publish the tunnel (the default).
+    #[arg(long)]
+    pub publish: bool,
+    /// Protocol of a published tunnel.
+    #[arg(long, value_parser = ["http", "tls", "tcp"])]
+    pub protocol: Option<String>,
+    /// Hostname (or label) to publish on, under .t.<engine host>.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Labels, KEY=VALUE, repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    /// Require an engine token from HTTP clients (Bearer or rstream.token).
+    #[arg(long)]
+    pub token_auth: bool,
+    /// Allowed client addresses or CIDRs, repeatable.
+    #[arg(long = "trusted-ip")]
+    pub trusted_ips: Vec<String>,
+    /// HTTP version towards the local service.
+    #[arg(long, value_parser = ["http/1.1", "h2c"])]
+    pub http_version: Option<String>,
+    /// The local service speaks TLS.
+    #[arg(long)]
+    pub upstream_tls: bool,
+    /// TLS tunnels: terminate at the engine or pass through.
+    #[arg(long, value_parser = ["terminated", "passthrough"])]
+    pub tls_mode: Option<String>,
+    /// TLS tunnels: ALPN protocols offered, repeatable.
+    #[arg(long = "tls-alpn")]
+    pub tls_alpns: Vec<String>,
+    /// TLS tunnels: minimum TLS version (1.2 or 1.3).
+    #[arg(long)]
+    pub tls_min_version: Option<String>,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label {text:?} is not KEY=VALUE")),
+    }
+}
+
+impl TunnelOptions {
+    pub fn properties(&self) -> TunnelProperties {
+        let publish = !self.private;
+        TunnelProperties {
+            name: self.name.clone(),
+            publish: Some(publish),
+            protocol: self.protocol.clone().or_else(|| publish.then(|| "http".to_string())),
+            labels: self.labels.iter().cloned().collect::<HashMap<_, _>>(),
+            hostname: self.host.clone(),
+            token_auth: self.token_auth.then_some(true),
+            trusted_ips: self.trusted_ips.clone(),
+            http_version: self.http_version.clone(),
+            upstream_tls: self.upstream_tls.then_some(true),
+            tls_mode: self.tls_mode.clone(),
+            tls_alpns: self.tls_alpns.clone(),
+            tls_min_version: self.tls_min_version.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Parses `[[host:]port]` into a connectable address.
+pub fn local_target(spec: Option<&str>) -> anyhow::Result<String> {
+    let spec = spec.unwrap_or("8080").trim();
+    if let Ok(port) = spec.parse::<u16>() {
+        anyhow::ensure!(port != 0, "port 0 is not a service");
+        return Ok(format!("127.0.0.1:{port}"));
+    }
+    match spec.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0) => Ok(spec.to_string()),
+        _ => anyhow::bail!("{spec:?} is not PORT or HOST:PORT"),
+    }
+}
+
+/// Capped exponential backoff with full jitter.
+pub struct Backoff {
+    attempt: u32,
+    base: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Self { attempt: 0, base, cap }
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.base.saturating_mul(1u32 << self.attempt.min(16)).min(self.cap);
+        self.attempt += 1;
+        let millis = ceiling.as_millis().max(1) as u64;
+        Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
+    }
+}
+
+/// Runs until Ctrl-C; reconnects with backoff and recreates the tunnel on
+/// the same hostname.
+pub async fn run(client: Client, options: TunnelOptions, local: String) -> anyhow::Result<()> {
+    let mut properties = options.properties();
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    let mut announced = false;
+    loop {
+        let session = async {
+            let control = client.connect().await?;
+            let tunnel = control.open_tunnel(properties.clone()).await?;
+            Ok::<_, strait_agent::AgentError>((control, tunnel))
+        };
+        let (control, mut tunnel) = tokio::select! {
+            result = session => match result {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // A refusal by the engine will not fix itself.
+                    if error.engine_code().is_some() && !announced {
+                        anyhow::bail!("{error}");
+                    }
+                    let delay = backoff.next_delay();
+                    eprintln!("strait: {error}; retrying in {:.1}s", delay.as_secs_f32());
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = tokio::signal::ctrl_c() => return Ok(()),
+                    }
+                }
+            },
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        backoff.reset();
+        // Pin the served hostname so a reconnect lands on the same address.
+        if let Some(host) = tunnel.properties().hostname.clone() {
+            properties.hostname = Some(host);
+        }
+        let address = tunnel.public_url().unwrap_or_else(|| {
+            format!("rstrm://{} (private)", tunnel.properties().name.as_deref().unwrap_or(tunnel.id()))
+        });
+        if announced {
+            eprintln!("strait: reconnected, forwarding {address} -> {local}");
+        } else {
+            println!("Forwarding {address} -> {local}");
+            announced = true;
+        }
+        let reason = tokio::select! {
+            _ = tunnel.forward(local.clone()) => control.closed().await,
+            reason = control.closed() => reason,
+            _ = tokio::signal::ctrl_c() => {
+                let _ = tunnel.close().await;
+                let _ = control.close().await;
+                return Ok(());
+            }
+        };
+        close_quietly(&control).await;
+        let delay = backoff.next_delay();
+        eprintln!("strait: connection lost ({reason}); reconnecting in {:.1}s", delay.as_secs_f32());
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+async fn close_quietly(control: &ControlChannel) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), control.close()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_targets() {
+        assert_eq!(local_target(None).unwrap(), "127.0.0.1:8080");
+        assert_eq!(local_target(Some("3000")).unwrap(), "127.0.0.1:3000");
+        assert_eq!(local_target(Some("db.internal:5432")).unwrap(), "db.internal:5432");
+        assert!(local_target(Some("0")).is_err());
+        assert!(local_target(Some("host:")).is_err());
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
+        assert!(delays[0] <= Duration::from_millis(100));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(delays[9] >= Duration::from_secs(1));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

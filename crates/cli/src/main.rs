@@ -1,0 +1,238 @@
+//! `strait`: the agent and command line for strait and rstream engines.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+
+mod context;
+mod forward;
+mod token;
+
+use context::{ConfigFile, Context, Overrides, TokenSource};
+
+#[derive(Parser)]
+#[command(
+    name = "strait",
+    version,
+    about = "Publish local services through a strait or rstream engine, and reach private ones",
+    after_help = "Examples:\n  strait context create lab --engine edge.example.com:443 --token $TOKEN --use\n  \
+                  strait forward 3000\n  strait forward 5432 --private --name db\n  \
+                  strait connect db --listen 127.0.0.1:15432\n  ssh -o ProxyCommand='strait dial ssh-box' user@ssh-box"
+)]
+struct Cli {
+    /// Agent configuration file [default: ~/.rstream/config.yaml].
+    #[arg(long, env = "RSTREAM_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Context to use [default: the file's default context].
+    #[arg(long, env = "RSTREAM_CONTEXT", global = true)]
+    context: Option<String>,
+    /// Engine address, host:port.
+    #[arg(long, env = "RSTREAM_ENGINE", global = true)]
+    engine: Option<String>,
+    /// Authentication token (a JWT).
+    #[arg(long, env = "RSTREAM_AUTHENTICATION_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Trust this CA file for the engine's certificate.
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
+    /// TLS server name of the engine, when it differs from its host.
+    #[arg(long, global = true)]
+    server_name: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Forward a local service through a tunnel.
+    #[command(after_help = "Examples:\n  strait forward 3000\n  strait forward 127.0.0.1:8443 --protocol tls --tls-mode passthrough\n  \
+                            strait forward 5432 --private --name db")]
+    Forward {
+        /// Local service: PORT or HOST:PORT [default: 8080].
+        target: Option<String>,
+        #[command(flatten)]
+        options: forward::TunnelOptions,
+    },
+    /// Listen on a local port; each connection dials a private tunnel.
+    #[command(after_help = "Example:\n  strait connect db --listen 127.0.0.1:15432")]
+    Connect {
+        /// Tunnel id or name.
+        tunnel: String,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+    /// Dial a private tunnel on stdin/stdout (for ssh ProxyCommand).
+    #[command(after_help = "Example:\n  ssh -o ProxyCommand='strait dial ssh-box' user@ssh-box")]
+    Dial {
+        /// Tunnel id or name.
+        tunnel: String,
+    },
+    /// Mint an HS256 token for a self-hosted engine.
+    #[command(after_help = "Example:\n  strait token --secret \"$SECRET\" --sub ci-runner --ttl 12h")]
+    Token {
+        /// The engine's auth.jwt.token_jwt_secret.
+        #[arg(long, env = "STRAIT_TOKEN_SECRET", hide_env_values = true)]
+        secret: String,
+        /// Principal (the `sub` claim).
+        #[arg(long)]
+        sub: String,
+        /// Lifetime: 90s, 15m, 12h, 30d.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// Accept a secret shorter than 32 bytes.
+        #[arg(long)]
+        allow_weak_secret: bool,
+    },
+    /// Manage contexts in the agent configuration file.
+    #[command(subcommand)]
+    Context(ContextCommand),
+    /// Print shell completions.
+    #[command(after_help = "Example:\n  strait completions bash > /etc/bash_completion.d/strait")]
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum ContextCommand {
+    /// Create or update a context.
+    #[command(after_help = "Example:\n  strait context create lab --engine edge.example.com:443 --token $TOKEN --use")]
+    Create {
+        name: String,
+        /// Read the token from this file at each start instead of storing it.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Make it the default context.
+        #[arg(long = "use")]
+        make_default: bool,
+    },
+    /// Make a context the default.
+    Use { name: String },
+    /// List contexts.
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = strait_agent::rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("strait: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl Cli {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            config: self.config.clone(),
+            context: self.context.clone(),
+            engine: self.engine.clone(),
+            token: self.token.clone(),
+            ca_file: self.ca_file.clone(),
+            server_name: self.server_name.clone(),
+        }
+    }
+
+    fn client(&self) -> anyhow::Result<strait_agent::Client> {
+        Ok(strait_agent::Client::new(context::resolve(&self.overrides())?)?)
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Forward { target, options } => {
+            let local = forward::local_target(target.as_deref())?;
+            forward::run(cli.client()?, options.clone(), local).await
+        }
+        Command::Connect { tunnel, listen } => connect(cli.client()?, tunnel, listen).await,
+        Command::Dial { tunnel } => dial(cli.client()?, tunnel).await,
+        Command::Token { secret, sub, ttl, allow_weak_secret } => {
+            println!("{}", token::mint(secret, sub, token::parse_ttl(ttl)?, *allow_weak_secret)?);
+            Ok(())
+        }
+        Command::Context(command) => context_command(&cli, command),
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "strait", &mut std::io::stdout());
+            Ok(())
+        }
+    }
+}
+
+fn context_command(cli: &Cli, command: &ContextCommand) -> anyhow::Result<()> {
+    let path = cli.config.clone().unwrap_or_else(context::default_path);
+    let mut file = ConfigFile::load(&path)?;
+    match command {
+        ContextCommand::Create { name, token_file, make_default } => {
+            let token = match (token_file, &cli.token) {
+                (Some(path), _) => Some(TokenSource::File(path.clone())),
+                (None, Some(token)) => Some(TokenSource::Inline(token.clone())),
+                (None, None) => None,
+            };
+            file.upsert(&Context {
+                name: name.clone(),
+                engine: cli.engine.clone(),
+                token,
+                ca_file: cli.ca_file.clone(),
+                server_name: cli.server_name.clone(),
+            });
+            if *make_default || file.default_context().is_none() {
+                file.set_default(name);
+            }
+            file.save()?;
+            println!("context {name} saved in {}", path.display());
+        }
+        ContextCommand::Use { name } => {
+            anyhow::ensure!(file.context(name).is_some(), "context {name:?} is not in {}", path.display());
+            file.set_default(name);
+            file.save()?;
+            println!("default context: {name}");
+        }
+        ContextCommand::List => {
+            let default = file.default_context().map(String::from);
+            for ctx in file.contexts() {
+                let mark = if Some(&ctx.name) == default.as_ref() { "*" } else { " " };
+                println!("{mark} {}\t{}", ctx.name, ctx.engine.as_deref().unwrap_or("-"));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn connect(client: strait_agent::Client, tunnel: &str, listen: &str) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("Listening on {} -> rstrm://{tunnel}", listener.local_addr()?);
+    loop {
+        let (mut local, peer) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let _ = local.set_nodelay(true);
+        let client = client.clone();
+        let tunnel = tunnel.to_string();
+        tokio::spawn(async move {
+            match client.dial(&tunnel).await {
+                Ok(mut stream) => {
+                    let _ = strait_proto::splice::splice(&mut local, &mut stream).await;
+                }
+                Err(error) => eprintln!("strait: {peer}: cannot dial {tunnel}: {error}"),
+            }
+        });
+    }
+}
+
+async fn dial(client: strait_agent::Client, tunnel: &str) -> anyhow::Result<()> {
+    let mut stream = client.dial(tunnel).await?;
+    let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+    strait_proto::splice::splice(&mut stdio, &mut stream).await?;
+    Ok(())
+}

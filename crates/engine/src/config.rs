@@ -1,0 +1,715 @@
+//! The engine configuration, read exactly as rstream engine CE reads it.
+//!
+//! YAML first, then `RSTREAM_ENGINE_` environment overrides (`__` between
+//! levels). Both land in one JSON tree, which is then read field by field
+//! rather than through a single `serde` derive: serde stops at the first bad
+//! value, and operators want every bad field named in one message.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+
+/// The environment prefix CE uses.
+pub const ENV_PREFIX: &str = "RSTREAM_ENGINE_";
+
+/// A value that must never reach a log line or an error message.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(********)")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("********")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub engine: EngineConfig,
+    pub http: HttpConfig,
+    pub tls: TlsConfig,
+    pub certs: CertsConfig,
+    pub auth: AuthConfig,
+    pub metrics: MetricsConfig,
+    pub timeouts: TimeoutsConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Bare hostname, lower case.
+    pub host: String,
+    pub log_level: LogLevel,
+    /// Beyond CE: `text` (default) or `json`.
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub enabled: bool,
+    pub listen_addr: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub enabled: bool,
+    pub listen_addr: SocketAddr,
+    /// Beyond CE: the port published addresses report, for engines behind a
+    /// port mapping. Defaults to the bound listen port.
+    pub public_port: Option<u16>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CertsConfig {
+    pub r#static: StaticCertsConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct StaticCertsConfig {
+    pub enabled: bool,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    pub jwt: JwtConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub enabled: bool,
+    pub token_jwt_secret: Secret,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsConfig {
+    pub prometheus: PrometheusConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct PrometheusConfig {
+    pub enabled: bool,
+    /// No address means no metrics server.
+    pub listen_addr: Option<SocketAddr>,
+    /// Normalised: one leading slash, no trailing slash.
+    pub path: String,
+    pub bearer_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TimeoutsConfig {
+    pub stream_request_seconds: u64,
+    pub http_idle_seconds: u64,
+}
+
+/// Beyond CE: the limits that keep one peer from exhausting the engine.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    pub max_frame_bytes: usize,
+    pub first_frame_seconds: u64,
+    pub handshake_seconds: u64,
+    pub tunnels_per_client: usize,
+    pub pending_streams_per_client: usize,
+    pub control_idle_seconds: u64,
+    pub max_connections: usize,
+}
+
+/// A configuration that passed validation, with what was tolerated.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    /// Unknown keys and similar: reported, not fatal.
+    pub warnings: Vec<String>,
+}
+
+/// One bad field and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub field: String,
+    pub message: String,
+}
+
+/// Every bad field at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl ConfigError {
+    fn one(field: &str, message: impl Into<String>) -> Self {
+        Self { problems: vec![Problem { field: field.to_string(), message: message.into() }] }
+    }
+
+    /// Whether a field is among the problems (for tests and tooling).
+    pub fn names(&self, field: &str) -> bool {
+        self.problems.iter().any(|p| p.field == field)
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration ({} problem{}):", self.problems.len(), if self.problems.len() == 1 { "" } else { "s" })?;
+        for p in &self.problems {
+            write!(f, "\n  {}: {}", p.field, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads a YAML file, then applies the environment.
+    pub fn load<I>(path: &Path, env: I) -> Result<Loaded, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::one("--config", format!("cannot read {}: {e}", path.display())))?;
+        Self::from_yaml_str(&text, env)
+    }
+
+    /// Configuration from the environment alone (no file given).
+    pub fn from_env<I>(env: I) -> Result<Loaded, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        Self::from_yaml_str("", env)
+    }
+
+    /// Parses YAML text, then applies the environment.
+    pub fn from_yaml_str<I>(yaml: &str, env: I) -> Result<Loaded, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut tree = if yaml.trim().is_empty() {
+            Value::Object(Map::new())
+        } else {
+            serde_saphyr::from_str::<Value>(yaml)
+                .map_err(|e| ConfigError::one("(file)", format!("not valid YAML: {e}")))?
+        };
+        if tree.is_null() {
+            tree = Value::Object(Map::new());
+        }
+        if !tree.is_object() {
+            return Err(ConfigError::one("(file)", "the top level must be a mapping"));
+        }
+        apply_env(&mut tree, env);
+        Self::from_tree(&tree)
+    }
+
+    fn from_tree(tree: &Value) -> Result<Loaded, ConfigError> {
+        let mut r = Reader { tree, problems: Vec::new(), known: Vec::new() };
+
+        let host = r.required_str("engine.host").and_then(|h| r.check("engine.host", validate_host(&h)));
+        let log_level = r.required_str("engine.log_level").and_then(|l| {
+            let level = match l.to_ascii_lowercase().as_str() {
+                "debug" => Ok(LogLevel::Debug),
+                "info" => Ok(LogLevel::Info),
+                "warn" | "warning" => Ok(LogLevel::Warn),
+                "error" => Ok(LogLevel::Error),
+                _ => Err(format!("{l:?} is not one of debug, info, warn, error")),
+            };
+            r.check("engine.log_level", level)
+        });
+        let log_format = r.optional_str("engine.log_format").map_or(Some(LogFormat::Text), |f| {
+            let format = match f.to_ascii_lowercase().as_str() {
+                "text" => Ok(LogFormat::Text),
+                "json" => Ok(LogFormat::Json),
+                _ => Err(format!("{f:?} is not one of text, json")),
+            };
+            r.check("engine.log_format", format)
+        });
+
+        let http_enabled = r.bool_or("http.enabled", false);
+        let http_listen = r.addr_or("http.listen_addr", ":80");
+
+        let tls_enabled = r.bool_or("tls.enabled", false);
+        if tls_enabled == Some(false) {
+            r.problem("tls.enabled", "must be true: the TLS listener carries agents, the API and tunnels");
+        }
+        let tls_listen = r.addr_or("tls.listen_addr", ":443");
+        let public_port = r.optional_u64("tls.public_port", 1, 65535).map(|p| p.map(|p| p as u16));
+
+        let certs_enabled = r.bool_or("certs.static.enabled", false);
+        if certs_enabled == Some(false) {
+            r.problem("certs.static.enabled", "must be true: the static provider is the certificate source");
+        }
+        let cert_file = r.required_str("certs.static.cert_file").map(PathBuf::from);
+        let key_file = r.required_str("certs.static.key_file").map(PathBuf::from);
+
+        let jwt_enabled = r.bool_or("auth.jwt.enabled", false);
+        if jwt_enabled == Some(false) {
+            r.problem("auth.jwt.enabled", "must be true: JWT is the authentication backend");
+        }
+        let secret = r.required_str("auth.jwt.token_jwt_secret").map(Secret);
+
+        let metrics_enabled = r.bool_or("metrics.prometheus.enabled", false);
+        let metrics_listen = match r.optional_str("metrics.prometheus.listen_addr") {
+            None => Some(None),
+            Some(a) if a.is_empty() => Some(None),
+            Some(a) => {
+                let parsed = parse_listen_addr(&a);
+                r.check("metrics.prometheus.listen_addr", parsed).map(Some)
+            }
+        };
+        let metrics_path = r.optional_str("metrics.prometheus.path").map_or(Some("/metrics".to_string()), |p| {
+            let normalised = normalise_path(&p);
+            r.check("metrics.prometheus.path", normalised)
+        });
+        let bearer = r.optional_str("metrics.prometheus.bearer_token").filter(|t| !t.is_empty()).map(Secret);
+        if let (Some(true), Some(Some(addr))) = (metrics_enabled, metrics_listen) {
+            if !addr.ip().is_loopback() && bearer.is_none() {
+                r.problem(
+                    "metrics.prometheus.bearer_token",
+                    format!("required when metrics listen on the non-loopback address {addr}"),
+                );
+            }
+        }
+
+        let stream_request = r.u64_or("timeouts.stream_request_seconds", 30, 1, 3600);
+        let http_idle = r.u64_or("timeouts.http_idle_seconds", 90, 1, 86_400);
+
+        let max_frame = r.u64_or("limits.max_frame_bytes", 65_535, 1024, 65_535);
+        let first_frame = r.u64_or("limits.first_frame_seconds", 10, 1, 600);
+        let handshake = r.u64_or("limits.handshake_seconds", 10, 1, 600);
+        let tunnels_per_client = r.u64_or("limits.tunnels_per_client", 256, 1, 1_000_000);
+        let pending_per_client = r.u64_or("limits.pending_streams_per_client", 512, 1, 1_000_000);
+        let control_idle = r.u64_or("limits.control_idle_seconds", 60, 1, 86_400);
+        let max_connections = r.u64_or("limits.max_connections", 10_000, 1, 10_000_000);
+
+        let warnings = unknown_keys(tree, &r.known);
+        if !r.problems.is_empty() {
+            return Err(ConfigError { problems: r.problems });
+        }
+        // Every Option below is Some: a None always recorded a problem.
+        let config = Config {
+            engine: EngineConfig { host: host.unwrap(), log_level: log_level.unwrap(), log_format: log_format.unwrap() },
+            http: HttpConfig { enabled: http_enabled.unwrap(), listen_addr: http_listen.unwrap() },
+            tls: TlsConfig { enabled: true, listen_addr: tls_listen.unwrap(), public_port: public_port.unwrap() },
+            certs: CertsConfig {
+                r#static: StaticCertsConfig { enabled: true, cert_file: cert_file.unwrap(), key_file: key_file.unwrap() },
+            },
+            auth: AuthConfig { jwt: JwtConfig { enabled: true, token_jwt_secret: secret.unwrap() } },
+            metrics: MetricsConfig {
+                prometheus: PrometheusConfig {
+                    enabled: metrics_enabled.unwrap(),
+                    listen_addr: metrics_listen.unwrap(),
+                    path: metrics_path.unwrap(),
+                    bearer_token: bearer,
+                },
+            },
+            timeouts: TimeoutsConfig {
+                stream_request_seconds: stream_request.unwrap(),
+                http_idle_seconds: http_idle.unwrap(),
+            },
+            limits: LimitsConfig {
+                max_frame_bytes: max_frame.unwrap() as usize,
+                first_frame_seconds: first_frame.unwrap(),
+                handshake_seconds: handshake.unwrap(),
+                tunnels_per_client: tunnels_per_client.unwrap() as usize,
+                pending_streams_per_client: pending_per_client.unwrap() as usize,
+                control_idle_seconds: control_idle.unwrap(),
+                max_connections: max_connections.unwrap() as usize,
+            },
+        };
+        Ok(Loaded { config, warnings })
+    }
+}
+
+/// Folds `RSTREAM_ENGINE_A__B_C=v` into the tree as `a.b_c: "v"`. Values stay
+/// strings; the reader coerces them to the field's type.
+fn apply_env<I>(tree: &mut Value, env: I)
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    for (name, value) in env {
+        let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+        // RSTREAM_ENGINE_CONFIG names the file; it is not a setting.
+        if rest.is_empty() || rest == "CONFIG" {
+            continue;
+        }
+        let mut node = &mut *tree;
+        let parts: Vec<String> = rest.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        for (i, part) in parts.iter().enumerate() {
+            if !node.is_object() {
+                *node = Value::Object(Map::new());
+            }
+            let map = node.as_object_mut().expect("just made an object");
+            if i + 1 == parts.len() {
+                map.insert(part.clone(), Value::String(value.clone()));
+                break;
+            }
+            node = map.entry(part.clone()).or_insert_with(|| Value::Object(Map::new()));
+        }
+    }
+}
+
+/// Reads typed fields out of the tree, recording each problem by its path.
+struct Reader<'a> {
+    tree: &'a Value,
+    problems: Vec<Problem>,
+    known: Vec<&'static str>,
+}
+
+impl<'a> Reader<'a> {
+    fn get(&mut self, path: &'static str) -> Option<&'a Value> {
+        self.known.push(path);
+        let mut node = self.tree;
+        for part in path.split('.') {
+            node = node.as_object()?.get(part)?;
+        }
+        (!node.is_null()).then_some(node)
+    }
+
+    fn problem(&mut self, field: &str, message: impl Into<String>) {
+        self.problems.push(Problem { field: field.to_string(), message: message.into() });
+    }
+
+    fn check<T>(&mut self, field: &str, result: Result<T, String>) -> Option<T> {
+        result.map_err(|m| self.problem(field, m)).ok()
+    }
+
+    fn optional_str(&mut self, path: &'static str) -> Option<String> {
+        match self.get(path)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            _ => {
+                self.problem(path, "must be a string");
+                None
+            }
+        }
+    }
+
+    fn required_str(&mut self, path: &'static str) -> Option<String> {
+        let present = self.get(path).is_some();
+        match self.optional_str(path) {
+            Some(s) if !s.trim().is_empty() => Some(s),
+            Some(_) => {
+                self.problem(path, "must not be empty");
+                None
+            }
+            None => {
+                if !present {
+                    self.problem(path, "is required");
+                }
+                None
+            }
+        }
+    }
+
+    fn bool_or(&mut self, path: &'static str, default: bool) -> Option<bool> {
+        match self.get(path) {
+            None => Some(default),
+            Some(Value::Bool(b)) => Some(*b),
+            Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
+                "true" | "yes" | "on" | "1" => Some(true),
+                "false" | "no" | "off" | "0" => Some(false),
+                _ => {
+                    self.problem(path, format!("{s:?} is not true or false"));
+                    None
+                }
+            },
+            Some(_) => {
+                self.problem(path, "must be true or false");
+                None
+            }
+        }
+    }
+
+    fn optional_u64(&mut self, path: &'static str, min: u64, max: u64) -> Option<Option<u64>> {
+        let value = match self.get(path) {
+            None => return Some(None),
+            Some(Value::Number(n)) => n.as_u64().ok_or_else(|| format!("{n} is not a whole number")),
+            Some(Value::String(s)) => s.trim().parse::<u64>().map_err(|_| format!("{s:?} is not a whole number")),
+            Some(_) => Err("must be a whole number".to_string()),
+        };
+        let value = value.and_then(|v| {
+            if (min..=max).contains(&v) { Ok(v) } else { Err(format!("{v} is outside {min}..={max}")) }
+        });
+        self.check(path, value).map(Some)
+    }
+
+    fn u64_or(&mut self, path: &'static str, default: u64, min: u64, max: u64) -> Option<u64> {
+        self.optional_u64(path, min, max).map(|v| v.unwrap_or(default))
+    }
+
+    fn addr_or(&mut self, path: &'static str, default: &str) -> Option<SocketAddr> {
+        let text = self.optional_str(path).unwrap_or_else(|| default.to_string());
+        let parsed = parse_listen_addr(&text);
+        self.check(path, parsed)
+    }
+}
+
+/// Lists keys in the tree that no reader asked for.
+fn unknown_keys(tree: &Value, known: &[&str]) -> Vec<String> {
+    fn walk(node: &Value, prefix: &str, known: &[&str], out: &mut Vec<String>) {
+        let Some(map) = node.as_object() else { return };
+        for (key, value) in map {
+            let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+            if known.contains(&path.as_str()) {
+                continue;
+            }
+            let is_section = known.iter().any(|k| k.starts_with(&format!("{path}.")));
+            if is_section && value.is_object() {
+                walk(value, &path, known, out);
+            } else {
+                out.push(format!("unknown configuration key {path:?} ignored"));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(tree, "", known, &mut out);
+    out
+}
+
+/// Parses a Go-style listen address: `:443`, `0.0.0.0:443`, `[::1]:443`,
+/// `localhost:8443`.
+pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    if let Some(port) = text.strip_prefix(':') {
+        let port = port.parse::<u16>().map_err(|_| format!("{text:?}: bad port"))?;
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+    }
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(format!("{text:?} is not host:port or :port"));
+    };
+    let port = port.parse::<u16>().map_err(|_| format!("{text:?}: bad port"))?;
+    match host {
+        "localhost" => Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
+        "" | "*" => Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)),
+        "[::]" => Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)),
+        _ => Err(format!("{text:?}: the host must be an IP address, localhost or empty")),
+    }
+}
+
+fn validate_host(host: &str) -> Result<String, String> {
+    let host = host.trim().trim_end_matches('.').to_ascii_lowercase();
+    if host.contains("://") {
+        return Err(format!("{host:?} must be a bare hostname, without a scheme"));
+    }
+    if host.contains(':') || host.contains('/') {
+        return Err(format!("{host:?} must be a bare hostname, without a port or path"));
+    }
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok { Ok(host) } else { Err(format!("{host:?} is not a valid hostname")) }
+}
+
+fn normalise_path(path: &str) -> Result<String, String> {
+    let trimmed = path.trim().trim_matches('/');
+    if trimmed.contains(['?', '#', ' ']) {
+        return Err(format!("{path:?} must be a plain URL path"));
+    }
+    if trimmed.is_empty() {
+        return Err("must not be empty or \"/\"".to_string());
+    }
+    Ok(format!("/{trimmed}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "engine: {host: edge.example.com, log_level: info}\n\
+        tls: {enabled: true, listen_addr: \":443\"}\n\
+        certs: {static: {enabled: true, cert_file: /etc/rstream/tls/cert.pem, key_file: /etc/rstream/tls/key.pem}}\n\
+        auth: {jwt: {enabled: true, token_jwt_secret: \"s3cret-value-that-is-long-enough-xx\"}}\n";
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn minimal_file_gets_ce_defaults() {
+        let loaded = Config::from_yaml_str(MINIMAL, Vec::new()).unwrap();
+        let c = loaded.config;
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert_eq!(c.engine.host, "edge.example.com");
+        assert_eq!(c.engine.log_level, LogLevel::Info);
+        assert_eq!(c.tls.listen_addr, "0.0.0.0:443".parse().unwrap());
+        assert!(!c.http.enabled);
+        assert_eq!(c.http.listen_addr.port(), 80);
+        assert_eq!(c.timeouts.stream_request_seconds, 30);
+        assert_eq!(c.timeouts.http_idle_seconds, 90);
+        assert_eq!(c.metrics.prometheus.path, "/metrics");
+        assert_eq!(c.metrics.prometheus.listen_addr, None);
+        assert_eq!(c.limits.max_frame_bytes, 65_535);
+        assert_eq!(c.tls.public_port, None);
+    }
+
+    #[test]
+    fn environment_overrides_with_double_underscore_levels() {
+        let loaded = Config::from_yaml_str(
+            MINIMAL,
+            env(&[
+                ("RSTREAM_ENGINE_AUTH__JWT__TOKEN_JWT_SECRET", "from-env"),
+                ("RSTREAM_ENGINE_TLS__LISTEN_ADDR", "127.0.0.1:8443"),
+                ("RSTREAM_ENGINE_TIMEOUTS__STREAM_REQUEST_SECONDS", "5"),
+                ("RSTREAM_ENGINE_HTTP__ENABLED", "true"),
+                ("RSTREAM_ENGINE_CONFIG", "/ignored.yaml"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        let c = loaded.config;
+        assert_eq!(c.auth.jwt.token_jwt_secret.expose(), "from-env");
+        assert_eq!(c.tls.listen_addr, "127.0.0.1:8443".parse().unwrap());
+        assert_eq!(c.timeouts.stream_request_seconds, 5);
+        assert!(c.http.enabled);
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    }
+
+    #[test]
+    fn environment_alone_is_a_configuration() {
+        let c = Config::from_env(env(&[
+            ("RSTREAM_ENGINE_ENGINE__HOST", "edge.example.com"),
+            ("RSTREAM_ENGINE_ENGINE__LOG_LEVEL", "debug"),
+            ("RSTREAM_ENGINE_TLS__ENABLED", "true"),
+            ("RSTREAM_ENGINE_CERTS__STATIC__ENABLED", "true"),
+            ("RSTREAM_ENGINE_CERTS__STATIC__CERT_FILE", "/c.pem"),
+            ("RSTREAM_ENGINE_CERTS__STATIC__KEY_FILE", "/k.pem"),
+            ("RSTREAM_ENGINE_AUTH__JWT__ENABLED", "true"),
+            ("RSTREAM_ENGINE_AUTH__JWT__TOKEN_JWT_SECRET", "12345"),
+        ]))
+        .unwrap()
+        .config;
+        assert_eq!(c.engine.log_level, LogLevel::Debug);
+        assert_eq!(c.auth.jwt.token_jwt_secret.expose(), "12345");
+    }
+
+    #[test]
+    fn every_bad_field_is_named_at_once() {
+        let yaml = "engine: {host: \"https://edge.example.com:443\", log_level: loud}\n\
+            tls: {enabled: false, listen_addr: \"nope\"}\n\
+            certs: {static: {enabled: true, cert_file: /c.pem}}\n\
+            auth: {jwt: {enabled: true, token_jwt_secret: \"\"}}\n\
+            timeouts: {stream_request_seconds: -3, http_idle_seconds: lots}\n\
+            limits: {max_frame_bytes: 100}\n\
+            metrics: {prometheus: {enabled: true, listen_addr: \"0.0.0.0:9090\"}}\n";
+        let error = Config::from_yaml_str(yaml, Vec::new()).unwrap_err();
+        for field in [
+            "engine.host",
+            "engine.log_level",
+            "tls.enabled",
+            "tls.listen_addr",
+            "certs.static.key_file",
+            "auth.jwt.token_jwt_secret",
+            "timeouts.stream_request_seconds",
+            "timeouts.http_idle_seconds",
+            "limits.max_frame_bytes",
+            "metrics.prometheus.bearer_token",
+        ] {
+            assert!(error.names(field), "{field} missing from {error}");
+        }
+        assert_eq!(error.problems.len(), 10, "{error}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let yaml = format!("{MINIMAL}metrics: {{prometheus: {{enabled: true, listen_addr: \":9090\", bearer_token: scrape-token-value}}}}\n");
+        let c = Config::from_yaml_str(&yaml, Vec::new()).unwrap().config;
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("s3cret-value"), "{debug}");
+        assert!(!debug.contains("scrape-token-value"), "{debug}");
+        assert!(debug.contains("********"));
+        // A bad secret field reports the field, never the value.
+        let error = Config::from_yaml_str(MINIMAL, env(&[("RSTREAM_ENGINE_ENGINE__LOG_LEVEL", "s3cret-value")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("engine.log_level"));
+    }
+
+    #[test]
+    fn unknown_keys_warn_but_load() {
+        let yaml = format!("{MINIMAL}engine_typo: 1\ntls_extra: {{a: 1}}\n");
+        let loaded = Config::from_yaml_str(&yaml, env(&[("RSTREAM_ENGINE_TLS__LISTEN_ADRR", ":1")])).unwrap();
+        assert_eq!(loaded.warnings.len(), 3, "{:?}", loaded.warnings);
+        assert!(loaded.warnings.iter().any(|w| w.contains("tls.listen_adrr")));
+    }
+
+    #[test]
+    fn listen_addresses_in_go_style() {
+        assert_eq!(parse_listen_addr(":443").unwrap(), "0.0.0.0:443".parse().unwrap());
+        assert_eq!(parse_listen_addr("[::1]:80").unwrap(), "[::1]:80".parse().unwrap());
+        assert_eq!(parse_listen_addr("localhost:0").unwrap(), "127.0.0.1:0".parse().unwrap());
+        assert!(parse_listen_addr("example.com:80").is_err());
+        assert!(parse_listen_addr(":99999").is_err());
+        assert!(parse_listen_addr("443").is_err());
+    }
+
+    #[test]
+    fn metrics_path_is_normalised() {
+        assert_eq!(normalise_path("metrics/").unwrap(), "/metrics");
+        assert_eq!(normalise_path("/a/b").unwrap(), "/a/b");
+        assert!(normalise_path("/").is_err());
+    }
+
+    #[test]
+    fn loopback_metrics_need_no_token() {
+        let yaml = format!("{MINIMAL}metrics: {{prometheus: {{enabled: true, listen_addr: \"127.0.0.1:9090\"}}}}\n");
+        assert!(Config::from_yaml_str(&yaml, Vec::new()).is_ok());
+    }
+
+    #[test]
+    fn broken_yaml_is_one_clear_problem() {
+        let error = Config::from_yaml_str("engine: [", Vec::new()).unwrap_err();
+        assert_eq!(error.problems.len(), 1);
+        assert!(error.to_string().contains("YAML"));
+    }
+}

@@ -1,0 +1,315 @@
+//! The control channel: one TLS connection per agent carrying framed
+//! messages both ways for as long as the agent stays.
+//!
+//! A reader loop handles what the agent sends; a writer task drains the
+//! client's outbox, so replies, `ProxyConnReq`s and revocations from any
+//! task leave in order without sharing the socket.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use strait_proto::{
+    CloseControlChannelRsp, CloseTunnelRsp, ControlChannelLiveness, Error, ErrorCode, FrameError, FrameReader,
+    Heartbeat, Message, OpenControlChannelOk, OpenControlChannelReq, OpenControlChannelResult,
+    OpenControlChannelRsp, OpenTunnelReq, OpenTunnelResult, OpenTunnelRsp, Payload, ServerDetails, write_message,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+
+use crate::Shared;
+use crate::ids;
+use crate::registry::{Client, ClientInfo, RegistryError, Tunnel};
+use crate::tunnel::{self, Namespace};
+
+/// Frames queued for one agent. `ProxyConnReq`s beyond this are refused
+/// with CAPACITY_EXHAUSTED rather than queued without bound.
+const OUTBOX: usize = 1024;
+
+/// The most a heartbeat timeout may be, per the protocol.
+const MAX_HEARTBEAT_TIMEOUT_MS: u32 = 900_000;
+
+/// A negotiated timeout covers this many missed heartbeats.
+const HEARTBEATS_PER_TIMEOUT: u32 = 3;
+
+/// How long a closing channel may take to flush its last frames.
+const FLUSH_GRACE: Duration = Duration::from_secs(5);
+
+/// Checks the agent's protocol version: any 1.x speaks this wire format.
+pub fn check_version(version: Option<&str>) -> Result<(), Error> {
+    let version = version.map(str::trim).filter(|v| !v.is_empty()).ok_or_else(|| {
+        Error::new(ErrorCode::ProtocolVersionMissing, "client_details.protocol_version is required")
+    })?;
+    let invalid = || {
+        Error::new(ErrorCode::ProtocolVersionInvalid, format!("protocol version {version:?} is not MAJOR.MINOR.PATCH"))
+    };
+    let parts: Vec<&str> = version.trim_start_matches('v').split('.').collect();
+    if parts.len() != 3 || parts.iter().any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+        return Err(invalid());
+    }
+    let major: u64 = parts[0].parse().map_err(|_| invalid())?;
+    if major != 1 {
+        return Err(Error::new(
+            ErrorCode::ProtocolVersionIncompatible,
+            format!("protocol version {version} is not compatible with {}", strait_proto::PROTOCOL_VERSION),
+        ));
+    }
+    Ok(())
+}
+
+/// The liveness policy answered to a 1.4.5 agent, if it asked for one.
+pub fn negotiate_liveness(asked: Option<&ControlChannelLiveness>) -> Option<ControlChannelLiveness> {
+    let interval = asked?.heartbeat_interval_ms;
+    if interval == 0 || interval > MAX_HEARTBEAT_TIMEOUT_MS {
+        return None;
+    }
+    let timeout = interval.saturating_mul(HEARTBEATS_PER_TIMEOUT).clamp(interval, MAX_HEARTBEAT_TIMEOUT_MS);
+    Some(ControlChannelLiveness { heartbeat_interval_ms: interval, heartbeat_timeout_ms: timeout })
+}
+
+fn server_details() -> ServerDetails {
+    ServerDetails {
+        agent: Some("strait-engine".into()),
+        channel: Some("community".into()),
+        version: Some(env!("CARGO_PKG_VERSION").into()),
+        plan: None,
+        provider: Some("self-hosted".into()),
+        region: None,
+        update: None,
+    }
+}
+
+fn open_rsp(result: OpenControlChannelResult) -> Message {
+    Payload::OpenControlChannelRsp(OpenControlChannelRsp { payload: Some(result) }).into()
+}
+
+/// Serves one control channel until the agent leaves, goes silent, or the
+/// engine shuts down.
+pub async fn serve(
+    shared: Arc<Shared>,
+    io: TlsStream<TcpStream>,
+    rest: Bytes,
+    req: OpenControlChannelReq,
+    peer: SocketAddr,
+) {
+    let (read_half, mut write_half) = tokio::io::split(io);
+    let details = req.client_details.unwrap_or_default();
+    let admitted = check_version(details.protocol_version.as_deref()).and_then(|()| {
+        shared
+            .verifier
+            .verify(details.token.as_deref())
+            .map_err(|e| Error::new(ErrorCode::Unauthorized, e.to_string()))
+    });
+    let principal = match admitted {
+        Ok(principal) => principal,
+        Err(error) => {
+            tracing::warn!(%peer, %error, "control channel refused");
+            let _ = write_message(&mut write_half, &open_rsp(OpenControlChannelResult::Error(error))).await;
+            let _ = write_half.shutdown().await;
+            return;
+        }
+    };
+
+    let liveness = negotiate_liveness(req.liveness.as_ref());
+    let client_id = ids::client_id();
+    let ok = OpenControlChannelOk {
+        client_id: client_id.clone(),
+        server_details: Some(server_details()),
+        liveness: liveness.clone(),
+    };
+    if write_message(&mut write_half, &open_rsp(OpenControlChannelResult::Ok(ok))).await.is_err() {
+        return;
+    }
+    let (outbox, mut outbox_rx) = mpsc::channel::<Message>(OUTBOX);
+    let info = ClientInfo {
+        id: client_id.clone(),
+        principal: principal.0.clone(),
+        agent: details.agent,
+        channel: details.channel,
+        version: details.version,
+        os: details.os,
+        arch: details.arch,
+        protocol_version: details.protocol_version,
+        labels: Default::default(),
+        connected_at: Some(SystemTime::now()),
+    };
+    tracing::info!(
+        client_id = %client_id, principal = %principal, %peer,
+        agent = info.agent.as_deref().unwrap_or("-"), version = info.version.as_deref().unwrap_or("-"),
+        liveness = liveness.is_some(), "client connected"
+    );
+    shared.registry.add_client(Arc::new(Client { info, outbox: outbox.clone() }));
+
+    let writer = tokio::spawn(async move {
+        while let Some(message) = outbox_rx.recv().await {
+            if write_message(&mut write_half, &message).await.is_err() {
+                break;
+            }
+        }
+        let _ = write_half.shutdown().await;
+    });
+
+    let mut reader = FrameReader::with_buffer(read_half, rest, shared.config.limits.max_frame_bytes);
+    let grace = match &liveness {
+        Some(l) => Duration::from_millis(l.heartbeat_timeout_ms as u64),
+        None => Duration::from_secs(shared.config.limits.control_idle_seconds),
+    };
+    let channel = Channel { shared: &shared, client_id: &client_id, principal: &principal.0, outbox: &outbox };
+    let reason = loop {
+        let message = tokio::select! {
+            _ = shared.shutdown.cancelled() => break "engine shutting down".to_string(),
+            read = tokio::time::timeout(grace, reader.read_message()) => match read {
+                Err(_) => break format!("silent for {}s", grace.as_secs()),
+                Ok(Err(FrameError::Closed)) => break "agent closed the connection".to_string(),
+                Ok(Err(error)) => break format!("protocol error: {error}"),
+                Ok(Ok(message)) => message,
+            },
+        };
+        let Some(payload) = message.payload else { continue };
+        if let Payload::CloseControlChannelReq(_) = payload {
+            let _ = outbox.send(Payload::CloseControlChannelRsp(CloseControlChannelRsp {}).into()).await;
+            break "agent closed the control channel".to_string();
+        }
+        channel.handle(payload, liveness.is_some()).await;
+    };
+
+    let tunnels = shared.registry.remove_client(&client_id);
+    shared.pending.fail_client(&client_id);
+    for tunnel in &tunnels {
+        tracing::info!(tunnel_id = %tunnel.id, client_id = %client_id, reason = "control channel ended", "tunnel closed");
+    }
+    drop(outbox);
+    if tokio::time::timeout(FLUSH_GRACE, writer).await.is_err() {
+        tracing::debug!(client_id = %client_id, "control channel writer did not flush in time");
+    }
+    tracing::info!(client_id = %client_id, %reason, tunnels = tunnels.len(), "client disconnected");
+}
+
+struct Channel<'a> {
+    shared: &'a Shared,
+    client_id: &'a str,
+    principal: &'a str,
+    outbox: &'a mpsc::Sender<Message>,
+}
+
+impl Channel<'_> {
+    async fn send(&self, payload: Payload) {
+        // A closed outbox means the writer is gone; the reader ends soon too.
+        let _ = self.outbox.send(payload.into()).await;
+    }
+
+    async fn handle(&self, payload: Payload, liveness: bool) {
+        match payload {
+            Payload::OpenTunnelReq(req) => {
+                let reply = self.open_tunnel(req);
+                self.send(Payload::OpenTunnelRsp(reply)).await;
+            }
+            Payload::CloseTunnelReq(req) => {
+                if let Some(tunnel) = self.shared.registry.remove_tunnel(self.client_id, &req.tunnel_id) {
+                    tracing::info!(tunnel_id = %tunnel.id, client_id = %self.client_id, reason = "agent closed it", "tunnel closed");
+                }
+                // Answer even for an unknown id, so the agent never waits.
+                self.send(Payload::CloseTunnelRsp(CloseTunnelRsp { tunnel_id: req.tunnel_id })).await;
+            }
+            Payload::ProxyConnRsp(report) => self.shared.pending.agent_reported(self.client_id, report),
+            Payload::Heartbeat(hb) => {
+                // Old agents send empty heartbeats and expect nothing back; an
+                // engine that negotiated no liveness never sends one.
+                if liveness && hb.sequence > 0 {
+                    self.send(Payload::Heartbeat(Heartbeat { sequence: 0, acknowledgement: hb.sequence })).await;
+                }
+            }
+            other => {
+                tracing::warn!(client_id = %self.client_id, message = other.name(), "unexpected message on a control channel ignored");
+            }
+        }
+    }
+
+    fn open_tunnel(&self, req: OpenTunnelReq) -> OpenTunnelRsp {
+        let request_id = req.request_id;
+        let result = self.create(req.tunnel_properties.unwrap_or_default());
+        let payload = match result {
+            Ok(tunnel) => {
+                tracing::info!(
+                    tunnel_id = %tunnel.id, client_id = %self.client_id,
+                    name = tunnel.name().unwrap_or("-"), hostname = tunnel.hostname().unwrap_or("-"),
+                    protocol = tunnel.protocol().unwrap_or("-"), publish = tunnel.published(), "tunnel opened"
+                );
+                OpenTunnelResult::TunnelProperties(tunnel.properties.clone())
+            }
+            Err(error) => {
+                tracing::warn!(client_id = %self.client_id, %error, "tunnel refused");
+                OpenTunnelResult::Error(error)
+            }
+        };
+        OpenTunnelRsp { request_id, payload: Some(payload) }
+    }
+
+    fn create(&self, requested: strait_proto::TunnelProperties) -> Result<Arc<Tunnel>, Error> {
+        let ns = Namespace { engine_host: &self.shared.config.engine.host, public_port: self.shared.public_port };
+        let mut properties = tunnel::normalize(requested, &ns)?;
+        let id = ids::tunnel_id();
+        let now = SystemTime::now();
+        properties.id = Some(id.clone());
+        properties.creation_date = Some(now.into());
+        let tunnel = Tunnel {
+            id,
+            client_id: self.client_id.to_string(),
+            principal: self.principal.to_string(),
+            properties,
+            created_at: now,
+        };
+        self.shared.registry.add_tunnel(tunnel, self.shared.config.limits.tunnels_per_client).map_err(|e| {
+            let code = match e {
+                RegistryError::TooManyTunnels(_) => ErrorCode::CapacityExhausted,
+                RegistryError::NoClient => ErrorCode::ServiceUnavailable,
+                RegistryError::HostnameTaken(_) | RegistryError::NameTaken(_) => ErrorCode::InvalidRequest,
+            };
+            Error::new(code, e.to_string())
+        })
+    }
+}
+
+/// Revokes a tunnel: removes it and tells its agent with an unprompted
+/// `CloseTunnelRsp`. Returns whether the tunnel existed.
+pub fn revoke_tunnel(shared: &Shared, tunnel_id: &str, reason: &str) -> bool {
+    let Some(tunnel) = shared.registry.tunnel(tunnel_id) else { return false };
+    let Some(removed) = shared.registry.remove_tunnel(&tunnel.client_id, tunnel_id) else { return false };
+    if let Some(client) = shared.registry.client(&removed.client_id) {
+        let _ = client.outbox.try_send(Payload::CloseTunnelRsp(CloseTunnelRsp { tunnel_id: removed.id.clone() }).into());
+    }
+    tracing::info!(tunnel_id = %removed.id, client_id = %removed.client_id, reason, "tunnel revoked");
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(check_version(None).unwrap_err().code(), ErrorCode::ProtocolVersionMissing);
+        assert_eq!(check_version(Some(" ")).unwrap_err().code(), ErrorCode::ProtocolVersionMissing);
+        assert_eq!(check_version(Some("one.two")).unwrap_err().code(), ErrorCode::ProtocolVersionInvalid);
+        assert_eq!(check_version(Some("1.4")).unwrap_err().code(), ErrorCode::ProtocolVersionInvalid);
+        assert_eq!(check_version(Some("2.0.0")).unwrap_err().code(), ErrorCode::ProtocolVersionIncompatible);
+        assert_eq!(check_version(Some("0.9.1")).unwrap_err().code(), ErrorCode::ProtocolVersionIncompatible);
+        assert!(check_version(Some("1.4.5")).is_ok());
+        assert!(check_version(Some("1.0.0")).is_ok());
+    }
+
+    #[test]
+    fn liveness() {
+        assert_eq!(negotiate_liveness(None), None);
+        let asked = |ms| ControlChannelLiveness { heartbeat_interval_ms: ms, heartbeat_timeout_ms: 0 };
+        assert_eq!(negotiate_liveness(Some(&asked(0))), None);
+        let l = negotiate_liveness(Some(&asked(5000))).unwrap();
+        assert_eq!((l.heartbeat_interval_ms, l.heartbeat_timeout_ms), (5000, 15000));
+        let l = negotiate_liveness(Some(&asked(600_000))).unwrap();
+        assert_eq!((l.heartbeat_interval_ms, l.heartbeat_timeout_ms), (600_000, 900_000));
+        assert_eq!(negotiate_liveness(Some(&asked(900_001))), None);
+    }
+}

@@ -1,0 +1,208 @@
+//! The TLS listener: accept, read the ClientHello, route on (SNI, ALPN).
+//!
+//! - `rstrm/1` anywhere but the tunnel namespace: the agent protocol;
+//! - other ALPNs on `engine.host` (or no SNI): the Engine API;
+//! - names under `.t.<engine.host>`: published tunnels.
+//!
+//! The accept loop only accepts and spawns; the ClientHello read and the
+//! handshake run inside the connection's task under a deadline, so a slow
+//! client never stalls anyone else.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rustls::server::{Accepted, Acceptor};
+use strait_proto::{FrameError, FrameReader, Payload};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::StartHandshake;
+
+use crate::{Shared, control, edge, streams};
+
+/// The largest ClientHello we wait for. Post-quantum key shares make them
+/// grow past 1 KiB; 64 KiB is far beyond any real client.
+const MAX_CLIENT_HELLO: usize = 64 * 1024;
+
+/// Where a connection goes, decided from its ClientHello.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    Agent,
+    Api,
+    Tunnel(String),
+}
+
+pub fn route(engine_host: &str, sni: Option<&str>, offers_rstrm: bool) -> Route {
+    if let Some(sni) = sni {
+        let sni = sni.to_ascii_lowercase();
+        if sni.strip_suffix(engine_host).is_some_and(|rest| rest.ends_with(".t.") && rest.len() > 3) {
+            return Route::Tunnel(sni);
+        }
+    }
+    if offers_rstrm { Route::Agent } else { Route::Api }
+}
+
+/// Accepts until shutdown. Each connection holds a permit, so at most
+/// `limits.max_connections` are in flight.
+pub async fn run(shared: Arc<Shared>, listener: TcpListener) {
+    let permits = Arc::new(Semaphore::new(shared.config.limits.max_connections));
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            permit = permits.clone().acquire_owned() => permit.expect("never closed"),
+        };
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                backoff = Duration::from_millis(5);
+                let _ = tcp.set_nodelay(true);
+                let shared2 = shared.clone();
+                shared.tasks.spawn(async move {
+                    handle(shared2, tcp, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(error) => {
+                // EMFILE and friends: wait for descriptors to free up
+                // instead of spinning on the same error.
+                tracing::error!(%error, "accept failed; backing off {:?}", backoff);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// Reads the ClientHello into a rustls `Acceptor`, keeping the raw bytes so
+/// a passthrough tunnel can replay them to its agent.
+pub async fn read_client_hello(tcp: &mut TcpStream) -> io::Result<(Accepted, Bytes)> {
+    let mut acceptor = Acceptor::default();
+    let mut raw = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tcp.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before a complete ClientHello"));
+        }
+        raw.extend_from_slice(&chunk[..n]);
+        if raw.len() > MAX_CLIENT_HELLO {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "ClientHello too large"));
+        }
+        let mut fed = &chunk[..n];
+        while !fed.is_empty() {
+            acceptor.read_tls(&mut fed)?;
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => return Ok((accepted, Bytes::from(raw))),
+            Ok(None) => continue,
+            Err((error, _alert)) => {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, format!("not a TLS ClientHello: {error}")));
+            }
+        }
+    }
+}
+
+async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
+    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
+    let (accepted, raw_hello) = match tokio::time::timeout(deadline, read_client_hello(&mut tcp)).await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "connection dropped before TLS");
+            shared.metrics.tls_handshake_failed();
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no ClientHello within {}s", deadline.as_secs());
+            shared.metrics.tls_handshake_failed();
+            return;
+        }
+    };
+    let hello = accepted.client_hello();
+    let offers_rstrm = hello.alpn().is_some_and(|mut alpns| alpns.any(|a| a == strait_proto::ALPN));
+    let route = route(&shared.config.engine.host, hello.server_name(), offers_rstrm);
+    match route {
+        Route::Agent => {
+            let config = shared.tls.agent.clone();
+            let start = StartHandshake::from_parts(accepted, tcp);
+            match tokio::time::timeout(deadline, start.into_stream(config)).await {
+                Ok(Ok(tls)) => serve_agent_conn(shared, tls, peer).await,
+                Ok(Err(error)) => {
+                    shared.metrics.tls_handshake_failed();
+                    tracing::debug!(%peer, %error, "agent TLS handshake failed");
+                }
+                Err(_) => {
+                    shared.metrics.tls_handshake_failed();
+                    tracing::debug!(%peer, "agent TLS handshake timed out");
+                }
+            }
+        }
+        Route::Api => {
+            let config = shared.tls.api.clone();
+            let start = StartHandshake::from_parts(accepted, tcp);
+            match tokio::time::timeout(deadline, start.into_stream(config)).await {
+                Ok(Ok(tls)) => crate::api::serve_connection(shared, tls, peer).await,
+                _ => {
+                    shared.metrics.tls_handshake_failed();
+                    tracing::debug!(%peer, "API TLS handshake failed");
+                }
+            }
+        }
+        Route::Tunnel(hostname) => edge::serve(shared, accepted, tcp, raw_hello, hostname, peer).await,
+    }
+}
+
+/// An agent-protocol connection: its first frame says what it is.
+async fn serve_agent_conn(shared: Arc<Shared>, tls: tokio_rustls::server::TlsStream<TcpStream>, peer: SocketAddr) {
+    let mut reader = FrameReader::new(tls, shared.config.limits.max_frame_bytes);
+    let deadline = Duration::from_secs(shared.config.limits.first_frame_seconds);
+    let first = match tokio::time::timeout(deadline, reader.read_message()).await {
+        Ok(Ok(message)) => message,
+        Ok(Err(FrameError::Closed)) => {
+            tracing::debug!(%peer, "agent connection closed before its first frame");
+            return;
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%peer, %error, "agent connection refused: bad first frame");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, "agent connection refused: no first frame within {}s", deadline.as_secs());
+            return;
+        }
+    };
+    let (tls, rest) = reader.into_parts();
+    match first.payload {
+        Some(Payload::OpenControlChannelReq(req)) => control::serve(shared, tls, rest, req, peer).await,
+        Some(Payload::ProxyReq(req)) => streams::accept_agent_stream(&shared, tls, rest, req, peer).await,
+        Some(Payload::StreamReq(req)) => streams::private_dial(shared, tls, rest, req, peer).await,
+        Some(other) => {
+            tracing::warn!(%peer, message = other.name(), "agent connection refused: unexpected first frame");
+        }
+        None => tracing::warn!(%peer, "agent connection refused: empty first frame"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let h = "edge.example.com";
+        assert_eq!(route(h, Some("edge.example.com"), true), Route::Agent);
+        assert_eq!(route(h, Some("edge.example.com"), false), Route::Api);
+        assert_eq!(route(h, None, true), Route::Agent);
+        assert_eq!(route(h, None, false), Route::Api);
+        assert_eq!(route(h, Some("App.t.edge.example.com"), false), Route::Tunnel("app.t.edge.example.com".into()));
+        assert_eq!(route(h, Some("app.t.edge.example.com"), true), Route::Tunnel("app.t.edge.example.com".into()));
+        assert_eq!(route(h, Some(".t.edge.example.com"), false), Route::Api);
+        assert_eq!(route(h, Some("x.t.other.example.com"), true), Route::Agent);
+    }
+}

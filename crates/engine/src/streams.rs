@@ -1,0 +1,287 @@
+//! Streams: pairing an inbound connection with the agent's reverse dial, and
+//! private dials.
+//!
+//! For every inbound connection the engine sends `ProxyConnReq{stream_id,
+//! secret}` on the tunnel's control channel and parks a waiter under the
+//! stream id. The agent dials back with `ProxyReq{stream_id, secret}`; the
+//! matching waiter receives the agent's connection (with any bytes that came
+//! behind the frame) and splices. `ProxyConnRsp` may arrive before or after
+//! the agent's stream: only its error matters, and only while still pending.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ipnet::IpNet;
+use strait_proto::{
+    Error, ErrorCode, Message, Payload, Prefixed, ProxyConnReq, ProxyConnRsp, ProxyReq, ProxyRsp, StreamReq,
+    StreamResult, StreamRsp, write_message,
+};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_rustls::server::TlsStream;
+
+use crate::Shared;
+use crate::ids;
+use crate::registry::Tunnel;
+use strait_proto::splice::splice;
+
+/// An agent's reverse-dialled connection, ready to carry raw bytes.
+pub type AgentIo = Prefixed<TlsStream<TcpStream>>;
+
+/// Why an inbound connection could not be paired with its agent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamFailure {
+    #[error("the tunnel's agent is not connected")]
+    AgentGone,
+    #[error("the tunnel's agent has too many streams pending")]
+    Capacity,
+    #[error("the agent refused the stream: {0}")]
+    Refused(String),
+    #[error("the agent did not open the stream in time")]
+    Timeout,
+}
+
+impl StreamFailure {
+    pub fn to_error(&self) -> Error {
+        let code = match self {
+            StreamFailure::AgentGone => ErrorCode::ServiceUnavailable,
+            StreamFailure::Capacity => ErrorCode::CapacityExhausted,
+            StreamFailure::Refused(_) => ErrorCode::InvalidStream,
+            StreamFailure::Timeout => ErrorCode::ServiceUnavailable,
+        };
+        Error::new(code, self.to_string())
+    }
+}
+
+struct Waiter {
+    secret: String,
+    client_id: String,
+    tx: oneshot::Sender<Result<AgentIo, StreamFailure>>,
+}
+
+#[derive(Default)]
+struct PendingState {
+    waiters: HashMap<String, Waiter>,
+    per_client: HashMap<String, usize>,
+}
+
+/// Streams announced to agents and not yet paired.
+#[derive(Default)]
+pub struct Pending {
+    state: Mutex<PendingState>,
+}
+
+impl Pending {
+    fn lock(&self) -> MutexGuard<'_, PendingState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn insert(&self, stream_id: String, waiter: Waiter, limit: usize) -> Result<(), StreamFailure> {
+        let mut state = self.lock();
+        let count = state.per_client.entry(waiter.client_id.clone()).or_default();
+        if *count >= limit {
+            return Err(StreamFailure::Capacity);
+        }
+        *count += 1;
+        state.waiters.insert(stream_id, waiter);
+        Ok(())
+    }
+
+    fn remove_locked(state: &mut PendingState, stream_id: &str) -> Option<Waiter> {
+        let waiter = state.waiters.remove(stream_id)?;
+        if let Some(count) = state.per_client.get_mut(&waiter.client_id) {
+            *count -= 1;
+            if *count == 0 {
+                state.per_client.remove(&waiter.client_id);
+            }
+        }
+        Some(waiter)
+    }
+
+    fn remove(&self, stream_id: &str) -> Option<Waiter> {
+        Self::remove_locked(&mut self.lock(), stream_id)
+    }
+
+    /// Takes the waiter for `stream_id` if `secret` matches. A wrong secret
+    /// leaves the waiter in place for the real agent.
+    fn take_matching(&self, stream_id: &str, secret: &str) -> Result<Waiter, &'static str> {
+        let mut state = self.lock();
+        let expected = state.waiters.get(stream_id).ok_or("unknown or expired stream id")?;
+        if !bool::from(expected.secret.as_bytes().ct_eq(secret.as_bytes())) {
+            return Err("wrong stream secret");
+        }
+        Self::remove_locked(&mut state, stream_id).ok_or("unknown or expired stream id")
+    }
+
+    /// The agent reported a failure for a stream still pending.
+    pub fn agent_reported(&self, client_id: &str, report: ProxyConnRsp) {
+        let Some(error) = report.error else { return };
+        let mut state = self.lock();
+        if state.waiters.get(&report.stream_id).is_some_and(|w| w.client_id == client_id)
+            && let Some(waiter) = Self::remove_locked(&mut state, &report.stream_id)
+        {
+            let reason = error.message.unwrap_or_else(|| format!("error code {}", error.code));
+            let _ = waiter.tx.send(Err(StreamFailure::Refused(reason)));
+        }
+    }
+
+    /// A control channel ended: every stream it was asked for fails now.
+    pub fn fail_client(&self, client_id: &str) {
+        let mut state = self.lock();
+        let ids: Vec<String> =
+            state.waiters.iter().filter(|(_, w)| w.client_id == client_id).map(|(id, _)| id.clone()).collect();
+        for id in ids {
+            if let Some(waiter) = Self::remove_locked(&mut state, &id) {
+                let _ = waiter.tx.send(Err(StreamFailure::AgentGone));
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().waiters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Removes the waiter when the inbound side gives up (timeout or cancel).
+struct PendingGuard<'a> {
+    pending: &'a Pending,
+    stream_id: &'a str,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.remove(self.stream_id);
+    }
+}
+
+/// Asks the tunnel's agent for a stream and waits for it to dial back.
+/// Returns the stream id and the agent's connection.
+pub async fn open_to_agent(
+    shared: &Shared,
+    tunnel: &Tunnel,
+    source: IpAddr,
+) -> Result<(String, AgentIo), StreamFailure> {
+    let client = shared.registry.client(&tunnel.client_id).ok_or(StreamFailure::AgentGone)?;
+    let stream_id = ids::stream_id();
+    let secret = ids::stream_secret();
+    let (tx, rx) = oneshot::channel();
+    let waiter = Waiter { secret: secret.clone(), client_id: tunnel.client_id.clone(), tx };
+    shared.pending.insert(stream_id.clone(), waiter, shared.config.limits.pending_streams_per_client)?;
+    let _guard = PendingGuard { pending: &shared.pending, stream_id: &stream_id };
+    let request = Payload::ProxyConnReq(ProxyConnReq {
+        tunnel_id: tunnel.id.clone(),
+        stream_id: stream_id.clone(),
+        secret: Some(secret),
+        source_ip: Some(source.into()),
+        proxy_endpoint: None,
+    });
+    // Never wait on a slow control channel: a full outbox is a busy agent.
+    client.outbox.try_send(request.into()).map_err(|e| match e {
+        tokio::sync::mpsc::error::TrySendError::Full(_) => StreamFailure::Capacity,
+        tokio::sync::mpsc::error::TrySendError::Closed(_) => StreamFailure::AgentGone,
+    })?;
+    drop(client);
+    let deadline = Duration::from_secs(shared.config.timeouts.stream_request_seconds);
+    match tokio::time::timeout(deadline, rx).await {
+        Ok(Ok(result)) => result.map(|io| (stream_id.clone(), io)),
+        Ok(Err(_)) => Err(StreamFailure::AgentGone),
+        Err(_) => Err(StreamFailure::Timeout),
+    }
+}
+
+/// An agent dialled back with `ProxyReq`.
+pub async fn accept_agent_stream(shared: &Shared, mut io: TlsStream<TcpStream>, rest: Bytes, req: ProxyReq, peer: SocketAddr) {
+    let zero_rtt = req.zero_rtt.unwrap_or(false);
+    let secret = req.client_details.and_then(|d| d.token).unwrap_or_default();
+    match shared.pending.take_matching(&req.stream_id, &secret) {
+        Err(reason) => {
+            tracing::warn!(%peer, stream_id = %req.stream_id, reason, "agent stream refused");
+            if !zero_rtt {
+                let rsp = ProxyRsp { error: Some(Error::new(ErrorCode::InvalidStream, reason)) };
+                let _ = write_message(&mut io, &Payload::ProxyRsp(rsp).into()).await;
+            }
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+        }
+        Ok(waiter) => {
+            if !zero_rtt && write_message(&mut io, &Payload::ProxyRsp(ProxyRsp { error: None }).into()).await.is_err()
+            {
+                let _ = waiter.tx.send(Err(StreamFailure::AgentGone));
+                return;
+            }
+            // The inbound side may have given up meanwhile; then this drops.
+            let _ = waiter.tx.send(Ok(Prefixed::new(rest, io)));
+        }
+    }
+}
+
+/// Whether `ip` may reach a tunnel with these `trusted_ips` (empty: anyone).
+pub fn ip_allowed(trusted: &[String], ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    trusted.is_empty()
+        || trusted.iter().any(|entry| match entry.parse::<IpNet>() {
+            Ok(net) => net.contains(&ip),
+            Err(_) => entry.parse::<IpAddr>().is_ok_and(|a| a == ip),
+        })
+}
+
+/// A private dial: `StreamReq{token, tunnel_id_name, zero_rtt}`.
+pub async fn private_dial(
+    shared: Arc<Shared>,
+    mut io: TlsStream<TcpStream>,
+    rest: Bytes,
+    req: StreamReq,
+    peer: SocketAddr,
+) {
+    let zero_rtt = req.zero_rtt.unwrap_or(false);
+    let target = req.tunnel_id_name.trim().to_string();
+    let outcome = async {
+        let token = req.client_details.as_ref().and_then(|d| d.token.as_deref());
+        let principal =
+            shared.verifier.verify(token).map_err(|e| Error::new(ErrorCode::Unauthorized, e.to_string()))?;
+        if req.datagram_channel == Some(true) {
+            return Err(Error::new(ErrorCode::FeatureNotAvailable, "datagram channels need the QUIC transport"));
+        }
+        let tunnel = shared
+            .registry
+            .resolve_dial(&principal, &target)
+            .ok_or_else(|| Error::new(ErrorCode::TunnelNotFound, format!("no tunnel {target:?}")))?;
+        if !ip_allowed(&tunnel.properties.trusted_ips, peer.ip()) {
+            return Err(Error::new(ErrorCode::Unauthorized, "source address is not in the tunnel's trusted_ips"));
+        }
+        open_to_agent(&shared, &tunnel, peer.ip()).await.map_err(|f| f.to_error())
+    }
+    .await;
+    match outcome {
+        Err(error) => {
+            tracing::warn!(%peer, tunnel = %target, %error, "private dial refused");
+            if !zero_rtt {
+                let rsp = StreamRsp { payload: Some(StreamResult::Error(error)) };
+                let _ = write_message(&mut io, &Message::from(Payload::StreamRsp(rsp))).await;
+            }
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+        }
+        Ok((stream_id, mut agent)) => {
+            if !zero_rtt {
+                let rsp = StreamRsp { payload: Some(StreamResult::StreamId(stream_id)) };
+                if write_message(&mut io, &Payload::StreamRsp(rsp).into()).await.is_err() {
+                    return;
+                }
+            }
+            let mut dialer = Prefixed::new(rest, io);
+            if let Err(error) = splice(&mut dialer, &mut agent).await {
+                tracing::debug!(%peer, %error, "private stream ended with an error");
+            }
+        }
+    }
+}

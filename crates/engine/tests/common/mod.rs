@@ -1,0 +1,125 @@
+//! The test harness: a real engine on 127.0.0.1:0 with generated
+//! certificates, the real agent library, and a raw protocol client for
+//! speaking bytes the agent never would.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::pki_types::ServerName;
+use strait_agent::{Client, ClientConfig};
+use strait_engine::Engine;
+use strait_engine::config::Config;
+use strait_proto::{FrameReader, MAX_FRAME_LEN, Message, Payload, write_message};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::client::TlsStream;
+
+pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
+
+pub struct TestEngine {
+    pub engine: Engine,
+    pub dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub addr: SocketAddr,
+}
+
+pub fn yaml(dir: &std::path::Path, extra: &str) -> String {
+    format!(
+        "engine: {{host: localhost, log_level: debug}}\n\
+         tls: {{enabled: true, listen_addr: \"127.0.0.1:0\"}}\n\
+         certs: {{static: {{enabled: true, cert_file: \"{cert}\", key_file: \"{key}\"}}}}\n\
+         auth: {{jwt: {{enabled: true, token_jwt_secret: \"{SECRET}\"}}}}\n{extra}",
+        cert = dir.join("cert.pem").display(),
+        key = dir.join("key.pem").display(),
+    )
+}
+
+impl TestEngine {
+    pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// Starts with `extra` YAML appended (later keys win).
+    pub async fn start_with(extra: &str) -> Self {
+        strait_engine::install_crypto_provider();
+        let _ = tracing_subscriber::fmt().with_env_filter("strait_engine=debug").with_test_writer().try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let files = strait_engine::dev::generate_certs("localhost", dir.path()).unwrap();
+        let config = Config::from_yaml_str(&yaml(dir.path(), extra), Vec::new()).expect("valid test config").config;
+        let engine = Engine::start(config).await.expect("engine starts");
+        let addr = engine.tls_addr;
+        Self { engine, dir, ca: files.ca, addr }
+    }
+
+    pub fn token(&self, sub: &str) -> String {
+        strait_engine::auth::mint(SECRET.as_bytes(), sub, Some(3600))
+    }
+
+    pub fn client_config(&self, sub: &str) -> ClientConfig {
+        let mut config = ClientConfig::new(format!("localhost:{}", self.addr.port()), Some(self.token(sub)));
+        config.ca_file = Some(self.ca.clone());
+        config
+    }
+
+    pub fn client(&self, sub: &str) -> Client {
+        Client::new(self.client_config(sub)).unwrap()
+    }
+
+    /// A raw TLS connection with ALPN `rstrm/1`, for hand-made frames.
+    pub async fn raw(&self) -> TlsStream<TcpStream> {
+        self.raw_with_alpn(&[b"rstrm/1"]).await
+    }
+
+    pub async fn raw_with_alpn(&self, alpns: &[&[u8]]) -> TlsStream<TcpStream> {
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(&self.ca).unwrap();
+        use rustls::pki_types::pem::PemObject;
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(strait_engine::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap()
+    }
+}
+
+/// Sends one message and reads one back.
+pub async fn roundtrip(io: &mut TlsStream<TcpStream>, payload: Payload) -> Message {
+    write_message(io, &payload.into()).await.unwrap();
+    let mut reader = FrameReader::new(io, MAX_FRAME_LEN);
+    reader.read_message().await.unwrap()
+}
+
+/// Reads until the peer closes; returns what arrived. Ends when the engine
+/// closes the connection: the test waits on that event, not on a timer.
+pub async fn read_to_close(io: &mut TlsStream<TcpStream>) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = io.read_to_end(&mut out).await;
+    out
+}
+
+/// A local echo service: every connection gets back what it sends.
+pub async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}

@@ -1,0 +1,24 @@
+//! The rstream agent wire protocol (version 1.4.5) as strait speaks it.
+//!
+//! - [`messages`]: the protobuf messages, field for field;
+//! - [`frame`]: the length-prefixed codec with the 65,535-byte ceiling;
+//! - [`prefixed`]: a stream that replays bytes read ahead of a switch to raw
+//!   bytes, so nothing behind a first frame is lost;
+//! - [`splice`]: the one copy loop, used by the engine and the agent.
+
+#![forbid(unsafe_code)]
+
+pub mod frame;
+pub mod messages;
+pub mod prefixed;
+pub mod splice;
+
+pub use frame::{FrameError, FrameReader, MAX_FRAME_LEN, encode, write_message};
+pub use messages::*;
+pub use prefixed::Prefixed;
+
+/// The protocol version this build speaks, as agents send it.
+pub const PROTOCOL_VERSION: &str = "1.4.5";
+
+/// ALPN that selects the agent protocol on the engine's TLS port.
+pub const ALPN: &[u8] = b"rstrm/1";

@@ -1,0 +1,141 @@
+"""The compatibility harness: the real strait-engine binary on 127.0.0.1:0,
+driven by the official rstream Python SDK.
+
+The engine prints one JSON line with its bound addresses when it is ready
+(`--print-ready`); the harness waits for that line, never for a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import selectors
+import subprocess
+import time
+
+import jwt
+import pytest
+import rstream
+from rstream.config import TLSOptions
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+BIN = pathlib.Path(os.environ.get("STRAIT_BIN_DIR", ROOT / "target" / "debug"))
+SECRET = "compat-secret-compat-secret-compat-secret"
+
+# The most a healthy engine takes to print its ready line; only a broken
+# build ever reaches it.
+READY_DEADLINE = 30.0
+
+
+class Engine:
+    """A running strait-engine process."""
+
+    def __init__(self, tmp: pathlib.Path, extra_yaml: str = "") -> None:
+        self.tmp = tmp
+        subprocess.run(
+            [BIN / "strait-engine", "gen-certs", "--host", "localhost", "--out", tmp],
+            check=True,
+            capture_output=True,
+        )
+        self.ca = tmp / "ca.pem"
+        config = tmp / "engine.yaml"
+        config.write_text(
+            "engine: {host: localhost, log_level: debug}\n"
+            'tls: {enabled: true, listen_addr: "127.0.0.1:0"}\n'
+            f'certs: {{static: {{enabled: true, cert_file: "{tmp / "cert.pem"}", key_file: "{tmp / "key.pem"}"}}}}\n'
+            f'auth: {{jwt: {{enabled: true, token_jwt_secret: "{SECRET}"}}}}\n' + extra_yaml
+        )
+        self.log_path = tmp / "engine.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [BIN / "strait-engine", "-c", config, "--print-ready"],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env={k: v for k, v in os.environ.items() if not k.startswith("RSTREAM_")},
+        )
+        ready = self._read_ready_line()
+        self.addr = ready["tls"]
+        self.port = int(self.addr.rsplit(":", 1)[1])
+        self.engine = f"localhost:{self.port}"
+
+    def _read_ready_line(self) -> dict:
+        assert self.proc.stdout is not None
+        selector = selectors.DefaultSelector()
+        selector.register(self.proc.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout=READY_DEADLINE):
+            self.stop()
+            raise RuntimeError(f"engine not ready in {READY_DEADLINE}s:\n{self.log()}")
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"engine exited ({self.proc.returncode}):\n{self.log()}")
+        return json.loads(line)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def token(self, sub: str = "alice", secret: str = SECRET, **claims) -> str:
+        payload = {"sub": sub, "iat": int(time.time()), "exp": int(time.time()) + 3600, **claims}
+        return jwt.encode(payload, secret, algorithm="HS256")
+
+    def client(self, sub: str = "alice", token: str | None = None, **options) -> rstream.Client:
+        return rstream.Client(
+            engine=self.engine,
+            token=token if token is not None else self.token(sub),
+            tls=TLSOptions(ca_file=str(self.ca)),
+            read_config_file=False,
+            **options,
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def engine(tmp_path: pathlib.Path):
+    running = Engine(tmp_path)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def make_engine(tmp_path: pathlib.Path):
+    started: list[Engine] = []
+
+    def start(extra_yaml: str = "") -> Engine:
+        folder = tmp_path / f"engine{len(started)}"
+        folder.mkdir()
+        running = Engine(folder, extra_yaml)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while chunk := await reader.read(65536):
+            writer.write(chunk)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def echo_port():
+    """A local echo service, as the agent's private service."""
+    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()

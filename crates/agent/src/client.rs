@@ -97,8 +97,7 @@ impl Client {
     pub fn new(config: ClientConfig) -> Result<Self, AgentError> {
         let (host, port) = split_engine(&config.engine)?;
         let name = config.server_name.clone().unwrap_or_else(|| host.clone());
-        let server_name =
-            ServerName::try_from(name.clone()).map_err(|_| AgentError::BadEngineAddress(name.clone()))?;
+        let server_name = ServerName::try_from(name.clone()).map_err(|_| AgentError::BadEngineAddress(name.clone()))?;
         let connector = TlsConnector::from(crate::tls::client_config(config.ca_file.as_deref())?);
         Ok(Self { config: Arc::new(config), connector, host, port, server_name })
     }
@@ -154,10 +153,9 @@ impl Client {
                 Some(StreamResult::Error(e)) => Err(AgentError::Engine(e)),
                 None => Err(AgentError::Protocol("empty StreamRsp".into())),
             },
-            other => Err(AgentError::Protocol(format!(
-                "expected StreamRsp, got {}",
-                other.map_or("nothing", |p| p.name())
-            ))),
+            other => {
+                Err(AgentError::Protocol(format!("expected StreamRsp, got {}", other.map_or("nothing", |p| p.name()))))
+            }
         }
     }
 }

@@ -17,9 +17,9 @@ use strait_proto::{
 };
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
+use crate::AgentError;
 use crate::client::{Client, Stream, client_details};
 use crate::tunnel::Tunnel;
-use crate::AgentError;
 
 /// Dial-backs in flight at once, as the Go and Python SDKs cap them; more
 /// wait for a slot.
@@ -110,7 +110,8 @@ impl ControlChannel {
         let interval_ms = client.config.heartbeat_interval.map(|d| d.as_millis().clamp(1, u32::MAX as u128) as u32);
         let req = OpenControlChannelReq {
             client_details: Some(client_details(client.config.token.clone())),
-            liveness: interval_ms.map(|ms| ControlChannelLiveness { heartbeat_interval_ms: ms, heartbeat_timeout_ms: 0 }),
+            liveness: interval_ms
+                .map(|ms| ControlChannelLiveness { heartbeat_interval_ms: ms, heartbeat_timeout_ms: 0 }),
         };
         write_message(&mut write_half, &Payload::OpenControlChannelReq(req).into()).await?;
         let mut reader = FrameReader::new(read_half, MAX_FRAME_LEN);
@@ -383,7 +384,9 @@ async fn dial_back(inner: Arc<Inner>, req: ProxyConnReq) {
                     Ok(Prefixed::new(rest, tls))
                 }
             },
-            other => Err(AgentError::Protocol(format!("expected ProxyRsp, got {}", other.map_or("nothing", |p| p.name())))),
+            other => {
+                Err(AgentError::Protocol(format!("expected ProxyRsp, got {}", other.map_or("nothing", |p| p.name()))))
+            }
         }
     }
     .await;

@@ -21,9 +21,7 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, AgentE
             let mut added = 0;
             for cert in CertificateDer::pem_slice_iter(&pem) {
                 let cert = cert.map_err(|e| AgentError::CaFile { path: path.to_path_buf(), reason: e.to_string() })?;
-                roots
-                    .add(cert)
-                    .map_err(|e| AgentError::CaFile { path: path.to_path_buf(), reason: e.to_string() })?;
+                roots.add(cert).map_err(|e| AgentError::CaFile { path: path.to_path_buf(), reason: e.to_string() })?;
                 added += 1;
             }
             if added == 0 {

@@ -187,14 +187,15 @@ pub fn resolve(overrides: &Overrides) -> anyhow::Result<strait_agent::ClientConf
     let env = |k: &str| std::env::var(k).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
     let path = overrides.config.clone().unwrap_or_else(default_path);
     let file = ConfigFile::load(&path)?;
-    let context_name = overrides.context.clone().or_else(|| env("RSTREAM_CONTEXT")).or(file.default_context().map(String::from));
-    let context = match &context_name {
-        Some(name) => Some(
-            file.context(name)
-                .with_context(|| format!("context {name:?} is not in {} (see `strait context list`)", path.display()))?,
-        ),
-        None => None,
-    };
+    let context_name =
+        overrides.context.clone().or_else(|| env("RSTREAM_CONTEXT")).or(file.default_context().map(String::from));
+    let context =
+        match &context_name {
+            Some(name) => Some(file.context(name).with_context(|| {
+                format!("context {name:?} is not in {} (see `strait context list`)", path.display())
+            })?),
+            None => None,
+        };
     let engine = overrides
         .engine
         .clone()

@@ -46,8 +46,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Forward a local service through a tunnel.
-    #[command(after_help = "Examples:\n  strait forward 3000\n  strait forward 127.0.0.1:8443 --protocol tls --tls-mode passthrough\n  \
-                            strait forward 5432 --private --name db")]
+    #[command(
+        after_help = "Examples:\n  strait forward 3000\n  strait forward 127.0.0.1:8443 --protocol tls --tls-mode passthrough\n  \
+                            strait forward 5432 --private --name db"
+    )]
     Forward {
         /// Local service: PORT or HOST:PORT [default: 8080].
         target: Option<String>,

@@ -90,6 +90,23 @@ impl Verifier {
     }
 }
 
+/// Mints an HS256 token for `sub`, valid for `ttl_seconds` from now (no
+/// `exp` when `None`). Used by `strait-engine dev` and the tests; the
+/// `strait token` command is the operator's tool.
+pub fn mint(secret: &[u8], sub: &str, ttl_seconds: Option<u64>) -> String {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mut claims = serde_json::json!({"sub": sub, "iat": now});
+    if let Some(ttl) = ttl_seconds {
+        claims["exp"] = serde_json::json!(now + ttl as i64);
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .expect("HS256 signing cannot fail")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,24 +151,8 @@ mod tests {
         let b64 = |v: serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
         let none = format!("{}.{}.", b64(json!({"alg": "none", "typ": "JWT"})), b64(json!({"sub": "a"})));
         assert!(v.verify(Some(&none)).is_err());
-        let hs512 = encode(&Header::new(Algorithm::HS512), &json!({"sub": "a"}), &EncodingKey::from_secret(SECRET)).unwrap();
+        let hs512 =
+            encode(&Header::new(Algorithm::HS512), &json!({"sub": "a"}), &EncodingKey::from_secret(SECRET)).unwrap();
         assert_eq!(v.verify(Some(&hs512)), Err(AuthError::WrongAlgorithm));
     }
-}
-
-/// Mints an HS256 token for `sub`, valid for `ttl_seconds` from now (no
-/// `exp` when `None`). Used by `strait-engine dev` and the tests; the
-/// `strait token` command is the operator's tool.
-pub fn mint(secret: &[u8], sub: &str, ttl_seconds: Option<u64>) -> String {
-    let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let mut claims = serde_json::json!({"sub": sub, "iat": now});
-    if let Some(ttl) = ttl_seconds {
-        claims["exp"] = serde_json::json!(now + ttl as i64);
-    }
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(Algorithm::HS256),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret),
-    )
-    .expect("HS256 signing cannot fail")
 }

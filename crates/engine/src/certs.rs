@@ -139,11 +139,8 @@ fn load_pair(cert_path: &Path, key_path: &Path, provider: &CryptoProvider) -> Re
         return Err(CertError::NoCertificate(cert_path.to_path_buf()));
     }
     let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| CertError::NoKey(key_path.to_path_buf()))?;
-    let mismatch = |reason: String| CertError::Mismatch {
-        cert: cert_path.to_path_buf(),
-        key: key_path.to_path_buf(),
-        reason,
-    };
+    let mismatch =
+        |reason: String| CertError::Mismatch { cert: cert_path.to_path_buf(), key: key_path.to_path_buf(), reason };
     let signing = provider.key_provider.load_private_key(key).map_err(|e| mismatch(e.to_string()))?;
     let pair = CertifiedKey::new(chain, signing);
     pair.keys_match().map_err(|e| mismatch(format!("the key does not belong to the certificate ({e})")))?;

@@ -192,7 +192,12 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid configuration ({} problem{}):", self.problems.len(), if self.problems.len() == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "invalid configuration ({} problem{}):",
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        )?;
         for p in &self.problems {
             write!(f, "\n  {}: {}", p.field, p.message)?;
         }
@@ -302,13 +307,14 @@ impl Config {
             r.check("metrics.prometheus.path", normalised)
         });
         let bearer = r.optional_str("metrics.prometheus.bearer_token").filter(|t| !t.is_empty()).map(Secret);
-        if let (Some(true), Some(Some(addr))) = (metrics_enabled, metrics_listen) {
-            if !addr.ip().is_loopback() && bearer.is_none() {
-                r.problem(
-                    "metrics.prometheus.bearer_token",
-                    format!("required when metrics listen on the non-loopback address {addr}"),
-                );
-            }
+        if let (Some(true), Some(Some(addr))) = (metrics_enabled, metrics_listen)
+            && !addr.ip().is_loopback()
+            && bearer.is_none()
+        {
+            r.problem(
+                "metrics.prometheus.bearer_token",
+                format!("required when metrics listen on the non-loopback address {addr}"),
+            );
         }
 
         let stream_request = r.u64_or("timeouts.stream_request_seconds", 30, 1, 3600);
@@ -328,11 +334,19 @@ impl Config {
         }
         // Every Option below is Some: a None always recorded a problem.
         let config = Config {
-            engine: EngineConfig { host: host.unwrap(), log_level: log_level.unwrap(), log_format: log_format.unwrap() },
+            engine: EngineConfig {
+                host: host.unwrap(),
+                log_level: log_level.unwrap(),
+                log_format: log_format.unwrap(),
+            },
             http: HttpConfig { enabled: http_enabled.unwrap(), listen_addr: http_listen.unwrap() },
             tls: TlsConfig { enabled: true, listen_addr: tls_listen.unwrap(), public_port: public_port.unwrap() },
             certs: CertsConfig {
-                r#static: StaticCertsConfig { enabled: true, cert_file: cert_file.unwrap(), key_file: key_file.unwrap() },
+                r#static: StaticCertsConfig {
+                    enabled: true,
+                    cert_file: cert_file.unwrap(),
+                    key_file: key_file.unwrap(),
+                },
             },
             auth: AuthConfig { jwt: JwtConfig { enabled: true, token_jwt_secret: secret.unwrap() } },
             metrics: MetricsConfig {
@@ -469,9 +483,8 @@ impl<'a> Reader<'a> {
             Some(Value::String(s)) => s.trim().parse::<u64>().map_err(|_| format!("{s:?} is not a whole number")),
             Some(_) => Err("must be a whole number".to_string()),
         };
-        let value = value.and_then(|v| {
-            if (min..=max).contains(&v) { Ok(v) } else { Err(format!("{v} is outside {min}..={max}")) }
-        });
+        let value = value
+            .and_then(|v| if (min..=max).contains(&v) { Ok(v) } else { Err(format!("{v} is outside {min}..={max}")) });
         self.check(path, value).map(Some)
     }
 
@@ -662,7 +675,9 @@ mod tests {
 
     #[test]
     fn secrets_never_print() {
-        let yaml = format!("{MINIMAL}metrics: {{prometheus: {{enabled: true, listen_addr: \":9090\", bearer_token: scrape-token-value}}}}\n");
+        let yaml = format!(
+            "{MINIMAL}metrics: {{prometheus: {{enabled: true, listen_addr: \":9090\", bearer_token: scrape-token-value}}}}\n"
+        );
         let c = Config::from_yaml_str(&yaml, Vec::new()).unwrap().config;
         let debug = format!("{c:?}");
         assert!(!debug.contains("s3cret-value"), "{debug}");

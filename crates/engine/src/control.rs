@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use strait_proto::{
     CloseControlChannelRsp, CloseTunnelRsp, ControlChannelLiveness, Error, ErrorCode, FrameError, FrameReader,
-    Heartbeat, Message, OpenControlChannelOk, OpenControlChannelReq, OpenControlChannelResult,
-    OpenControlChannelRsp, OpenTunnelReq, OpenTunnelResult, OpenTunnelRsp, Payload, ServerDetails, write_message,
+    Heartbeat, Message, OpenControlChannelOk, OpenControlChannelReq, OpenControlChannelResult, OpenControlChannelRsp,
+    OpenTunnelReq, OpenTunnelResult, OpenTunnelRsp, Payload, ServerDetails, write_message,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -40,9 +40,10 @@ const FLUSH_GRACE: Duration = Duration::from_secs(5);
 
 /// Checks the agent's protocol version: any 1.x speaks this wire format.
 pub fn check_version(version: Option<&str>) -> Result<(), Error> {
-    let version = version.map(str::trim).filter(|v| !v.is_empty()).ok_or_else(|| {
-        Error::new(ErrorCode::ProtocolVersionMissing, "client_details.protocol_version is required")
-    })?;
+    let version = version
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| Error::new(ErrorCode::ProtocolVersionMissing, "client_details.protocol_version is required"))?;
     let invalid = || {
         Error::new(ErrorCode::ProtocolVersionInvalid, format!("protocol version {version:?} is not MAJOR.MINOR.PATCH"))
     };
@@ -98,10 +99,7 @@ pub async fn serve(
     let (read_half, mut write_half) = tokio::io::split(io);
     let details = req.client_details.unwrap_or_default();
     let admitted = check_version(details.protocol_version.as_deref()).and_then(|()| {
-        shared
-            .verifier
-            .verify(details.token.as_deref())
-            .map_err(|e| Error::new(ErrorCode::Unauthorized, e.to_string()))
+        shared.verifier.verify(details.token.as_deref()).map_err(|e| Error::new(ErrorCode::Unauthorized, e.to_string()))
     });
     let principal = match admitted {
         Ok(principal) => principal,
@@ -279,7 +277,8 @@ pub fn revoke_tunnel(shared: &Shared, tunnel_id: &str, reason: &str) -> bool {
     let Some(tunnel) = shared.registry.tunnel(tunnel_id) else { return false };
     let Some(removed) = shared.registry.remove_tunnel(&tunnel.client_id, tunnel_id) else { return false };
     if let Some(client) = shared.registry.client(&removed.client_id) {
-        let _ = client.outbox.try_send(Payload::CloseTunnelRsp(CloseTunnelRsp { tunnel_id: removed.id.clone() }).into());
+        let _ =
+            client.outbox.try_send(Payload::CloseTunnelRsp(CloseTunnelRsp { tunnel_id: removed.id.clone() }).into());
     }
     tracing::info!(tunnel_id = %removed.id, client_id = %removed.client_id, reason, "tunnel revoked");
     true

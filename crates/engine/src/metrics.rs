@@ -1,13 +1,62 @@
-//! Prometheus metrics: one registry, counters and gauges the engine updates
-//! on its paths. Serving them (`metrics.prometheus`) lives in the Engine API
-//! issue; the handles are here so every part counts from day one.
+//! Prometheus metrics: one registry and the handles every part of the
+//! engine updates on its paths. Serving them (`metrics.prometheus`) is the
+//! job of the metrics listener; the handles live here so every part counts
+//! from day one and names stay in one place.
 
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    pub protocol: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// `published` (a public connection paired with the agent) or
+    /// `private` (a dial by another agent).
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `in`: towards the agent; `out`: from the agent to the public side.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    /// `2xx`, `3xx`, `4xx`, `5xx` (or `1xx`).
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabel {
+    pub version: &'static str,
+    pub protocol: &'static str,
+}
 
 pub struct Metrics {
     pub registry: Registry,
+    clients: Gauge,
+    tunnels: Family<ProtocolLabel, Gauge>,
+    streams_active: Family<KindLabel, Gauge>,
+    streams_total: Family<KindLabel, Counter>,
+    bytes: Family<DirectionLabel, Counter>,
+    stream_pairing: Histogram,
+    http_requests: Family<StatusLabel, Counter>,
     tls_handshake_failures: Counter,
+    auth_failures: Counter,
+    /// Mirrors of the certificate store's counters, refreshed at scrape.
+    cert_reloads: Counter<u64, AtomicU64>,
+    cert_reload_failures: Counter<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -19,13 +68,103 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("strait");
-        let tls_handshake_failures = Counter::default();
+        let m = Self {
+            clients: Gauge::default(),
+            tunnels: Family::default(),
+            streams_active: Family::default(),
+            streams_total: Family::default(),
+            bytes: Family::default(),
+            stream_pairing: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            http_requests: Family::default(),
+            tls_handshake_failures: Counter::default(),
+            auth_failures: Counter::default(),
+            cert_reloads: Counter::default(),
+            cert_reload_failures: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register("clients_connected", "Agents with an open control channel", m.clients.clone());
+        registry.register(
+            "tunnels",
+            "Live tunnels by protocol (private tunnels count as \"private\")",
+            m.tunnels.clone(),
+        );
+        registry.register("streams_active", "Streams carrying bytes now", m.streams_active.clone());
+        registry.register("streams", "Streams paired since start", m.streams_total.clone());
+        registry.register("stream_bytes", "Bytes carried through streams", m.bytes.clone());
+        registry.register(
+            "stream_pairing_seconds",
+            "Time from asking the agent for a stream to the agent's stream arriving",
+            m.stream_pairing.clone(),
+        );
+        registry.register(
+            "http_requests",
+            "Published HTTP requests answered, by status class",
+            m.http_requests.clone(),
+        );
         registry.register(
             "tls_handshake_failures",
             "TLS connections that failed before or during the handshake",
-            tls_handshake_failures.clone(),
+            m.tls_handshake_failures.clone(),
         );
-        Self { registry, tls_handshake_failures }
+        registry.register("auth_failures", "Refused tokens (agents, API, token_auth tunnels)", m.auth_failures.clone());
+        registry.register("certificate_reloads", "Certificate pairs reloaded from disk", m.cert_reloads.clone());
+        registry.register(
+            "certificate_reload_failures",
+            "Changed certificate pairs that failed to load (the old pair kept serving)",
+            m.cert_reload_failures.clone(),
+        );
+        let build: Family<BuildLabel, Gauge> = Family::default();
+        build
+            .get_or_create(&BuildLabel { version: env!("CARGO_PKG_VERSION"), protocol: strait_proto::PROTOCOL_VERSION })
+            .set(1);
+        registry.register("build_info", "Build information", build);
+        Self { registry, ..m }
+    }
+
+    pub fn client_connected(&self) {
+        self.clients.inc();
+    }
+
+    pub fn client_disconnected(&self) {
+        self.clients.dec();
+    }
+
+    /// `protocol` is the tunnel's published protocol or `private`.
+    pub fn tunnel_opened(&self, protocol: &str) {
+        self.tunnels.get_or_create(&ProtocolLabel { protocol: protocol.to_string() }).inc();
+    }
+
+    pub fn tunnel_closed(&self, protocol: &str) {
+        self.tunnels.get_or_create(&ProtocolLabel { protocol: protocol.to_string() }).dec();
+    }
+
+    /// A stream paired; keep the guard alive while it carries bytes.
+    pub fn stream_started(&self, kind: &'static str, pairing: Option<Duration>) -> StreamGuard {
+        let label = KindLabel { kind };
+        self.streams_total.get_or_create(&label).inc();
+        let active = self.streams_active.get_or_create(&label).clone();
+        active.inc();
+        if let Some(pairing) = pairing {
+            self.stream_pairing.observe(pairing.as_secs_f64());
+        }
+        StreamGuard { active }
+    }
+
+    /// Bytes a finished (or finishing) stream carried.
+    pub fn stream_bytes(&self, towards_agent: u64, from_agent: u64) {
+        self.bytes.get_or_create(&DirectionLabel { direction: "in" }).inc_by(towards_agent);
+        self.bytes.get_or_create(&DirectionLabel { direction: "out" }).inc_by(from_agent);
+    }
+
+    pub fn http_response(&self, status: u16) {
+        let class = match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.http_requests.get_or_create(&StatusLabel { class }).inc();
     }
 
     pub fn tls_handshake_failed(&self) {
@@ -34,5 +173,75 @@ impl Metrics {
 
     pub fn tls_handshake_failures(&self) -> u64 {
         self.tls_handshake_failures.get()
+    }
+
+    pub fn auth_failed(&self) {
+        self.auth_failures.inc();
+    }
+
+    /// Brings the certificate counters up to the store's totals (called just
+    /// before encoding a scrape).
+    pub fn sync_certificates(&self, reloads: u64, failures: u64) {
+        let add = |counter: &Counter<u64, AtomicU64>, total: u64| {
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
+        };
+        add(&self.cert_reloads, reloads);
+        add(&self.cert_reload_failures, failures);
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Decrements the active-stream gauge when the stream ends.
+pub struct StreamGuard {
+    active: Gauge,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.active.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_is_exposed() {
+        let m = Metrics::new();
+        m.client_connected();
+        m.tunnel_opened("http");
+        let guard = m.stream_started("published", Some(Duration::from_millis(3)));
+        m.stream_bytes(10, 20);
+        m.http_response(503);
+        m.auth_failed();
+        m.sync_certificates(2, 1);
+        let text = m.encode();
+        for needle in [
+            "strait_clients_connected 1",
+            "strait_tunnels{protocol=\"http\"} 1",
+            "strait_streams_active{kind=\"published\"} 1",
+            "strait_streams_total{kind=\"published\"} 1",
+            "strait_stream_bytes_total{direction=\"out\"} 20",
+            "strait_stream_pairing_seconds_count 1",
+            "strait_http_requests_total{class=\"5xx\"} 1",
+            "strait_auth_failures_total 1",
+            "strait_certificate_reloads_total 2",
+            "strait_certificate_reload_failures_total 1",
+            "strait_build_info{",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in\n{text}");
+        }
+        drop(guard);
+        assert!(m.encode().contains("strait_streams_active{kind=\"published\"} 0"));
     }
 }

@@ -252,11 +252,7 @@ impl Registry {
         if let Some(t) = state.tunnels.get(id_or_name) {
             return Some(t.clone());
         }
-        state
-            .by_name
-            .get(&(principal.0.clone(), id_or_name.to_string()))
-            .and_then(|id| state.tunnels.get(id))
-            .cloned()
+        state.by_name.get(&(principal.0.clone(), id_or_name.to_string())).and_then(|id| state.tunnels.get(id)).cloned()
     }
 
     pub fn counts(&self) -> (usize, usize) {

@@ -198,7 +198,13 @@ pub async fn open_to_agent(
 }
 
 /// An agent dialled back with `ProxyReq`.
-pub async fn accept_agent_stream(shared: &Shared, mut io: TlsStream<TcpStream>, rest: Bytes, req: ProxyReq, peer: SocketAddr) {
+pub async fn accept_agent_stream(
+    shared: &Shared,
+    mut io: TlsStream<TcpStream>,
+    rest: Bytes,
+    req: ProxyReq,
+    peer: SocketAddr,
+) {
     let zero_rtt = req.zero_rtt.unwrap_or(false);
     let secret = req.client_details.and_then(|d| d.token).unwrap_or_default();
     match shared.pending.take_matching(&req.stream_id, &secret) {
@@ -211,8 +217,7 @@ pub async fn accept_agent_stream(shared: &Shared, mut io: TlsStream<TcpStream>, 
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
         }
         Ok(waiter) => {
-            if !zero_rtt && write_message(&mut io, &Payload::ProxyRsp(ProxyRsp { error: None }).into()).await.is_err()
-            {
+            if !zero_rtt && write_message(&mut io, &Payload::ProxyRsp(ProxyRsp { error: None }).into()).await.is_err() {
                 let _ = waiter.tx.send(Err(StreamFailure::AgentGone));
                 return;
             }

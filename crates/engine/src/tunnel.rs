@@ -64,10 +64,10 @@ pub fn normalize(mut p: TunnelProperties, ns: &Namespace<'_>) -> Result<TunnelPr
             return Err(invalid(format!("trusted_ips entry {entry:?} is not an IP address or CIDR")));
         }
     }
-    if let Some(name) = &p.name {
-        if name.trim().is_empty() || name.len() > 253 {
-            return Err(invalid("name must be 1 to 253 characters"));
-        }
+    if let Some(name) = &p.name
+        && (name.trim().is_empty() || name.len() > 253)
+    {
+        return Err(invalid("name must be 1 to 253 characters"));
     }
     if let Some(alias) = p.http_use_tls.take() {
         p.upstream_tls.get_or_insert(alias);
@@ -78,7 +78,9 @@ pub fn normalize(mut p: TunnelProperties, ns: &Namespace<'_>) -> Result<TunnelPr
         (true, None) => "http".to_string(),
         (false, None) => "tcp".to_string(),
         (_, Some(known @ ("http" | "tls" | "tcp" | "dtls" | "quic" | "webtty"))) => known.to_string(),
-        (_, Some(other)) => return Err(invalid(format!("protocol {other:?} is not one of http, tls, tcp, dtls, quic"))),
+        (_, Some(other)) => {
+            return Err(invalid(format!("protocol {other:?} is not one of http, tls, tcp, dtls, quic")));
+        }
     };
     if publish {
         match protocol.as_str() {

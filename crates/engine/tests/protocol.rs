@@ -323,10 +323,7 @@ async fn a_stream_the_agent_never_opens_times_out() {
         liveness: None,
     };
     roundtrip(&mut raw, Payload::OpenControlChannelReq(req)).await;
-    let open = strait_proto::OpenTunnelReq {
-        request_id: "r1".into(),
-        tunnel_properties: Some(private("lazy")),
-    };
+    let open = strait_proto::OpenTunnelReq { request_id: "r1".into(), tunnel_properties: Some(private("lazy")) };
     roundtrip(&mut raw, Payload::OpenTunnelReq(open)).await;
     let mut config = engine.client_config("alice");
     config.zero_rtt = false;

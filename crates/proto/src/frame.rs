@@ -76,8 +76,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     return Err(FrameError::Closed);
                 }
                 let want = if self.buf.len() >= LEN_PREFIX {
-                    LEN_PREFIX
-                        + u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize
+                    LEN_PREFIX + u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize
                 } else {
                     LEN_PREFIX
                 };

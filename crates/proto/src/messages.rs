@@ -221,6 +221,8 @@ pub struct OpenTunnelReq {
     pub tunnel_properties: Option<TunnelProperties>,
 }
 
+// Boxing would not pay: one result per tunnel open.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, PartialEq, prost::Oneof)]
 pub enum OpenTunnelResult {
     #[prost(message, tag = "2")]
@@ -340,10 +342,7 @@ pub struct ServerMessage {
 /// The envelope: exactly one payload per frame.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Message {
-    #[prost(
-        oneof = "Payload",
-        tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17"
-    )]
+    #[prost(oneof = "Payload", tags = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17")]
     pub payload: Option<Payload>,
 }
 

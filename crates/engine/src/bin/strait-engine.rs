@@ -9,7 +9,11 @@ use strait_engine::config::{Config, LogFormat};
 use strait_engine::{Engine, auth, dev};
 
 #[derive(Parser)]
-#[command(name = "strait-engine", version, about = "A self-hosted tunnel engine that speaks the rstream agent protocol")]
+#[command(
+    name = "strait-engine",
+    version,
+    about = "A self-hosted tunnel engine that speaks the rstream agent protocol"
+)]
 struct Cli {
     /// Configuration file (YAML, the rstream engine CE format).
     #[arg(short = 'c', long = "config", env = "RSTREAM_ENGINE_CONFIG", global = true)]

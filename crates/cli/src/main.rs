@@ -63,12 +63,20 @@ enum Command {
         tunnel: String,
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
+        /// Skip the engine's answer (one round trip less; a refused dial
+        /// then shows only as a closed connection).
+        #[arg(long)]
+        zero_rtt: bool,
     },
     /// Dial a private tunnel on stdin/stdout (for ssh ProxyCommand).
     #[command(after_help = "Example:\n  ssh -o ProxyCommand='strait dial ssh-box' user@ssh-box")]
     Dial {
         /// Tunnel id or name.
         tunnel: String,
+        /// Skip the engine's answer (one round trip less; a refused dial
+        /// then shows only as a closed connection).
+        #[arg(long)]
+        zero_rtt: bool,
     },
     /// Mint an HS256 token for a self-hosted engine.
     #[command(after_help = "Example:\n  strait token --secret \"$SECRET\" --sub ci-runner --ttl 12h")]
@@ -124,7 +132,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    match runtime.block_on(run(cli)) {
+    let result = runtime.block_on(run(cli));
+    // A blocking stdin read (dial) must not hold the exit.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("strait: {error:#}");
@@ -148,6 +159,13 @@ impl Cli {
     fn client(&self) -> anyhow::Result<strait_agent::Client> {
         Ok(strait_agent::Client::new(context::resolve(&self.overrides())?)?)
     }
+
+    /// A client for private dials, explicit unless asked otherwise.
+    fn dialer(&self, zero_rtt: bool) -> anyhow::Result<strait_agent::Client> {
+        let mut config = context::resolve(&self.overrides())?;
+        config.zero_rtt = zero_rtt;
+        Ok(strait_agent::Client::new(config)?)
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -156,8 +174,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let local = forward::local_target(target.as_deref())?;
             forward::run(cli.client()?, options.clone(), local).await
         }
-        Command::Connect { tunnel, listen } => connect(cli.client()?, tunnel, listen).await,
-        Command::Dial { tunnel } => dial(cli.client()?, tunnel).await,
+        Command::Connect { tunnel, listen, zero_rtt } => connect(cli.dialer(*zero_rtt)?, tunnel, listen).await,
+        Command::Dial { tunnel, zero_rtt } => dial(cli.dialer(*zero_rtt)?, tunnel).await,
         Command::Token { secret, sub, ttl, allow_weak_secret } => {
             println!("{}", token::mint(secret, sub, token::parse_ttl(ttl)?, *allow_weak_secret)?);
             Ok(())
@@ -233,8 +251,19 @@ async fn connect(client: strait_agent::Client, tunnel: &str, listen: &str) -> an
 }
 
 async fn dial(client: strait_agent::Client, tunnel: &str) -> anyhow::Result<()> {
-    let mut stream = client.dial(tunnel).await?;
-    let mut stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-    strait_proto::splice::splice(&mut stdio, &mut stream).await?;
+    use tokio::io::AsyncWriteExt;
+    let stream = client.dial(tunnel).await?;
+    let (mut from_tunnel, mut to_tunnel) = tokio::io::split(stream);
+    // stdin's end half-closes towards the service; the service's end ends
+    // the command, as ssh expects of a ProxyCommand.
+    let upload = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut to_tunnel).await;
+        let _ = to_tunnel.shutdown().await;
+    });
+    let mut stdout = tokio::io::stdout();
+    let copied = tokio::io::copy(&mut from_tunnel, &mut stdout).await;
+    let _ = stdout.flush().await;
+    upload.abort();
+    copied?;
     Ok(())
 }

@@ -45,7 +45,27 @@ impl Error {
 
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?} ({}): {}", self.code(), self.code, self.message.as_deref().unwrap_or(""))
+        write!(f, "{} ({}): {}", self.code().name(), self.code, self.message.as_deref().unwrap_or(""))
+    }
+}
+
+impl ErrorCode {
+    /// The name the protocol documents (`TUNNEL_NOT_FOUND`), as SDKs print it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::Unspecified => "UNSPECIFIED",
+            ErrorCode::Unauthorized => "UNAUTHORIZED",
+            ErrorCode::InvalidRequest => "INVALID_REQUEST",
+            ErrorCode::ProtocolVersionMissing => "PROTOCOL_VERSION_MISSING",
+            ErrorCode::ProtocolVersionInvalid => "PROTOCOL_VERSION_INVALID",
+            ErrorCode::ProtocolVersionIncompatible => "PROTOCOL_VERSION_INCOMPATIBLE",
+            ErrorCode::TunnelNotFound => "TUNNEL_NOT_FOUND",
+            ErrorCode::InvalidStream => "INVALID_STREAM",
+            ErrorCode::FeatureNotAvailable => "FEATURE_NOT_AVAILABLE",
+            ErrorCode::ServiceUnavailable => "SERVICE_UNAVAILABLE",
+            ErrorCode::CapacityExhausted => "CAPACITY_EXHAUSTED",
+            ErrorCode::Internal => "INTERNAL",
+        }
     }
 }
 

@@ -38,6 +38,9 @@ enum Command {
         /// Address of the TLS listener.
         #[arg(long, default_value = "127.0.0.1:8443")]
         listen: String,
+        /// Do not publish the demo service.
+        #[arg(long)]
+        no_demo: bool,
     },
     /// Generate a CA and a certificate for HOST and *.t.HOST into a folder.
     GenCerts {
@@ -64,7 +67,7 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => runtime.block_on(run(cli.config, cli.print_ready)),
-        Command::Dev { dir, listen } => runtime.block_on(run_dev(dir, listen, cli.print_ready)),
+        Command::Dev { dir, listen, no_demo } => runtime.block_on(run_dev(dir, listen, !no_demo, cli.print_ready)),
         Command::GenCerts { host, out } => match dev::generate_certs(&host, &out) {
             Ok(files) => {
                 println!("ca: {}\ncert: {}\nkey: {}", files.ca.display(), files.cert.display(), files.key.display());
@@ -94,10 +97,10 @@ async fn run(path: Option<PathBuf>, print_ready: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    serve(loaded.config, loaded.warnings, print_ready, None).await
+    serve(loaded.config, loaded.warnings, print_ready).await
 }
 
-async fn run_dev(dir: Option<PathBuf>, listen: String, print_ready: bool) -> ExitCode {
+async fn run_dev(dir: Option<PathBuf>, listen: String, demo: bool, print_ready: bool) -> ExitCode {
     let dir = dir.unwrap_or_else(dev::default_dir);
     let prepared = dev::generate_certs("localhost", &dir).and_then(|files| Ok((files, dev::secret(&dir)?)));
     let (files, secret) = match prepared {
@@ -122,41 +125,67 @@ async fn run_dev(dir: Option<PathBuf>, listen: String, print_ready: bool) -> Exi
             return ExitCode::FAILURE;
         }
     };
+    let Some(engine) = start(loaded.config, loaded.warnings).await else { return ExitCode::FAILURE };
+    let port = engine.tls_addr.port();
     let token = auth::mint(secret.as_bytes(), "dev", Some(30 * 24 * 3600));
-    let banner = move |addr: std::net::SocketAddr| {
-        format!(
-            "strait-engine dev is running on {addr}\n\
-             \n  engine:  localhost:{port}\n  CA:      {ca}\n  token:   {token}\n\
-             \nAgents connect with:\n  RSTREAM_ENGINE=localhost:{port} RSTREAM_AUTHENTICATION_TOKEN={token} \\\n  \
-             SSL_CERT_FILE={ca} ...\n",
-            port = addr.port(),
-            ca = files.ca.display(),
-        )
+    let ca = files.ca.display();
+    let demo_url = if demo {
+        let stop = engine.shared.shutdown.child_token();
+        match dev::demo::start(engine.tls_addr, &files.ca, token.clone(), stop).await {
+            Ok(demo) => Some(demo.url),
+            Err(error) => {
+                eprintln!("strait-engine dev: {error}");
+                engine.shutdown().await;
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
     };
-    serve(loaded.config, loaded.warnings, print_ready, Some(Box::new(banner))).await
+    if print_ready {
+        println!(
+            "{}",
+            serde_json::json!({"event": "ready", "tls": engine.tls_addr.to_string(), "demo": demo_url, "ca": files.ca, "token": token})
+        );
+    }
+    println!("strait-engine dev is running on localhost:{port} (Ctrl-C to stop)\n");
+    if let Some(url) = &demo_url {
+        println!("A demo service is published through a real agent. Reach it with:\n\n    curl --cacert {ca} {url}\n");
+    }
+    println!(
+        "Publish your own service (here, port 3000) with the strait agent:\n\n    \
+         cargo run --release -p strait -- forward 3000 --engine localhost:{port} --ca-file {ca} --token {token}\n\n\
+         The same engine, CA and token work with any rstream agent or SDK:\n\n    \
+         RSTREAM_ENGINE=localhost:{port} SSL_CERT_FILE={ca} RSTREAM_AUTHENTICATION_TOKEN={token}\n"
+    );
+    run_until_signal(engine).await
 }
 
-type Banner = Box<dyn FnOnce(std::net::SocketAddr) -> String + Send>;
-
-async fn serve(config: Config, warnings: Vec<String>, print_ready: bool, banner: Option<Banner>) -> ExitCode {
+/// Starts the engine, reporting a failure on stderr.
+async fn start(config: Config, warnings: Vec<String>) -> Option<Engine> {
     init_tracing(config.engine.log_level.as_str(), config.engine.log_format);
     for warning in warnings {
         tracing::warn!("{warning}");
     }
-    let engine = match Engine::start(config).await {
-        Ok(engine) => engine,
+    match Engine::start(config).await {
+        Ok(engine) => Some(engine),
         Err(error) => {
             tracing::error!("{error}");
             eprintln!("strait-engine: {error}");
-            return ExitCode::FAILURE;
+            None
         }
-    };
+    }
+}
+
+async fn serve(config: Config, warnings: Vec<String>, print_ready: bool) -> ExitCode {
+    let Some(engine) = start(config, warnings).await else { return ExitCode::FAILURE };
     if print_ready {
         println!("{}", serde_json::json!({"event": "ready", "tls": engine.tls_addr.to_string()}));
     }
-    if let Some(banner) = banner {
-        eprintln!("{}", banner(engine.tls_addr));
-    }
+    run_until_signal(engine).await
+}
+
+async fn run_until_signal(engine: Engine) -> ExitCode {
     wait_for_signal().await;
     tracing::info!("shutting down");
     engine.shutdown().await;

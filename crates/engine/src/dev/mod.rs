@@ -5,6 +5,8 @@
 //! every `*.localhost` name to loopback), and a random JWT secret. The CA
 //! and secret are reused on later runs so trust and tokens survive restarts.
 
+pub mod demo;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,336 @@
+//! The `strait` binary end to end against a real engine on 127.0.0.1:0:
+//! forward, dial, connect, contexts, tokens, and an engine restart.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use strait_engine::Engine;
+use strait_engine::config::Config;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+
+const SECRET: &str = "cli-test-secret-cli-test-secret-0123456";
+
+struct TestEngine {
+    engine: Option<Engine>,
+    dir: tempfile::TempDir,
+    addr: SocketAddr,
+}
+
+impl TestEngine {
+    async fn start() -> Self {
+        strait_engine::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        strait_engine::dev::generate_certs("localhost", dir.path()).unwrap();
+        let engine = Self::boot(dir.path(), "127.0.0.1:0").await;
+        let addr = engine.tls_addr;
+        Self { engine: Some(engine), dir, addr }
+    }
+
+    async fn boot(dir: &Path, listen: &str) -> Engine {
+        let yaml = format!(
+            "engine: {{host: localhost, log_level: info}}\n\
+             tls: {{enabled: true, listen_addr: \"{listen}\"}}\n\
+             certs: {{static: {{enabled: true, cert_file: \"{}\", key_file: \"{}\"}}}}\n\
+             auth: {{jwt: {{enabled: true, token_jwt_secret: \"{SECRET}\"}}}}\n",
+            dir.join("cert.pem").display(),
+            dir.join("key.pem").display()
+        );
+        Engine::start(Config::from_yaml_str(&yaml, Vec::new()).unwrap().config).await.unwrap()
+    }
+
+    /// Stops the engine and starts a new one on the same address.
+    async fn restart(&mut self) {
+        self.engine.take().unwrap().shutdown().await;
+        self.engine = Some(Self::boot(self.dir.path(), &self.addr.to_string()).await);
+    }
+
+    fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    fn token(&self, sub: &str) -> String {
+        strait_engine::auth::mint(SECRET.as_bytes(), sub, Some(3600))
+    }
+
+    /// `strait` with this engine in its environment (as a user would set it).
+    fn strait(&self, sub: &str) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strait"));
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", self.dir.path())
+            .env("RSTREAM_ENGINE", format!("localhost:{}", self.addr.port()))
+            .env("RSTREAM_AUTHENTICATION_TOKEN", self.token(sub))
+            .env("SSL_CERT_FILE", self.ca())
+            .env("STRAIT_LOG", "info")
+            .kill_on_drop(true);
+        cmd
+    }
+}
+
+/// A child with its output read line by line.
+struct Running {
+    child: Child,
+    stdout: Lines<BufReader<ChildStdout>>,
+    stderr: Lines<BufReader<ChildStderr>>,
+}
+
+impl Running {
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        Self { child, stdout, stderr }
+    }
+
+    /// The next stdout line (the test fails if the process ends first).
+    async fn line(&mut self) -> String {
+        match self.stdout.next_line().await.unwrap() {
+            Some(line) => line,
+            None => panic!("process ended; stderr: {}", self.drain_stderr().await),
+        }
+    }
+
+    /// Waits for a stderr line containing `needle`.
+    async fn stderr_until(&mut self, needle: &str) -> String {
+        while let Some(line) = self.stderr.next_line().await.unwrap() {
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("stderr ended without {needle:?}");
+    }
+
+    async fn drain_stderr(&mut self) -> String {
+        let mut out = String::new();
+        while let Ok(Some(line)) = self.stderr.next_line().await {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Interrupts the process as Ctrl-C does and waits for a clean exit.
+    async fn interrupt(mut self) {
+        let pid = self.child.id().unwrap().to_string();
+        std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
+        let status = self.child.wait().await.unwrap();
+        assert!(status.success(), "exit status {status}");
+    }
+}
+
+async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tcp.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn echo_through(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(payload).await.unwrap();
+    let mut back = vec![0u8; payload.len()];
+    tcp.read_exact(&mut back).await.unwrap();
+    back
+}
+
+/// `strait dial` with `input` on stdin; returns stdout.
+async fn dial(engine: &TestEngine, tunnel: &str, input: &[u8]) -> Vec<u8> {
+    dial_as(engine, "alice", tunnel, input).await
+}
+
+async fn dial_as(engine: &TestEngine, who: &str, tunnel: &str, input: &[u8]) -> Vec<u8> {
+    let mut child = engine
+        .strait(who)
+        .args(["dial", tunnel])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).await.unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut out = vec![0u8; input.len()];
+    stdout.read_exact(&mut out).await.unwrap();
+    drop(stdin);
+    let status = child.wait().await.unwrap();
+    assert!(status.success(), "dial exited with {status}");
+    out
+}
+
+async fn forward_private(engine: &TestEngine, name: &str, local: SocketAddr) -> Running {
+    let mut cmd = engine.strait("alice");
+    cmd.args(["forward", &local.to_string(), "--private", "--name", name]);
+    let mut forward = Running::spawn(cmd);
+    let line = forward.line().await;
+    assert_eq!(line, format!("Forwarding rstrm://{name} (private) -> {local}"));
+    forward
+}
+
+#[tokio::test]
+async fn forward_private_then_dial_and_connect() {
+    let engine = TestEngine::start().await;
+    let echo = echo_server().await;
+    let forward = forward_private(&engine, "echo", echo).await;
+
+    // dial: stdin/stdout, as ssh's ProxyCommand uses it.
+    assert_eq!(dial(&engine, "echo", b"hello through dial").await, b"hello through dial");
+
+    // connect: a local port, one private dial per connection.
+    let mut cmd = engine.strait("alice");
+    cmd.args(["connect", "echo", "--listen", "127.0.0.1:0"]);
+    let mut connect = Running::spawn(cmd);
+    let line = connect.line().await;
+    let listen: SocketAddr = line
+        .strip_prefix("Listening on ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected: {line}"))
+        .parse()
+        .unwrap();
+    for i in 0..3 {
+        let payload = format!("connection {i}");
+        assert_eq!(echo_through(listen, payload.as_bytes()).await, payload.as_bytes());
+    }
+    connect.interrupt().await;
+
+    // Ctrl-C closes the tunnel: the engine forgets it.
+    forward.interrupt().await;
+    let registry = &engine.engine.as_ref().unwrap().shared.registry;
+    assert_eq!(registry.counts().1, 0);
+}
+
+#[tokio::test]
+async fn forward_survives_an_engine_restart() {
+    let mut engine = TestEngine::start().await;
+    let echo = echo_server().await;
+    let mut forward = forward_private(&engine, "sturdy", echo).await;
+    assert_eq!(dial(&engine, "sturdy", b"before").await, b"before");
+
+    engine.restart().await;
+    forward.stderr_until("reconnected").await;
+    assert_eq!(dial(&engine, "sturdy", b"after").await, b"after");
+    forward.interrupt().await;
+}
+
+#[tokio::test]
+async fn a_refused_tunnel_exits_with_the_engines_reason() {
+    let engine = TestEngine::start().await;
+    let echo = echo_server().await;
+    let _first = forward_private(&engine, "taken", echo).await;
+    let out = engine
+        .strait("alice")
+        .args(["forward", &echo.to_string(), "--private", "--name", "taken"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("taken"), "{stderr}");
+}
+
+#[tokio::test]
+async fn a_bad_token_is_reported_not_retried() {
+    let engine = TestEngine::start().await;
+    let out = engine
+        .strait("alice")
+        .env("RSTREAM_AUTHENTICATION_TOKEN", "not-a-token")
+        .args(["forward", "9", "--private"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.to_lowercase().contains("unauthorized"), "{stderr}");
+}
+
+#[tokio::test]
+async fn minted_tokens_are_accepted_by_the_engine() {
+    let engine = TestEngine::start().await;
+    let out = engine
+        .strait("alice")
+        .args(["token", "--secret", SECRET, "--sub", "minted", "--ttl", "10m"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let principal = engine.engine.as_ref().unwrap().shared.verifier.verify(Some(&token)).unwrap();
+    assert_eq!(principal.0, "minted");
+
+    let weak = engine.strait("a").args(["token", "--secret", "short", "--sub", "x"]).output().await.unwrap();
+    assert!(!weak.status.success());
+    let zero =
+        engine.strait("a").args(["token", "--secret", SECRET, "--sub", "x", "--ttl", "0s"]).output().await.unwrap();
+    assert!(!zero.status.success());
+}
+
+#[tokio::test]
+async fn a_context_carries_engine_token_and_ca() {
+    let engine = TestEngine::start().await;
+    let config = engine.dir.path().join("agent.yaml");
+    let bare = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_strait"));
+        cmd.env_clear().env("HOME", engine.dir.path()).arg("--config").arg(&config).kill_on_drop(true);
+        cmd
+    };
+    let created = bare()
+        .args(["context", "create", "lab", "--use", "--engine"])
+        .arg(format!("localhost:{}", engine.addr.port()))
+        .arg("--token")
+        .arg(engine.token("carol"))
+        .arg("--ca-file")
+        .arg(engine.ca())
+        .output()
+        .await
+        .unwrap();
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let listed = bare().args(["context", "list"]).output().await.unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("* lab"));
+
+    let echo = echo_server().await;
+    let mut cmd = bare();
+    cmd.args(["forward", &echo.to_string(), "--private", "--name", "ctx"]);
+    let forward = Running::spawn(cmd);
+    let mut forward = forward;
+    assert!(forward.line().await.starts_with("Forwarding rstrm://ctx"));
+    assert_eq!(dial_as(&engine, "carol", "ctx", b"via context").await, b"via context");
+    forward.interrupt().await;
+    // The file keeps the rstream shape.
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("version: 1"), "{text}");
+}
+
+/// Runs a dial whose stdin stays open until it exits.
+async fn dial_holding_stdin(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let _stdin = child.stdin.take();
+    tokio::time::timeout(Duration::from_secs(30), child.wait_with_output()).await.expect("dial returns").unwrap()
+}
+
+#[tokio::test]
+async fn dial_to_a_missing_or_foreign_tunnel_fails_cleanly() {
+    let engine = TestEngine::start().await;
+    let echo = echo_server().await;
+    let _alices = forward_private(&engine, "alices", echo).await;
+    for (who, tunnel) in [("alice", "nowhere"), ("bob", "alices")] {
+        // stdin stays open: the refusal alone must end the command.
+        let out = dial_holding_stdin(engine.strait(who).args(["dial", tunnel])).await;
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("TUNNEL_NOT_FOUND") || stderr.contains("not found"), "{who}/{tunnel}: {stderr}");
+    }
+    // Zero-RTT learns of the refusal by the close: it ends, with no output.
+    let out = dial_holding_stdin(engine.strait("alice").args(["dial", "nowhere", "--zero-rtt"])).await;
+    assert!(out.stdout.is_empty());
+}

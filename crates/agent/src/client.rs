@@ -58,6 +58,7 @@ impl ClientConfig {
 pub struct Client {
     pub(crate) config: Arc<ClientConfig>,
     connector: TlsConnector,
+    api_connector: TlsConnector,
     host: String,
     port: u16,
     server_name: ServerName<'static>,
@@ -98,8 +99,9 @@ impl Client {
         let (host, port) = split_engine(&config.engine)?;
         let name = config.server_name.clone().unwrap_or_else(|| host.clone());
         let server_name = ServerName::try_from(name.clone()).map_err(|_| AgentError::BadEngineAddress(name.clone()))?;
-        let connector = TlsConnector::from(crate::tls::client_config(config.ca_file.as_deref())?);
-        Ok(Self { config: Arc::new(config), connector, host, port, server_name })
+        let connector = TlsConnector::from(crate::tls::client_config(config.ca_file.as_deref(), strait_proto::ALPN)?);
+        let api_connector = TlsConnector::from(crate::tls::client_config(config.ca_file.as_deref(), b"http/1.1")?);
+        Ok(Self { config: Arc::new(config), connector, api_connector, host, port, server_name })
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -108,11 +110,26 @@ impl Client {
 
     /// Opens a TLS connection to the engine with ALPN `rstrm/1`.
     pub(crate) async fn connect_tls(&self) -> Result<TlsStream<TcpStream>, AgentError> {
+        self.connect_with(&self.connector).await
+    }
+
+    /// Opens an HTTP/1.1 TLS connection to the engine, for its Engine API.
+    pub async fn connect_api(&self) -> Result<TlsStream<TcpStream>, AgentError> {
+        self.connect_with(&self.api_connector).await
+    }
+
+    /// The `Host` header value for the Engine API.
+    pub fn api_authority(&self) -> String {
+        let host = self.server_name.to_str();
+        if self.port == 443 { host.to_string() } else { format!("{host}:{}", self.port) }
+    }
+
+    async fn connect_with(&self, connector: &TlsConnector) -> Result<TlsStream<TcpStream>, AgentError> {
         let addr = format!("{}:{}", self.host, self.port);
         let connect = async {
             let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
             tcp.set_nodelay(true)?;
-            self.connector.connect(self.server_name.clone(), tcp).await
+            connector.connect(self.server_name.clone(), tcp).await
         };
         match tokio::time::timeout(self.config.connect_timeout, connect).await {
             Ok(Ok(tls)) => Ok(tls),

@@ -20,7 +20,7 @@ mod tunnel;
 pub use client::{Client, ClientConfig, Stream};
 pub use control::ControlChannel;
 pub use strait_proto::TunnelProperties;
-pub use tunnel::Tunnel;
+pub use tunnel::{Tunnel, forward_stream};
 
 /// Re-exported so binaries install the same crypto provider.
 pub use rustls;

@@ -12,7 +12,9 @@ use rustls::pki_types::pem::PemObject;
 
 use crate::AgentError;
 
-pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, AgentError> {
+/// A client configuration offering `alpn` (`rstrm/1` for the agent protocol,
+/// `http/1.1` for the Engine API on the same port).
+pub fn client_config(ca_file: Option<&Path>, alpn: &[u8]) -> Result<Arc<ClientConfig>, AgentError> {
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -36,6 +38,6 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, AgentE
         .expect("ring supports TLS 1.2 and 1.3")
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![strait_proto::ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }

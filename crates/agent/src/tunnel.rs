@@ -55,21 +55,23 @@ impl Tunnel {
     /// tunnel closes. Returns how many streams were served.
     pub async fn forward(&mut self, local: String) -> u64 {
         let mut served = 0;
-        while let Some(mut stream) = self.accept().await {
+        while let Some(stream) = self.accept().await {
             served += 1;
-            let local = local.clone();
-            tokio::spawn(async move {
-                match TcpStream::connect(&local).await {
-                    Ok(mut upstream) => {
-                        let _ = upstream.set_nodelay(true);
-                        if let Err(error) = strait_proto::splice::splice(&mut stream, &mut upstream).await {
-                            tracing::debug!(%error, "forwarded stream ended with an error");
-                        }
-                    }
-                    Err(error) => tracing::warn!(%local, %error, "cannot reach the local service"),
-                }
-            });
+            tokio::spawn(forward_stream(stream, local.clone()));
         }
         served
+    }
+}
+
+/// Connects to `local` and splices one stream to it.
+pub async fn forward_stream(mut stream: Stream, local: String) {
+    match TcpStream::connect(&local).await {
+        Ok(mut upstream) => {
+            let _ = upstream.set_nodelay(true);
+            if let Err(error) = strait_proto::splice::splice(&mut stream, &mut upstream).await {
+                tracing::debug!(%error, "forwarded stream ended with an error");
+            }
+        }
+        Err(error) => tracing::warn!(%local, %error, "cannot reach the local service"),
     }
 }

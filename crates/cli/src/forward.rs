@@ -49,6 +49,18 @@ pub struct TunnelOptions {
     /// TLS tunnels: minimum TLS version (1.2 or 1.3).
     #[arg(long)]
     pub tls_min_version: Option<String>,
+    /// One line per HTTP request (method, path, status, time): `auto` shows
+    /// it when stdout is a terminal and the tunnel carries HTTP/1.1.
+    #[arg(long, value_enum, default_value_t = RequestLog::Auto)]
+    pub request_log: RequestLog,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RequestLog {
+    #[default]
+    Auto,
+    On,
+    Off,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -75,6 +87,33 @@ impl TunnelOptions {
             tls_alpns: self.tls_alpns.clone(),
             tls_min_version: self.tls_min_version.clone(),
             ..Default::default()
+        }
+    }
+}
+
+impl TunnelOptions {
+    /// Whether streams go through the request log: only plain HTTP/1.1 can
+    /// be read on the way (h2c and upstream TLS are spliced as they are).
+    pub fn logs_requests(&self) -> bool {
+        let http1 = !self.private
+            && self.protocol.as_deref().unwrap_or("http") == "http"
+            && !self.upstream_tls
+            && self.http_version.as_deref() != Some("h2c");
+        match self.request_log {
+            RequestLog::On => http1,
+            RequestLog::Off => false,
+            RequestLog::Auto => http1 && std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        }
+    }
+}
+
+/// Serves a tunnel's streams until it closes.
+async fn serve_streams(tunnel: &mut strait_agent::Tunnel, local: &str, log_requests: bool) {
+    while let Some(stream) = tunnel.accept().await {
+        if log_requests {
+            tokio::spawn(crate::request_log::serve(stream, local.to_string()));
+        } else {
+            tokio::spawn(strait_agent::forward_stream(stream, local.to_string()));
         }
     }
 }
@@ -120,6 +159,7 @@ impl Backoff {
 /// the same hostname.
 pub async fn run(client: Client, options: TunnelOptions, local: String) -> anyhow::Result<()> {
     let mut properties = options.properties();
+    let log_requests = options.logs_requests();
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut announced = false;
     loop {
@@ -161,7 +201,7 @@ pub async fn run(client: Client, options: TunnelOptions, local: String) -> anyho
             announced = true;
         }
         let reason = tokio::select! {
-            _ = tunnel.forward(local.clone()) => control.closed().await,
+            _ = serve_streams(&mut tunnel, &local, log_requests) => control.closed().await,
             reason = control.closed() => reason,
             _ = tokio::signal::ctrl_c() => {
                 let _ = tunnel.close().await;

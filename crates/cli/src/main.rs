@@ -7,6 +7,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 mod context;
 mod forward;
+mod request_log;
 mod token;
 
 use context::{ConfigFile, Context, Overrides, TokenSource};

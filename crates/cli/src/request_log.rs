@@ -1,0 +1,130 @@
+//! The live request log of `strait forward` for HTTP tunnels: each agent
+//! stream is served as HTTP/1.1 and relayed to the local service over one
+//! upstream connection, so every request can be shown as one line (method,
+//! path, status, time) while bytes still flow untouched: header case is
+//! preserved both ways, bodies stream, and upgrades (WebSocket) are spliced.
+//!
+//! It is used only where a line per request helps (a terminal, or
+//! `--log-requests`); otherwise streams are spliced raw.
+
+use std::io::Write;
+use std::time::Instant;
+
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http1 as client;
+use hyper::server::conn::http1 as server;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Serves one agent stream, relaying each request to `local`.
+pub async fn serve<S>(stream: S, local: String)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // One upstream connection per agent stream, opened on the first request:
+    // the engine already reuses agent streams across a client's requests.
+    let upstream: std::sync::Arc<Mutex<Option<client::SendRequest<Incoming>>>> = Default::default();
+    let service = service_fn(move |request: Request<Incoming>| {
+        let upstream = upstream.clone();
+        let local = local.clone();
+        async move { Ok::<_, hyper::Error>(relay(request, &upstream, &local).await) }
+    });
+    let connection = server::Builder::new()
+        .preserve_header_case(true)
+        .title_case_headers(false)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    if let Err(error) = connection.await {
+        tracing::debug!(%error, "request-log stream ended with an error");
+    }
+}
+
+async fn connect(local: &str) -> std::io::Result<client::SendRequest<Incoming>> {
+    let tcp = TcpStream::connect(local).await?;
+    let _ = tcp.set_nodelay(true);
+    let (sender, connection) = client::Builder::new()
+        .preserve_header_case(true)
+        .title_case_headers(false)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+async fn relay(
+    mut request: Request<Incoming>,
+    upstream: &Mutex<Option<client::SendRequest<Incoming>>>,
+    local: &str,
+) -> Response<Body> {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let target = request.uri().path_and_query().map_or_else(|| "/".to_string(), |p| p.to_string());
+    let downstream_upgrade = hyper::upgrade::on(&mut request);
+
+    let mut slot = upstream.lock().await;
+    let reusable = slot.as_mut().is_some_and(|s| !s.is_closed());
+    if !reusable {
+        match connect(local).await {
+            Ok(sender) => *slot = Some(sender),
+            Err(error) => {
+                drop(slot);
+                print_line(&method, &target, None, started);
+                return text(StatusCode::BAD_GATEWAY, format!("strait: cannot reach {local}: {error}\n"));
+            }
+        }
+    }
+    let sender = slot.as_mut().expect("just connected");
+    let sent = match sender.ready().await {
+        Ok(()) => sender.send_request(request).await,
+        Err(error) => Err(error),
+    };
+    drop(slot);
+    let mut response = match sent {
+        Ok(response) => response,
+        Err(error) => {
+            print_line(&method, &target, None, started);
+            return text(StatusCode::BAD_GATEWAY, format!("strait: {local} failed: {error}\n"));
+        }
+    };
+    print_line(&method, &target, Some(response.status()), started);
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            if let (Ok(down), Ok(up)) = (downstream_upgrade.await, upstream_upgrade.await) {
+                let _ = strait_proto::splice::splice(&mut TokioIo::new(down), &mut TokioIo::new(up)).await;
+            }
+        });
+    }
+    response.map(|body| body.boxed())
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let body = Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed();
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .body(body)
+        .expect("static response parts are valid")
+}
+
+/// One line per request: `GET /path 200 12ms` (`502` when the local
+/// service could not answer). Time is to the response head: a long
+/// download or a WebSocket is logged when it starts.
+fn print_line(method: &http::Method, target: &str, status: Option<StatusCode>, started: Instant) {
+    let status = status.map_or_else(|| "502".to_string(), |s| s.as_u16().to_string());
+    let millis = started.elapsed().as_secs_f64() * 1000.0;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{method} {target} {status} {millis:.0}ms");
+    let _ = out.flush();
+}

@@ -66,7 +66,7 @@ async fn scrape(
         let presented = bearer(&headers).ok().flatten().unwrap_or_default();
         if !bool::from(presented.as_bytes().ct_eq(expected.expose().as_bytes())) {
             shared.metrics.auth_failed();
-            tracing::warn!(%peer, "metrics scrape refused: missing or wrong bearer token");
+            tracing::warn!(%peer, reason = "missing or wrong bearer token", "metrics scrape refused");
             return ApiError::unauthorized().into_response();
         }
     }

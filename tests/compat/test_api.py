@@ -115,3 +115,37 @@ async def test_watch_filters_apply_server_side(engine, transport):
             assert event.object["id"] == core.id
             await other.close()
         await control.close()
+
+
+async def test_websocket_query_token_and_the_close_reason_on_shutdown(engine):
+    import json
+    import ssl
+    from urllib.parse import quote
+
+    import websockets
+
+    context = ssl.create_default_context(cafile=str(engine.ca))
+    context.set_alpn_protocols(["http/1.1"])
+    url = f"wss://localhost:{engine.port}/api/websocket?rstream.token={quote(engine.token('ops'))}"
+    async with websockets.connect(url, ssl=context) as socket:
+        initial = json.loads(await asyncio.wait_for(socket.recv(), EVENT_DEADLINE))
+        assert initial["type"] == "state.initial"
+        assert initial["object"] == {"snapshot_at": initial["object"]["snapshot_at"], "clients": [], "tunnels": []}
+        engine.proc.terminate()
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await asyncio.wait_for(socket.recv(), EVENT_DEADLINE)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1001, "engine shutting down")
+    assert await asyncio.to_thread(engine.proc.wait, 30) == 0
+
+
+async def test_websocket_refuses_a_bad_token(engine):
+    import ssl
+
+    import websockets
+
+    context = ssl.create_default_context(cafile=str(engine.ca))
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(f"wss://localhost:{engine.port}/api/websocket?rstream.token=nope", ssl=context):
+            pass
+    assert refused.value.response.status_code == 401

@@ -46,8 +46,23 @@ pub fn router(shared: Arc<Shared>, peer: SocketAddr) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(axum::middleware::from_fn(move |request, next| log_refusals(peer, request, next)))
         .layer(Extension(Peer(peer)))
         .with_state(shared)
+}
+
+/// One log line per refused request (401s are logged where the token is
+/// checked, with the reason). Only the path is logged: the query may hold
+/// `rstream.token`.
+async fn log_refusals(peer: SocketAddr, request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    let status = response.status();
+    if status.is_client_error() && status != StatusCode::UNAUTHORIZED {
+        tracing::info!(%peer, %method, path, status = status.as_u16(), "API request refused");
+    }
+    response
 }
 
 /// This document.

@@ -21,7 +21,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpStream;
@@ -114,7 +114,11 @@ pub fn readiness_response(shared: &Shared) -> Response {
 pub async fn serve_connection(shared: Arc<Shared>, tls: TlsStream<TcpStream>, peer: SocketAddr) {
     let shutdown = shared.shutdown.clone();
     let service = TowerToHyperService::new(router(shared, peer));
-    let builder = auto::Builder::new(TokioExecutor::new());
+    // A timer turns on hyper's HTTP/1 header read timeout (30 s), so a
+    // client that trickles a request head cannot hold a connection forever.
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(connection);
     let result = tokio::select! {

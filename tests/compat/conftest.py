@@ -32,7 +32,7 @@ READY_DEADLINE = 30.0
 class Engine:
     """A running strait-engine process."""
 
-    def __init__(self, tmp: pathlib.Path, extra_yaml: str = "") -> None:
+    def __init__(self, tmp: pathlib.Path, extra_yaml: str = "", env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         subprocess.run(
             [BIN / "strait-engine", "gen-certs", "--host", "localhost", "--out", tmp],
@@ -53,12 +53,14 @@ class Engine:
             [BIN / "strait-engine", "-c", config, "--print-ready"],
             stdout=subprocess.PIPE,
             stderr=self._log,
-            env={k: v for k, v in os.environ.items() if not k.startswith("RSTREAM_")},
+            env={k: v for k, v in os.environ.items() if not k.startswith("RSTREAM_")} | (env or {}),
         )
         ready = self._read_ready_line()
         self.addr = ready["tls"]
         self.port = int(self.addr.rsplit(":", 1)[1])
         self.engine = f"localhost:{self.port}"
+        # The metrics listener's address, when the configuration has one.
+        self.metrics: str | None = ready.get("metrics")
 
     def _read_ready_line(self) -> dict:
         assert self.proc.stdout is not None
@@ -90,6 +92,9 @@ class Engine:
             **options,
         )
 
+    def api_url(self, path: str) -> str:
+        return f"https://localhost:{self.port}{path}"
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -112,10 +117,10 @@ def engine(tmp_path: pathlib.Path):
 def make_engine(tmp_path: pathlib.Path):
     started: list[Engine] = []
 
-    def start(extra_yaml: str = "") -> Engine:
+    def start(extra_yaml: str = "", env: dict[str, str] | None = None) -> Engine:
         folder = tmp_path / f"engine{len(started)}"
         folder.mkdir()
-        running = Engine(folder, extra_yaml)
+        running = Engine(folder, extra_yaml, env)
         started.append(running)
         return running
 

@@ -144,6 +144,9 @@ pub struct PrometheusConfig {
 pub struct TimeoutsConfig {
     pub stream_request_seconds: u64,
     pub http_idle_seconds: u64,
+    /// Beyond CE: on SIGTERM, how long streams in flight may take to finish
+    /// before they are cut.
+    pub shutdown_drain_seconds: u64,
 }
 
 /// Beyond CE: the limits that keep one peer from exhausting the engine.
@@ -319,6 +322,7 @@ impl Config {
 
         let stream_request = r.u64_or("timeouts.stream_request_seconds", 30, 1, 3600);
         let http_idle = r.u64_or("timeouts.http_idle_seconds", 90, 1, 86_400);
+        let shutdown_drain = r.u64_or("timeouts.shutdown_drain_seconds", 30, 0, 3600);
 
         let max_frame = r.u64_or("limits.max_frame_bytes", 65_535, 1024, 65_535);
         let first_frame = r.u64_or("limits.first_frame_seconds", 10, 1, 600);
@@ -360,6 +364,7 @@ impl Config {
             timeouts: TimeoutsConfig {
                 stream_request_seconds: stream_request.unwrap(),
                 http_idle_seconds: http_idle.unwrap(),
+                shutdown_drain_seconds: shutdown_drain.unwrap(),
             },
             limits: LimitsConfig {
                 max_frame_bytes: max_frame.unwrap() as usize,
@@ -600,6 +605,7 @@ mod tests {
         assert_eq!(c.http.listen_addr.port(), 80);
         assert_eq!(c.timeouts.stream_request_seconds, 30);
         assert_eq!(c.timeouts.http_idle_seconds, 90);
+        assert_eq!(c.timeouts.shutdown_drain_seconds, 30);
         assert_eq!(c.metrics.prometheus.path, "/metrics");
         assert_eq!(c.metrics.prometheus.listen_addr, None);
         assert_eq!(c.limits.max_frame_bytes, 65_535);

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use strait_proto::{
     CloseControlChannelRsp, CloseTunnelRsp, ControlChannelLiveness, Error, ErrorCode, FrameError, FrameReader,
     Heartbeat, Message, OpenControlChannelOk, OpenControlChannelReq, OpenControlChannelResult, OpenControlChannelRsp,
-    OpenTunnelReq, OpenTunnelResult, OpenTunnelRsp, Payload, ServerDetails, write_message,
+    OpenTunnelReq, OpenTunnelResult, OpenTunnelRsp, Payload, ServerDetails, ServerMessage, write_message,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -99,7 +99,10 @@ pub async fn serve(
     let (read_half, mut write_half) = tokio::io::split(io);
     let details = req.client_details.unwrap_or_default();
     let admitted = check_version(details.protocol_version.as_deref()).and_then(|()| {
-        shared.verifier.verify(details.token.as_deref()).map_err(|e| Error::new(ErrorCode::Unauthorized, e.to_string()))
+        shared.verifier.verify(details.token.as_deref()).map_err(|e| {
+            shared.metrics.auth_failed();
+            Error::new(ErrorCode::Unauthorized, e.to_string())
+        })
     });
     let principal = match admitted {
         Ok(principal) => principal,
@@ -140,6 +143,7 @@ pub async fn serve(
         liveness = liveness.is_some(), "client connected"
     );
     shared.registry.add_client(Arc::new(Client { info, outbox: outbox.clone() }));
+    shared.metrics.client_connected();
 
     let writer = tokio::spawn(async move {
         while let Some(message) = outbox_rx.recv().await {
@@ -158,7 +162,15 @@ pub async fn serve(
     let channel = Channel { shared: &shared, client_id: &client_id, principal: &principal.0, outbox: &outbox };
     let reason = loop {
         let message = tokio::select! {
-            _ = shared.shutdown.cancelled() => break "engine shutting down".to_string(),
+            _ = shared.shutdown.cancelled() => {
+                // The protocol has no GOAWAY: say why in a ServerMessage,
+                // then close. Agents reconnect elsewhere or after the
+                // restart; their streams in flight are separate connections
+                // and drain on their own.
+                let notice = ServerMessage { message: "engine shutting down".into() };
+                let _ = outbox.try_send(Payload::ServerMessage(notice).into());
+                break "engine shutting down".to_string();
+            }
             read = tokio::time::timeout(grace, reader.read_message()) => match read {
                 Err(_) => break format!("silent for {}s", grace.as_secs()),
                 Ok(Err(FrameError::Closed)) => break "agent closed the connection".to_string(),
@@ -175,8 +187,10 @@ pub async fn serve(
     };
 
     let tunnels = shared.registry.remove_client(&client_id);
+    shared.metrics.client_disconnected();
     shared.pending.fail_client(&client_id);
     for tunnel in &tunnels {
+        shared.metrics.tunnel_closed(metric_protocol(tunnel));
         tracing::info!(tunnel_id = %tunnel.id, client_id = %client_id, reason = "control channel ended", "tunnel closed");
     }
     drop(outbox);
@@ -207,6 +221,7 @@ impl Channel<'_> {
             }
             Payload::CloseTunnelReq(req) => {
                 if let Some(tunnel) = self.shared.registry.remove_tunnel(self.client_id, &req.tunnel_id) {
+                    self.shared.metrics.tunnel_closed(metric_protocol(&tunnel));
                     tracing::info!(tunnel_id = %tunnel.id, client_id = %self.client_id, reason = "agent closed it", "tunnel closed");
                 }
                 // Answer even for an unknown id, so the agent never waits.
@@ -231,6 +246,7 @@ impl Channel<'_> {
         let result = self.create(req.tunnel_properties.unwrap_or_default());
         let payload = match result {
             Ok(tunnel) => {
+                self.shared.metrics.tunnel_opened(metric_protocol(&tunnel));
                 tracing::info!(
                     tunnel_id = %tunnel.id, client_id = %self.client_id,
                     name = tunnel.name().unwrap_or("-"), hostname = tunnel.hostname().unwrap_or("-"),
@@ -271,11 +287,18 @@ impl Channel<'_> {
     }
 }
 
+/// The `protocol` label of the tunnels gauge: the published protocol, or
+/// `private` for tunnels only dialers reach.
+pub fn metric_protocol(tunnel: &Tunnel) -> &str {
+    if tunnel.published() { tunnel.protocol().unwrap_or("http") } else { "private" }
+}
+
 /// Revokes a tunnel: removes it and tells its agent with an unprompted
 /// `CloseTunnelRsp`. Returns whether the tunnel existed.
 pub fn revoke_tunnel(shared: &Shared, tunnel_id: &str, reason: &str) -> bool {
     let Some(tunnel) = shared.registry.tunnel(tunnel_id) else { return false };
     let Some(removed) = shared.registry.remove_tunnel(&tunnel.client_id, tunnel_id) else { return false };
+    shared.metrics.tunnel_closed(metric_protocol(&removed));
     if let Some(client) = shared.registry.client(&removed.client_id) {
         let _ =
             client.outbox.try_send(Payload::CloseTunnelRsp(CloseTunnelRsp { tunnel_id: removed.id.clone() }).into());

@@ -21,6 +21,11 @@ pub fn tunnel_id() -> String {
     hex_id::<12>()
 }
 
+/// An Engine API event id.
+pub fn event_id() -> String {
+    hex_id::<12>()
+}
+
 /// A one-time stream secret: 256 bits, hex.
 pub fn stream_secret() -> String {
     hex_id::<32>()

@@ -15,6 +15,7 @@
 //! - [`registry`]: clients, tunnels and the names that reach them, with a
 //!   change feed;
 //! - [`tunnel`]: what a tunnel may ask for and the properties it gets;
+//! - [`prometheus`]: the metrics listener; [`check`]: `check-config`;
 //! - [`auth`], [`certs`], [`config`], [`metrics`]: the supporting cast;
 //! - `strait_proto::splice`: the one copy loop, shared with the agent.
 
@@ -23,6 +24,7 @@
 pub mod api;
 pub mod auth;
 pub mod certs;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod dev;
@@ -30,13 +32,15 @@ pub mod edge;
 pub mod ids;
 pub mod listener;
 pub mod metrics;
+pub mod prometheus;
 pub mod registry;
-
 pub mod streams;
 pub mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
 
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
@@ -90,9 +94,44 @@ pub struct Shared {
     pub metrics: metrics::Metrics,
     /// The TLS port that published addresses report.
     pub public_port: u16,
+    /// Stop accepting, close control channels and watches, let streams in
+    /// flight finish.
     pub shutdown: CancellationToken,
+    /// The drain is over: cut whatever still carries bytes. Copy loops
+    /// select on it.
+    pub abort: CancellationToken,
     pub tasks: TaskTracker,
+    /// Every listener is bound and serving.
+    pub listening: AtomicBool,
 }
+
+impl Shared {
+    /// Whether the engine should receive traffic, and if not, why.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.shutdown.is_cancelled() {
+            return Err("shutting down".into());
+        }
+        if !self.listening.load(Ordering::Acquire) {
+            return Err("listeners are not up yet".into());
+        }
+        let der = self.certs.end_entity_der();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| format!("the serving certificate does not parse: {e}"))?;
+        let now = x509_parser::time::ASN1Time::from(time::OffsetDateTime::from(SystemTime::now()));
+        let validity = cert.validity();
+        if validity.not_after < now {
+            return Err(format!("the serving certificate expired on {}", validity.not_after));
+        }
+        if validity.not_before > now {
+            return Err(format!("the serving certificate is not valid before {}", validity.not_before));
+        }
+        Ok(())
+    }
+}
+
+/// Streams still running this long after the drain was cut are left to the
+/// runtime's end; a copy loop answers `abort` within one read.
+const ABORT_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -108,6 +147,8 @@ pub enum StartError {
 pub struct Engine {
     pub shared: Arc<Shared>,
     pub tls_addr: SocketAddr,
+    /// The metrics listener, when `metrics.prometheus` has one.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Engine {
@@ -125,6 +166,8 @@ impl Engine {
             addr: config.tls.listen_addr,
             source,
         })?;
+        let metrics_listener = prometheus::bind(&config.metrics.prometheus).await?;
+        let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr().expect("bound socket has an address"));
         let tls_addr = tls_listener.local_addr().expect("bound socket has an address");
         let public_port = config.tls.public_port.unwrap_or(tls_addr.port());
         let shared = Arc::new(Shared {
@@ -137,17 +180,47 @@ impl Engine {
             metrics: metrics::Metrics::new(),
             public_port,
             shutdown: CancellationToken::new(),
+            abort: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            listening: AtomicBool::new(false),
         });
         shared.tasks.spawn(listener::run(shared.clone(), tls_listener));
         tracing::info!(addr = %tls_addr, host = %shared.config.engine.host, "TLS listener up");
-        Ok(Engine { shared, tls_addr })
+        if let Some(listener) = metrics_listener {
+            shared.tasks.spawn(prometheus::serve(shared.clone(), listener));
+            tracing::info!(
+                addr = ?metrics_addr, path = %shared.config.metrics.prometheus.path,
+                token = shared.config.metrics.prometheus.bearer_token.is_some(), "metrics listener up"
+            );
+        }
+        shared.listening.store(true, Ordering::Release);
+        Ok(Engine { shared, tls_addr, metrics_addr })
     }
 
-    /// Stops accepting, ends every connection and waits for the tasks.
+    /// Graceful shutdown with the configured drain
+    /// (`timeouts.shutdown_drain_seconds`).
     pub async fn shutdown(self) {
-        self.shared.shutdown.cancel();
-        self.shared.tasks.close();
-        self.shared.tasks.wait().await;
+        let drain = Duration::from_secs(self.shared.config.timeouts.shutdown_drain_seconds);
+        self.shutdown_within(drain).await;
+    }
+
+    /// Stops accepting, tells agents and watchers, lets streams in flight
+    /// finish for up to `drain`, then cuts what is left. Returns whether
+    /// everything finished within the drain.
+    pub async fn shutdown_within(self, drain: Duration) -> bool {
+        let shared = &self.shared;
+        shared.shutdown.cancel();
+        shared.tasks.close();
+        tracing::info!(connections = shared.tasks.len(), drain_seconds = drain.as_secs(), "draining");
+        if tokio::time::timeout(drain, shared.tasks.wait()).await.is_ok() {
+            tracing::info!("drained");
+            return true;
+        }
+        tracing::warn!(connections = shared.tasks.len(), "drain time is up; cutting the streams still open");
+        shared.abort.cancel();
+        if tokio::time::timeout(ABORT_GRACE, shared.tasks.wait()).await.is_err() {
+            tracing::warn!(connections = shared.tasks.len(), "connections still open after the cut");
+        }
+        false
     }
 }

@@ -14,6 +14,7 @@ use strait_proto::{Message, TunnelProperties};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::auth::Principal;
+use crate::ids;
 
 /// What an agent said about itself when it opened its control channel.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -66,13 +67,37 @@ impl Tunnel {
     }
 }
 
+/// A change's identity: stamped once where it happens, so every watcher
+/// (SSE, WebSocket, later webhooks) reports the same event id and time.
+#[derive(Debug, Clone)]
+pub struct Stamped<T> {
+    /// Event id: 24 lowercase hex characters.
+    pub id: String,
+    pub at: SystemTime,
+    pub object: T,
+}
+
+impl<T> Stamped<T> {
+    fn now(object: T) -> Self {
+        Self { id: ids::event_id(), at: SystemTime::now(), object }
+    }
+}
+
+impl<T> std::ops::Deref for Stamped<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.object
+    }
+}
+
 /// One registry mutation, as the event feed carries it.
 #[derive(Debug, Clone)]
 pub enum Change {
-    ClientCreated(ClientInfo),
-    ClientDeleted(ClientInfo),
-    TunnelCreated(Arc<Tunnel>),
-    TunnelDeleted(Arc<Tunnel>),
+    ClientCreated(Stamped<ClientInfo>),
+    ClientDeleted(Stamped<ClientInfo>),
+    TunnelCreated(Stamped<Arc<Tunnel>>),
+    TunnelDeleted(Stamped<Arc<Tunnel>>),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -97,6 +122,13 @@ struct State {
     by_name: HashMap<(String, String), String>,
 }
 
+/// Changes the feed holds for its slowest subscriber. A watcher that falls
+/// this far behind is told it lagged and the Engine API disconnects it as a
+/// slow consumer; the ring is fixed, so a stuck watcher costs no memory and
+/// never slows a mutation. 4096 covers a reconnect storm of a few hundred
+/// agents with several tunnels each.
+pub const FEED_CAPACITY: usize = 4096;
+
 pub struct Registry {
     state: Mutex<State>,
     changes: broadcast::Sender<Change>,
@@ -110,9 +142,13 @@ impl Default for Registry {
 
 impl Registry {
     pub fn new() -> Self {
-        // Subscribers that fall this far behind are told they lagged; the
-        // Engine API turns that into a disconnect with a reason.
-        let (changes, _) = broadcast::channel(4096);
+        Self::with_feed_capacity(FEED_CAPACITY)
+    }
+
+    /// A registry whose change feed holds `capacity` changes (tests use a
+    /// small one to provoke a slow consumer).
+    pub fn with_feed_capacity(capacity: usize) -> Self {
+        let (changes, _) = broadcast::channel(capacity.max(1));
         Self { state: Mutex::new(State::default()), changes }
     }
 
@@ -144,7 +180,7 @@ impl Registry {
         {
             let mut state = self.lock();
             state.clients.insert(info.id.clone(), client);
-            self.publish(Change::ClientCreated(info));
+            self.publish(Change::ClientCreated(Stamped::now(info)));
         }
     }
 
@@ -158,11 +194,11 @@ impl Registry {
         let mut removed = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(tunnel) = Self::unindex(&mut state, &id) {
-                self.publish(Change::TunnelDeleted(tunnel.clone()));
+                self.publish(Change::TunnelDeleted(Stamped::now(tunnel.clone())));
                 removed.push(tunnel);
             }
         }
-        self.publish(Change::ClientDeleted(client.info.clone()));
+        self.publish(Change::ClientDeleted(Stamped::now(client.info.clone())));
         removed
     }
 
@@ -204,7 +240,7 @@ impl Registry {
         }
         state.tunnels_by_client.entry(tunnel.client_id.clone()).or_default().push(tunnel.id.clone());
         state.tunnels.insert(tunnel.id.clone(), tunnel.clone());
-        self.publish(Change::TunnelCreated(tunnel.clone()));
+        self.publish(Change::TunnelCreated(Stamped::now(tunnel.clone())));
         Ok(tunnel)
     }
 
@@ -218,7 +254,7 @@ impl Registry {
             ids.retain(|id| id != tunnel_id);
         }
         let tunnel = Self::unindex(&mut state, tunnel_id)?;
-        self.publish(Change::TunnelDeleted(tunnel.clone()));
+        self.publish(Change::TunnelDeleted(Stamped::now(tunnel.clone())));
         Some(tunnel)
     }
 

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ipnet::IpNet;
@@ -250,10 +250,13 @@ pub async fn private_dial(
 ) {
     let zero_rtt = req.zero_rtt.unwrap_or(false);
     let target = req.tunnel_id_name.trim().to_string();
+    let mut pairing_started = None;
     let outcome = async {
         let token = req.client_details.as_ref().and_then(|d| d.token.as_deref());
-        let principal =
-            shared.verifier.verify(token).map_err(|e| Error::new(ErrorCode::Unauthorized, e.to_string()))?;
+        let principal = shared.verifier.verify(token).map_err(|e| {
+            shared.metrics.auth_failed();
+            Error::new(ErrorCode::Unauthorized, e.to_string())
+        })?;
         if req.datagram_channel == Some(true) {
             return Err(Error::new(ErrorCode::FeatureNotAvailable, "datagram channels need the QUIC transport"));
         }
@@ -264,6 +267,7 @@ pub async fn private_dial(
         if !ip_allowed(&tunnel.properties.trusted_ips, peer.ip()) {
             return Err(Error::new(ErrorCode::Unauthorized, "source address is not in the tunnel's trusted_ips"));
         }
+        pairing_started = Some(Instant::now());
         open_to_agent(&shared, &tunnel, peer.ip()).await.map_err(|f| f.to_error())
     }
     .await;
@@ -278,14 +282,25 @@ pub async fn private_dial(
         }
         Ok((stream_id, mut agent)) => {
             if !zero_rtt {
-                let rsp = StreamRsp { payload: Some(StreamResult::StreamId(stream_id)) };
+                let rsp = StreamRsp { payload: Some(StreamResult::StreamId(stream_id.clone())) };
                 if write_message(&mut io, &Payload::StreamRsp(rsp).into()).await.is_err() {
                     return;
                 }
             }
+            let _active = shared.metrics.stream_started("private", pairing_started.map(|t| t.elapsed()));
             let mut dialer = Prefixed::new(rest, io);
-            if let Err(error) = splice(&mut dialer, &mut agent).await {
-                tracing::debug!(%peer, %error, "private stream ended with an error");
+            // A graceful shutdown lets this finish; only the end of the
+            // drain (`abort`) cuts it.
+            let copied = tokio::select! {
+                copied = splice(&mut dialer, &mut agent) => copied,
+                _ = shared.abort.cancelled() => {
+                    tracing::info!(%peer, %stream_id, "private stream cut: shutdown drain time is up");
+                    return;
+                }
+            };
+            match copied {
+                Ok((to_agent, from_agent)) => shared.metrics.stream_bytes(to_agent, from_agent),
+                Err(error) => tracing::debug!(%peer, %error, "private stream ended with an error"),
             }
         }
     }

@@ -42,6 +42,16 @@ enum Command {
         #[arg(long)]
         no_demo: bool,
     },
+    /// Validate the configuration and its files without starting: exit 0
+    /// when it would start, 1 when something is wrong, 2 for a bad file.
+    CheckConfig {
+        /// Also refuse development defaults: a short or sample JWT secret,
+        /// a self-signed, development or expired certificate, a certificate
+        /// that does not cover engine.host and *.t.<engine.host>, metrics
+        /// without a bearer token.
+        #[arg(long)]
+        production: bool,
+    },
     /// Generate a CA and a certificate for HOST and *.t.HOST into a folder.
     GenCerts {
         #[arg(long, default_value = "localhost")]
@@ -54,7 +64,10 @@ enum Command {
 fn init_tracing(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STRAIT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},rustls=warn,hyper=warn")));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a person at a terminal; log files and collectors get
+    // plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -68,6 +81,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => runtime.block_on(run(cli.config, cli.print_ready)),
         Command::Dev { dir, listen, no_demo } => runtime.block_on(run_dev(dir, listen, !no_demo, cli.print_ready)),
+        Command::CheckConfig { production } => check_config(cli.config, production),
         Command::GenCerts { host, out } => match dev::generate_certs(&host, &out) {
             Ok(files) => {
                 println!("ca: {}\ncert: {}\nkey: {}", files.ca.display(), files.cert.display(), files.key.display());
@@ -85,19 +99,32 @@ fn env_vars() -> Vec<(String, String)> {
     std::env::vars().collect()
 }
 
-async fn run(path: Option<PathBuf>, print_ready: bool) -> ExitCode {
-    let loaded = match &path {
+fn load(path: Option<&PathBuf>) -> Result<strait_engine::config::Loaded, ExitCode> {
+    let loaded = match path {
         Some(path) => Config::load(path, env_vars()),
         None => Config::from_env(env_vars()),
     };
-    let loaded = match loaded {
+    loaded.map_err(|error| {
+        eprintln!("strait-engine: {error}");
+        ExitCode::from(2)
+    })
+}
+
+async fn run(path: Option<PathBuf>, print_ready: bool) -> ExitCode {
+    match load(path.as_ref()) {
+        Ok(loaded) => serve(loaded.config, loaded.warnings, print_ready).await,
+        Err(code) => code,
+    }
+}
+
+fn check_config(path: Option<PathBuf>, production: bool) -> ExitCode {
+    let loaded = match load(path.as_ref()) {
         Ok(loaded) => loaded,
-        Err(error) => {
-            eprintln!("strait-engine: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    serve(loaded.config, loaded.warnings, print_ready).await
+    let report = strait_engine::check::check(&loaded.config, &loaded.warnings, production);
+    println!("{report}");
+    if report.errors() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 async fn run_dev(dir: Option<PathBuf>, listen: String, demo: bool, print_ready: bool) -> ExitCode {
@@ -180,15 +207,22 @@ async fn start(config: Config, warnings: Vec<String>) -> Option<Engine> {
 async fn serve(config: Config, warnings: Vec<String>, print_ready: bool) -> ExitCode {
     let Some(engine) = start(config, warnings).await else { return ExitCode::FAILURE };
     if print_ready {
-        println!("{}", serde_json::json!({"event": "ready", "tls": engine.tls_addr.to_string()}));
+        let mut ready = serde_json::json!({"event": "ready", "tls": engine.tls_addr.to_string()});
+        if let Some(metrics) = engine.metrics_addr {
+            ready["metrics"] = metrics.to_string().into();
+        }
+        println!("{ready}");
     }
     run_until_signal(engine).await
 }
 
 async fn run_until_signal(engine: Engine) -> ExitCode {
     wait_for_signal().await;
-    tracing::info!("shutting down");
-    engine.shutdown().await;
+    tracing::info!("shutting down: no new connections, agents told, streams in flight draining");
+    tokio::select! {
+        _ = engine.shutdown() => tracing::info!("stopped"),
+        _ = wait_for_signal() => tracing::warn!("second signal: exiting without waiting for the drain"),
+    }
     ExitCode::SUCCESS
 }
 

@@ -123,3 +123,123 @@ pub async fn echo_server() -> SocketAddr {
     });
     addr
 }
+
+/// One HTTP answer from the Engine API.
+pub struct HttpAnswer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl HttpAnswer {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Sends one HTTP/1.1 request over a connection the caller opened.
+pub async fn http_request<S>(io: S, path: &str, token: Option<&str>) -> (u16, http::HeaderMap, hyper::body::Incoming)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await.expect("HTTP handshake");
+    tokio::spawn(conn);
+    let mut request = http::Request::get(path).header("host", "localhost");
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = sender
+        .send_request(request.body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap())
+        .await
+        .expect("HTTP response");
+    let (parts, body) = response.into_parts();
+    (parts.status.as_u16(), parts.headers, body)
+}
+
+/// Reads a whole body.
+pub async fn read_body(body: hyper::body::Incoming) -> String {
+    use http_body_util::BodyExt;
+    String::from_utf8(body.collect().await.expect("body").to_bytes().to_vec()).expect("UTF-8 body")
+}
+
+impl TestEngine {
+    /// `GET path` on the Engine API over TLS (SNI localhost, ALPN http/1.1).
+    pub async fn api_get(&self, path: &str, token: Option<&str>) -> HttpAnswer {
+        let tls = self.raw_with_alpn(&[b"http/1.1"]).await;
+        let (status, headers, body) = http_request(tls, path, token).await;
+        HttpAnswer { status, headers, body: read_body(body).await }
+    }
+
+    /// `GET path` on the metrics listener (plain HTTP).
+    pub async fn metrics_get(&self, path: &str, token: Option<&str>) -> HttpAnswer {
+        let addr = self.engine.metrics_addr.expect("a metrics listener");
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (status, headers, body) = http_request(tcp, path, token).await;
+        HttpAnswer { status, headers, body: read_body(body).await }
+    }
+
+    /// Opens `GET /api/sse` and returns its event reader.
+    pub async fn sse(&self, query: &str, token: &str) -> SseReader {
+        let tls = self.raw_with_alpn(&[b"http/1.1"]).await;
+        let (status, headers, body) = http_request(tls, &format!("/api/sse{query}"), Some(token)).await;
+        assert_eq!(status, 200, "SSE refused");
+        assert_eq!(headers["content-type"], "text/event-stream");
+        SseReader { body, buffer: String::new() }
+    }
+}
+
+/// What an SSE stream carries: events and comments.
+#[derive(Debug)]
+pub enum SseItem {
+    Event(serde_json::Value),
+    Comment(String),
+}
+
+/// Splits an SSE body into items as they arrive.
+pub struct SseReader {
+    body: hyper::body::Incoming,
+    buffer: String,
+}
+
+impl SseReader {
+    /// The next event or comment; `None` when the stream ends.
+    pub async fn next(&mut self) -> Option<SseItem> {
+        use http_body_util::BodyExt;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let mut data = Vec::new();
+                let mut comment = None;
+                for line in block.lines() {
+                    if let Some(d) = line.strip_prefix("data:") {
+                        data.push(d.trim_start().to_string());
+                    } else if let Some(c) = line.strip_prefix(':') {
+                        comment = Some(c.trim().to_string());
+                    }
+                }
+                if !data.is_empty() {
+                    return Some(SseItem::Event(serde_json::from_str(&data.join("\n")).expect("event JSON")));
+                }
+                if let Some(c) = comment {
+                    return Some(SseItem::Comment(c));
+                }
+                continue;
+            }
+            let frame = self.body.frame().await?.ok()?;
+            if let Ok(data) = frame.into_data() {
+                self.buffer.push_str(std::str::from_utf8(&data).expect("UTF-8 SSE"));
+            }
+        }
+    }
+
+    /// The next event, skipping comments; panics if the stream ends.
+    pub async fn event(&mut self) -> serde_json::Value {
+        loop {
+            match self.next().await.expect("SSE stream ended") {
+                SseItem::Event(e) => return e,
+                SseItem::Comment(_) => continue,
+            }
+        }
+    }
+}

@@ -108,6 +108,8 @@ pub enum StartError {
 pub struct Engine {
     pub shared: Arc<Shared>,
     pub tls_addr: SocketAddr,
+    /// The HTTP redirect listener's address, when `http.enabled`.
+    pub http_addr: Option<SocketAddr>,
 }
 
 impl Engine {
@@ -126,6 +128,17 @@ impl Engine {
             source,
         })?;
         let tls_addr = tls_listener.local_addr().expect("bound socket has an address");
+        let http_listener = if config.http.enabled {
+            let addr = config.http.listen_addr;
+            Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+                what: "http.listen_addr",
+                addr,
+                source,
+            })?)
+        } else {
+            None
+        };
+        let http_addr = http_listener.as_ref().map(|l| l.local_addr().expect("bound socket has an address"));
         let public_port = config.tls.public_port.unwrap_or(tls_addr.port());
         let shared = Arc::new(Shared {
             verifier: auth::Verifier::new(config.auth.jwt.token_jwt_secret.expose().as_bytes()),
@@ -141,7 +154,11 @@ impl Engine {
         });
         shared.tasks.spawn(listener::run(shared.clone(), tls_listener));
         tracing::info!(addr = %tls_addr, host = %shared.config.engine.host, "TLS listener up");
-        Ok(Engine { shared, tls_addr })
+        if let (Some(listener), Some(addr)) = (http_listener, http_addr) {
+            shared.tasks.spawn(edge::redirect::run(shared.clone(), listener));
+            tracing::info!(%addr, "HTTP redirect listener up");
+        }
+        Ok(Engine { shared, tls_addr, http_addr })
     }
 
     /// Stops accepting, ends every connection and waits for the tasks.

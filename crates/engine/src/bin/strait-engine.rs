@@ -152,7 +152,8 @@ async fn serve(config: Config, warnings: Vec<String>, print_ready: bool, banner:
         }
     };
     if print_ready {
-        println!("{}", serde_json::json!({"event": "ready", "tls": engine.tls_addr.to_string()}));
+        let http = engine.http_addr.map(|a| a.to_string());
+        println!("{}", serde_json::json!({"event": "ready", "tls": engine.tls_addr.to_string(), "http": http}));
     }
     if let Some(banner) = banner {
         eprintln!("{}", banner(engine.tls_addr));

@@ -297,6 +297,10 @@ impl Edge {
             }
             return Ok(Response::from_parts(parts, empty()));
         }
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // Nobody asked to switch (or the switch cannot be honoured).
+            return Err(Refusal::Upstream("unexpected 101 Switching Protocols".into()));
+        }
         if kind == Kind::ExtendedConnect && response.status().is_success() {
             // A 2xx without the switch would tell an HTTP/2 client the
             // WebSocket is open when it is not.

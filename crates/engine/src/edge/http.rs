@@ -264,10 +264,10 @@ impl Edge {
                 }
             }
         };
-        self.from_upstream(response, kind, public_version, public_upgrade, lease, pool).map_err(fail)
+        self.respond(response, kind, public_version, public_upgrade, lease, pool).map_err(fail)
     }
 
-    fn from_upstream(
+    fn respond(
         &self,
         mut response: Response<Incoming>,
         kind: Kind,

@@ -588,3 +588,22 @@ async fn hostnames_are_random_requested_unique_and_freed() {
     first.close().await.unwrap();
     control.open_tunnel(published("mine")).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_service_that_never_answers_gets_a_504_after_the_idle_timeout() {
+    let engine = TestEngine::start_with("timeouts: {http_idle_seconds: 1}\n").await;
+    // Accepts, reads, never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    let (_control, _) = publish(&engine, published("mute"), local).await;
+    assert_eq!(
+        status_and_body(&engine, "mute.t.localhost", "/").await,
+        (StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n".into())
+    );
+}

@@ -43,6 +43,18 @@ impl Activity {
         BusyGuard { activity: self.clone() }
     }
 
+    /// Resolves once no byte moved for `limit`, busy or not: a request
+    /// whose answer has not started and whose connection is silent.
+    pub async fn quiet(&self, limit: Duration) {
+        loop {
+            let deadline = self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + limit;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
     /// Resolves once nothing is in flight and no byte moved for `limit`.
     pub async fn idle(&self, limit: Duration) {
         loop {

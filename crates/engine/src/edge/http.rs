@@ -250,7 +250,7 @@ impl Edge {
         let retry = body.is_end_stream().then(|| parts.clone());
         let request = Request::from_parts(parts, body.boxed_unsync());
         let mut lease = pool.lease(kind != Kind::Plain).await.map_err(fail)?;
-        let response = match lease.sender.send(request).await {
+        let response = match self.answer(lease.sender.send(request)).await.map_err(fail)? {
             Ok(response) => response,
             Err((error, unsent)) => {
                 let again = unsent.or_else(|| retry.map(|p| Request::from_parts(p, empty())));
@@ -258,13 +258,25 @@ impl Edge {
                     Some(request) if lease.reused => {
                         tracing::debug!(%host, %error, "reused agent connection failed; retrying on a fresh stream");
                         lease = pool.fresh().await.map_err(fail)?;
-                        lease.sender.send(request).await.map_err(|(e, _)| fail(Refusal::Upstream(e.to_string())))?
+                        let answer = self.answer(lease.sender.send(request)).await.map_err(fail)?;
+                        answer.map_err(|(e, _)| fail(Refusal::Upstream(e.to_string())))?
                     }
                     _ => return Err(fail(Refusal::Upstream(error.to_string()))),
                 }
             }
         };
         self.respond(response, kind, public_version, public_upgrade, lease, pool).map_err(fail)
+    }
+
+    /// Waits for the service's answer while bytes move on the connection.
+    /// An upload of any size keeps it waiting; a service that says nothing
+    /// on a silent connection for `http_idle_seconds` gets a 504 instead of
+    /// holding the client forever.
+    async fn answer<T>(&self, sent: impl Future<Output = T>) -> Result<T, Refusal> {
+        tokio::select! {
+            answer = sent => Ok(answer),
+            _ = self.activity.quiet(self.idle) => Err(Refusal::Timeout),
+        }
     }
 
     fn respond(

@@ -12,9 +12,12 @@ import json
 import os
 import pathlib
 import selectors
+import ssl
 import subprocess
 import time
 
+import httpcore
+import httpx
 import jwt
 import pytest
 import rstream
@@ -27,6 +30,25 @@ SECRET = "compat-secret-compat-secret-compat-secret"
 # The most a healthy engine takes to print its ready line; only a broken
 # build ever reaches it.
 READY_DEADLINE = 30.0
+
+
+class _Loopback(httpcore.AsyncNetworkBackend):
+    """Resolves every name to 127.0.0.1: `*.t.localhost` has no DNS here."""
+
+    def __init__(self, local_address: str | None) -> None:
+        self._inner = httpcore.AnyIOBackend()
+        self._local_address = local_address
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        return await self._inner.connect_tcp(
+            "127.0.0.1", port, timeout=timeout, local_address=self._local_address, socket_options=socket_options
+        )
+
+    async def connect_unix_socket(self, path, timeout=None, socket_options=None):
+        raise NotImplementedError
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
 
 
 class Engine:
@@ -61,6 +83,7 @@ class Engine:
         self.engine = f"localhost:{self.port}"
         # The metrics listener's address, when the configuration has one.
         self.metrics: str | None = ready.get("metrics")
+        self.http_addr = ready.get("http")
 
     def _read_ready_line(self) -> dict:
         assert self.proc.stdout is not None
@@ -94,6 +117,27 @@ class Engine:
 
     def api_url(self, path: str) -> str:
         return f"https://localhost:{self.port}{path}"
+    def url(self, host: str, target: str = "/") -> str:
+        """The public URL of a published hostname on this engine."""
+        return f"https://{host}:{self.port}{target}"
+
+    def ssl_context(self, cafile: str | None = None) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=cafile or str(self.ca))
+
+    def public_client(self, http2: bool = False, local_address: str | None = None) -> httpx.AsyncClient:
+        """An HTTPS client for `*.t.localhost` names: connects to 127.0.0.1
+        (optionally from another loopback address) and keeps the name for
+        SNI, Host and certificate checks. `http2` offers only h2."""
+        transport = httpx.AsyncHTTPTransport(verify=self.ssl_context(), http1=not http2, http2=http2)
+        transport._pool._network_backend = _Loopback(local_address)
+        return httpx.AsyncClient(transport=transport, timeout=60)
+
+    def memory_kib(self, field: str = "VmRSS") -> int:
+        """A memory figure of the engine process from /proc (VmRSS, VmHWM)."""
+        for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise RuntimeError(f"{field} not in /proc/{self.proc.pid}/status")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -149,6 +149,8 @@ pub struct Engine {
     pub tls_addr: SocketAddr,
     /// The metrics listener, when `metrics.prometheus` has one.
     pub metrics_addr: Option<SocketAddr>,
+    /// The HTTP redirect listener's address, when `http.enabled`.
+    pub http_addr: Option<SocketAddr>,
 }
 
 impl Engine {
@@ -169,6 +171,17 @@ impl Engine {
         let metrics_listener = prometheus::bind(&config.metrics.prometheus).await?;
         let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr().expect("bound socket has an address"));
         let tls_addr = tls_listener.local_addr().expect("bound socket has an address");
+        let http_listener = if config.http.enabled {
+            let addr = config.http.listen_addr;
+            Some(TcpListener::bind(addr).await.map_err(|source| StartError::Bind {
+                what: "http.listen_addr",
+                addr,
+                source,
+            })?)
+        } else {
+            None
+        };
+        let http_addr = http_listener.as_ref().map(|l| l.local_addr().expect("bound socket has an address"));
         let public_port = config.tls.public_port.unwrap_or(tls_addr.port());
         let shared = Arc::new(Shared {
             verifier: auth::Verifier::new(config.auth.jwt.token_jwt_secret.expose().as_bytes()),
@@ -193,8 +206,12 @@ impl Engine {
                 token = shared.config.metrics.prometheus.bearer_token.is_some(), "metrics listener up"
             );
         }
+        if let (Some(listener), Some(addr)) = (http_listener, http_addr) {
+            shared.tasks.spawn(edge::redirect::run(shared.clone(), listener));
+            tracing::info!(%addr, "HTTP redirect listener up");
+        }
         shared.listening.store(true, Ordering::Release);
-        Ok(Engine { shared, tls_addr, metrics_addr })
+        Ok(Engine { shared, tls_addr, metrics_addr, http_addr })
     }
 
     /// Graceful shutdown with the configured drain

@@ -144,6 +144,9 @@ pub fn normalize(mut p: TunnelProperties, ns: &Namespace<'_>) -> Result<TunnelPr
             return Err(invalid(format!("tls_ciphers entry {suite:?} is not a cipher suite this engine offers")));
         }
     }
+    if !p.tls_ciphers.is_empty() && !ciphers_usable(&p.tls_ciphers, p.tls_min_version.as_deref()) {
+        return Err(invalid("tls_ciphers holds no cipher suite for the TLS versions tls_min_version allows"));
+    }
     if p.tls_alpns.iter().any(|a| a.is_empty() || a.len() > 255) {
         return Err(invalid("tls_alpns entries must be 1 to 255 bytes"));
     }
@@ -212,6 +215,15 @@ pub fn normalize_tls_version(v: &str) -> Result<&'static str, Error> {
         "1.3" | "tls1.3" | "tls13" => Ok("1.3"),
         _ => Err(invalid(format!("tls_min_version {v:?} is not 1.2 or 1.3"))),
     }
+}
+
+/// Whether at least one named suite works with the allowed versions, so a
+/// tunnel never goes live with a TLS configuration that cannot handshake.
+fn ciphers_usable(names: &[String], min_version: Option<&str>) -> bool {
+    rustls::crypto::ring::ALL_CIPHER_SUITES.iter().any(|suite| {
+        let named = suite.suite().as_str().is_some_and(|n| names.iter().any(|w| w.eq_ignore_ascii_case(n)));
+        named && (min_version != Some("1.3") || matches!(suite, rustls::SupportedCipherSuite::Tls13(_)))
+    })
 }
 
 /// Cipher suite names as IANA and rustls spell them.

@@ -211,6 +211,9 @@ async fn serve(config: Config, warnings: Vec<String>, print_ready: bool) -> Exit
         if let Some(metrics) = engine.metrics_addr {
             ready["metrics"] = metrics.to_string().into();
         }
+        if let Some(http) = engine.http_addr {
+            ready["http"] = http.to_string().into();
+        }
         println!("{ready}");
     }
     run_until_signal(engine).await

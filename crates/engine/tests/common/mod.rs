@@ -243,3 +243,131 @@ impl SseReader {
         }
     }
 }
+// ---- Published tunnels: the public side and stand-in services. ----
+
+pub type TestBody = http_body_util::combinators::BoxBody<bytes::Bytes, std::io::Error>;
+pub type Handler = Arc<
+    dyn Fn(
+            http::Request<hyper::body::Incoming>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = http::Response<TestBody>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A body from bytes, for requests and stand-in responses.
+pub fn full(bytes: impl Into<bytes::Bytes>) -> TestBody {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+/// Published HTTP tunnel properties for `<label>.t.localhost`.
+pub fn published(label: &str) -> strait_agent::TunnelProperties {
+    strait_agent::TunnelProperties {
+        publish: Some(true),
+        hostname: Some(format!("{label}.t.localhost")),
+        ..Default::default()
+    }
+}
+
+impl TestEngine {
+    /// The engine's CA, for public clients.
+    pub fn public_tls_config(&self, alpns: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(&self.ca).unwrap();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(strait_engine::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+        Arc::new(config)
+    }
+
+    /// A public TCP connection to the TLS port from a chosen loopback address.
+    pub async fn public_tcp(&self, from: std::net::IpAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(from, 0)).unwrap();
+        socket.connect(self.addr).await.unwrap()
+    }
+
+    /// A public TLS connection to `host` (SNI), from 127.0.0.1.
+    pub async fn public(&self, host: &str, alpns: &[&[u8]]) -> TlsStream<TcpStream> {
+        self.public_from([127, 0, 0, 1].into(), host, alpns).await
+    }
+
+    pub async fn public_from(&self, from: std::net::IpAddr, host: &str, alpns: &[&[u8]]) -> TlsStream<TcpStream> {
+        let tcp = self.public_tcp(from).await;
+        let connector = tokio_rustls::TlsConnector::from(self.public_tls_config(alpns));
+        connector.connect(ServerName::try_from(host.to_string()).unwrap(), tcp).await.unwrap()
+    }
+
+    /// An HTTP/1.1 client connection to `host`.
+    pub async fn h1(&self, host: &str) -> hyper::client::conn::http1::SendRequest<TestBody> {
+        let tls = self.public(host, &[b"http/1.1"]).await;
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+        tokio::spawn(conn.with_upgrades());
+        sender
+    }
+
+    /// An HTTP/2 client connection to `host`.
+    pub async fn h2(&self, host: &str) -> hyper::client::conn::http2::SendRequest<TestBody> {
+        let tls = self.public(host, &[b"h2"]).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    /// Published streams paired since start, from the metrics.
+    pub fn published_streams(&self) -> u64 {
+        let text = self.engine.shared.metrics.encode();
+        text.lines()
+            .find_map(|l| l.strip_prefix("strait_streams_total{kind=\"published\"} "))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    }
+}
+
+/// A stand-in HTTP service (HTTP/1.1 and h2c by prior knowledge, with
+/// upgrades) answering with `handler`.
+pub async fn http_service(handler: Handler) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handler(req).await) }
+                });
+                let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                builder.http1().preserve_header_case(true);
+                let _ = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tcp), service).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Opens a published tunnel with the agent library and forwards it to `local`.
+pub async fn publish(
+    engine: &TestEngine,
+    properties: strait_agent::TunnelProperties,
+    local: SocketAddr,
+) -> (strait_agent::ControlChannel, strait_agent::TunnelProperties) {
+    let control = engine.client("alice").connect().await.unwrap();
+    let mut tunnel = control.open_tunnel(properties).await.unwrap();
+    let props = tunnel.properties().clone();
+    tokio::spawn(async move { tunnel.forward(local.to_string()).await });
+    (control, props)
+}

@@ -1,0 +1,114 @@
+//! The engine's own answers on a published hostname: short text pages, one
+//! per failure, so an operator reading `curl -i` knows where to look.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+
+use super::http::PublicBody;
+use crate::streams::StreamFailure;
+
+/// Why the edge answered instead of the agent's service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No live tunnel serves this hostname.
+    UnknownHost(String),
+    /// The hostname belongs to a tunnel that is not an `http` tunnel.
+    NotHttp(String),
+    /// The source address is not in the tunnel's `trusted_ips`.
+    Forbidden,
+    /// `token_auth`: no proof, or a proof that does not verify.
+    Unauthorized,
+    /// `token_auth`: more than one proof in one request.
+    TwoProofs,
+    /// The tunnel's agent is gone.
+    Offline,
+    /// The agent has too many streams pending.
+    Busy,
+    /// The agent refused the stream, or the service behind it failed.
+    Upstream(String),
+    /// The agent did not open the stream within `timeouts.stream_request_seconds`.
+    Timeout,
+    /// A request the edge cannot forward.
+    BadRequest(&'static str),
+}
+
+impl Refusal {
+    pub fn from_stream(failure: StreamFailure) -> Self {
+        match failure {
+            StreamFailure::AgentGone => Refusal::Offline,
+            StreamFailure::Capacity => Refusal::Busy,
+            StreamFailure::Refused(reason) => Refusal::Upstream(reason),
+            StreamFailure::Timeout => Refusal::Timeout,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::UnknownHost(_) => StatusCode::NOT_FOUND,
+            Refusal::NotHttp(_) => StatusCode::MISDIRECTED_REQUEST,
+            Refusal::Forbidden => StatusCode::FORBIDDEN,
+            Refusal::Unauthorized => StatusCode::UNAUTHORIZED,
+            Refusal::TwoProofs | Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Refusal::Offline | Refusal::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Upstream(_) => StatusCode::BAD_GATEWAY,
+            Refusal::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The body: one line, no secrets, no internal detail beyond the host.
+    pub fn body(&self) -> String {
+        match self {
+            Refusal::UnknownHost(host) => format!("no tunnel for {host}\n"),
+            Refusal::NotHttp(host) => format!("{host} is not an http tunnel\n"),
+            Refusal::Forbidden => "source address not allowed\n".into(),
+            Refusal::Unauthorized => "missing or invalid token\n".into(),
+            Refusal::TwoProofs => "more than one token in the request\n".into(),
+            Refusal::Offline => "tunnel offline\n".into(),
+            Refusal::Busy => "tunnel busy, retry later\n".into(),
+            Refusal::Upstream(_) => "upstream refused the stream\n".into(),
+            Refusal::Timeout => "upstream timed out\n".into(),
+            Refusal::BadRequest(why) => format!("bad request: {why}\n"),
+        }
+    }
+
+    pub fn response(&self) -> Response<PublicBody> {
+        page(self.status(), self.body(), matches!(self, Refusal::Unauthorized))
+    }
+}
+
+fn page(status: StatusCode, body: String, challenge: bool) -> Response<PublicBody> {
+    let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync());
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if challenge {
+        headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        let cases = [
+            (Refusal::from_stream(StreamFailure::AgentGone), 503),
+            (Refusal::from_stream(StreamFailure::Refused("x".into())), 502),
+            (Refusal::from_stream(StreamFailure::Timeout), 504),
+            (Refusal::UnknownHost("a.t.h".into()), 404),
+            (Refusal::TwoProofs, 400),
+            (Refusal::Forbidden, 403),
+        ];
+        for (refusal, status) in cases {
+            assert_eq!(refusal.response().status().as_u16(), status);
+        }
+        assert_eq!(Refusal::UnknownHost("a.t.h".into()).body(), "no tunnel for a.t.h\n");
+    }
+}

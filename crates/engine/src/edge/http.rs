@@ -1,0 +1,423 @@
+//! `http` tunnels: TLS terminated with the engine certificate, HTTP/1.1 or
+//! HTTP/2 towards the public (ALPN), HTTP/1.1, h2c or TLS inside the agent
+//! stream.
+//!
+//! Each request is routed by its host (`:authority` or `Host`) when that
+//! names a published hostname, else by the SNI: HTTP/2 clients may reuse a
+//! connection for any name the certificate covers. Bodies are never
+//! collected: hyper's `Incoming` on one side is the body sent on the other,
+//! so memory per request stays at a few buffers and flow control reaches
+//! the far end.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Body, Incoming};
+use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::server::Accepted;
+use tokio::net::TcpStream;
+use tokio_rustls::StartHandshake;
+
+use super::access;
+use super::activity::{Activity, Tracked};
+use super::body::{Busy, Returning};
+use super::errors::Refusal;
+use super::headers;
+use super::tls;
+use super::upstream::{Lease, Pool, Sender};
+use crate::Shared;
+use crate::registry::Tunnel;
+
+/// Response bodies towards the public.
+pub type PublicBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// What a request asks of the edge beyond one exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A plain request and response.
+    Plain,
+    /// HTTP/1.1 `Upgrade` (WebSocket and others): spliced after `101`.
+    Upgrade,
+    /// HTTP/2 extended CONNECT (RFC 8441): sent to the agent as an
+    /// HTTP/1.1 upgrade, spliced after `101`, answered `200`.
+    ExtendedConnect,
+    /// CONNECT: spliced after a `2xx`.
+    Connect,
+}
+
+impl Kind {
+    fn of(request: &Request<Incoming>) -> Kind {
+        if request.method() == Method::CONNECT {
+            if request.extensions().get::<hyper::ext::Protocol>().is_some() {
+                Kind::ExtendedConnect
+            } else {
+                Kind::Connect
+            }
+        } else if request.version() <= Version::HTTP_11
+            && request.headers().contains_key(header::UPGRADE)
+            && headers::has_token(request.headers(), &header::CONNECTION, "upgrade")
+        {
+            Kind::Upgrade
+        } else {
+            Kind::Plain
+        }
+    }
+}
+
+/// Serves one public TLS connection whose SNI is under the namespace and
+/// is not a `tls` tunnel (unknown names get their 404s over HTTP too).
+pub async fn serve(
+    shared: Arc<Shared>,
+    sni_tunnel: Option<Arc<Tunnel>>,
+    accepted: Accepted,
+    tcp: TcpStream,
+    sni: String,
+    peer: SocketAddr,
+) {
+    let config = match sni_tunnel.as_deref() {
+        Some(tunnel) if tls::has_options(&tunnel.properties) => {
+            match tls::server_config(&shared, &tunnel.properties, vec![b"h2".to_vec(), b"http/1.1".to_vec()]) {
+                Ok(config) => config,
+                Err(error) => {
+                    tracing::warn!(%peer, tunnel_id = %tunnel.id, %error, "tunnel TLS options unusable");
+                    return;
+                }
+            }
+        }
+        _ => shared.tls.api.clone(),
+    };
+    let activity = Activity::new();
+    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
+    let start = StartHandshake::from_parts(accepted, Tracked::new(tcp, activity.clone()));
+    let tls = match tokio::time::timeout(deadline, start.into_stream(config)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(error)) => {
+            shared.metrics.tls_handshake_failed();
+            tracing::debug!(%peer, %sni, %error, "published TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.tls_handshake_failed();
+            tracing::debug!(%peer, %sni, "published TLS handshake timed out");
+            return;
+        }
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let idle = Duration::from_secs(shared.config.timeouts.http_idle_seconds);
+    let edge = Arc::new(Edge {
+        shared: shared.clone(),
+        sni,
+        peer,
+        activity: activity.clone(),
+        idle,
+        pools: Mutex::new(HashMap::new()),
+    });
+    let service = service_fn(move |request| {
+        let edge = edge.clone();
+        async move { Ok::<_, Infallible>(edge.handle(request).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .preserve_header_case(true)
+        .title_case_headers(false)
+        .auto_date_header(false)
+        .timer(TokioTimer::new())
+        // Between requests hyper is reading a head: this is the keep-alive
+        // idle limit, and the slow-header limit.
+        .header_read_timeout(idle);
+    builder.http2().enable_connect_protocol().auto_date_header(false).timer(TokioTimer::new());
+    let builder = if h2 { builder.http2_only() } else { builder.http1_only() };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "published connection ended with an error");
+                }
+                break;
+            }
+            _ = activity.idle(idle), if !closing => {
+                tracing::debug!(%peer, "published connection idle for {}s; closing", idle.as_secs());
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = shared.shutdown.cancelled() => break,
+        }
+    }
+}
+
+/// One public connection's state.
+struct Edge {
+    shared: Arc<Shared>,
+    sni: String,
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+    idle: Duration,
+    /// Agent connections by tunnel id.
+    pools: Mutex<HashMap<String, Arc<Pool>>>,
+}
+
+impl Edge {
+    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<PublicBody> {
+        let busy = self.activity.busy();
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        let response = match self.proxy(request).await {
+            Ok(response) => response,
+            Err((host, refusal)) => {
+                let status = refusal.status().as_u16();
+                match &refusal {
+                    Refusal::Upstream(reason) => {
+                        tracing::warn!(peer = %self.peer, %host, %method, %path, status, %reason, "request refused");
+                    }
+                    _ => tracing::info!(peer = %self.peer, %host, %method, %path, status, "request refused"),
+                }
+                refusal.response()
+            }
+        };
+        self.shared.metrics.http_response(response.status().as_u16());
+        response.map(|body| Busy { inner: body, guard: Some(busy) }.boxed_unsync())
+    }
+
+    /// The published hostname a request is for.
+    fn route_host(&self, parts: &Parts) -> (String, Option<String>) {
+        let given = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
+        let suffix = format!(".t.{}", self.shared.config.engine.host);
+        let name = given.as_deref().map(|g| {
+            let host = g.parse::<Authority>().map(|a| a.host().to_string()).unwrap_or_else(|_| g.to_string());
+            host.trim_end_matches('.').to_ascii_lowercase()
+        });
+        match name {
+            Some(name) if name.len() > suffix.len() && name.ends_with(&suffix) => (name, given),
+            _ => (self.sni.clone(), given),
+        }
+    }
+
+    fn pool(&self, tunnel: &Arc<Tunnel>) -> Arc<Pool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+        pools
+            .entry(tunnel.id.clone())
+            .or_insert_with(|| Arc::new(Pool::new(self.shared.clone(), tunnel.clone(), self.peer.ip())))
+            .clone()
+    }
+
+    async fn proxy(&self, mut request: Request<Incoming>) -> Result<Response<PublicBody>, (String, Refusal)> {
+        let kind = Kind::of(&request);
+        let public_upgrade = (kind != Kind::Plain).then(|| hyper::upgrade::on(&mut request));
+        let public_version = request.version();
+        let (mut parts, body) = request.into_parts();
+        let (host, given_host) = self.route_host(&parts);
+        let fail = |refusal: Refusal| (host.clone(), refusal);
+
+        let tunnel =
+            self.shared.registry.tunnel_by_hostname(&host).ok_or_else(|| fail(Refusal::UnknownHost(host.clone())))?;
+        if tunnel.protocol() != Some("http") {
+            return Err(fail(Refusal::NotHttp(host.clone())));
+        }
+        if !access::ip_allowed(&tunnel, self.peer.ip()) {
+            return Err(fail(Refusal::Forbidden));
+        }
+        if tunnel.properties.token_auth == Some(true) {
+            access::check_token(&self.shared, &mut parts).map_err(fail)?;
+        }
+        let pool = self.pool(&tunnel);
+        let h2c = matches!(tunnel.properties.http_version.as_deref(), Some("h2c") | Some("h2")) && kind == Kind::Plain;
+        to_upstream(&mut parts, kind, h2c, self.peer, given_host.as_deref()).map_err(fail)?;
+
+        // A body-less request may be sent again on a fresh stream if a
+        // reused connection turns out closed: nothing was consumed.
+        let retry = body.is_end_stream().then(|| parts.clone());
+        let request = Request::from_parts(parts, body.boxed_unsync());
+        let mut lease = pool.lease(kind != Kind::Plain).await.map_err(fail)?;
+        let response = match self.answer(lease.sender.send(request)).await.map_err(fail)? {
+            Ok(response) => response,
+            Err((error, unsent)) => {
+                let again = unsent.or_else(|| retry.map(|p| Request::from_parts(p, empty())));
+                match again {
+                    Some(request) if lease.reused => {
+                        tracing::debug!(%host, %error, "reused agent connection failed; retrying on a fresh stream");
+                        lease = pool.fresh().await.map_err(fail)?;
+                        let answer = self.answer(lease.sender.send(request)).await.map_err(fail)?;
+                        answer.map_err(|(e, _)| fail(Refusal::Upstream(e.to_string())))?
+                    }
+                    _ => return Err(fail(Refusal::Upstream(error.to_string()))),
+                }
+            }
+        };
+        self.respond(response, kind, public_version, public_upgrade, lease, pool).map_err(fail)
+    }
+
+    /// Waits for the service's answer while bytes move on the connection.
+    /// An upload of any size keeps it waiting; a service that says nothing
+    /// on a silent connection for `http_idle_seconds` gets a 504 instead of
+    /// holding the client forever.
+    async fn answer<T>(&self, sent: impl Future<Output = T>) -> Result<T, Refusal> {
+        tokio::select! {
+            answer = sent => Ok(answer),
+            _ = self.activity.quiet(self.idle) => Err(Refusal::Timeout),
+        }
+    }
+
+    fn respond(
+        &self,
+        mut response: Response<Incoming>,
+        kind: Kind,
+        public_version: Version,
+        public_upgrade: Option<OnUpgrade>,
+        lease: Lease,
+        pool: Arc<Pool>,
+    ) -> Result<Response<PublicBody>, Refusal> {
+        let switched = match kind {
+            Kind::Plain => false,
+            Kind::Upgrade | Kind::ExtendedConnect => response.status() == StatusCode::SWITCHING_PROTOCOLS,
+            Kind::Connect => response.status().is_success(),
+        };
+        if switched && let Some(public) = public_upgrade {
+            let upstream = hyper::upgrade::on(&mut response);
+            self.splice_upgraded(public, upstream);
+            let (mut parts, _) = response.into_parts();
+            parts.version = public_version;
+            if kind == Kind::ExtendedConnect {
+                // RFC 8441: the stream is open once the CONNECT gets a 2xx;
+                // the HTTP/1.1 handshake headers stay on the agent's side.
+                parts.status = StatusCode::OK;
+                headers::strip_hop_by_hop(&mut parts.headers, false);
+                parts.headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+            } else if kind == Kind::Connect {
+                headers::strip_hop_by_hop(&mut parts.headers, false);
+            }
+            return Ok(Response::from_parts(parts, empty()));
+        }
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            // Nobody asked to switch (or the switch cannot be honoured).
+            return Err(Refusal::Upstream("unexpected 101 Switching Protocols".into()));
+        }
+        if kind == Kind::ExtendedConnect && response.status().is_success() {
+            // A 2xx without the switch would tell an HTTP/2 client the
+            // WebSocket is open when it is not.
+            return Err(Refusal::Upstream(format!("WebSocket upgrade answered {}", response.status())));
+        }
+        let (mut parts, body) = response.into_parts();
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        parts.version = public_version;
+        let body = match lease.sender {
+            Sender::H1(sender) if kind == Kind::Plain => {
+                Returning { inner: body, sender: Some(sender), pool }.boxed_unsync()
+            }
+            _ => body.boxed_unsync(),
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// Carries an upgraded connection's bytes until either side ends or no
+    /// byte moves for the idle timeout (pings count).
+    fn splice_upgraded(&self, public: OnUpgrade, upstream: OnUpgrade) {
+        let activity = self.activity.clone();
+        let idle = self.idle;
+        let shutdown = self.shared.shutdown.clone();
+        let peer = self.peer;
+        self.shared.tasks.spawn(async move {
+            let (public, upstream) = match tokio::try_join!(public, upstream) {
+                Ok(both) => both,
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "upgrade did not complete");
+                    return;
+                }
+            };
+            let mut public = TokioIo::new(public);
+            let mut upstream = TokioIo::new(upstream);
+            tokio::select! {
+                result = strait_proto::splice::splice(&mut public, &mut upstream) => {
+                    if let Err(error) = result {
+                        tracing::debug!(%peer, %error, "upgraded connection ended with an error");
+                    }
+                }
+                _ = activity.idle(idle) => {
+                    tracing::debug!(%peer, "upgraded connection idle for {}s; closing", idle.as_secs());
+                }
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+fn empty<E: 'static>() -> UnsyncBoxBody<Bytes, E> {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Rewrites a public request into the one the agent's service receives.
+fn to_upstream(
+    parts: &mut Parts,
+    kind: Kind,
+    h2c: bool,
+    peer: SocketAddr,
+    given_host: Option<&str>,
+) -> Result<(), Refusal> {
+    headers::strip_hop_by_hop(&mut parts.headers, kind == Kind::Upgrade);
+    headers::add_forwarded(&mut parts.headers, peer.ip(), given_host);
+    let authority = given_host.ok_or(Refusal::BadRequest("no Host"))?;
+    if kind == Kind::ExtendedConnect {
+        let protocol = parts
+            .extensions
+            .remove::<hyper::ext::Protocol>()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "websocket".into());
+        parts.method = Method::GET;
+        let upgrade = HeaderValue::try_from(protocol).map_err(|_| Refusal::BadRequest("bad :protocol"))?;
+        parts.headers.insert(header::UPGRADE, upgrade);
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        if !parts.headers.contains_key(header::SEC_WEBSOCKET_KEY) {
+            let key: [u8; 16] = rand::random();
+            let key = base64::engine::general_purpose::STANDARD.encode(key);
+            parts
+                .headers
+                .insert(header::SEC_WEBSOCKET_KEY, HeaderValue::try_from(key).expect("base64 is a valid value"));
+        }
+        parts.headers.entry(header::SEC_WEBSOCKET_VERSION).or_insert(HeaderValue::from_static("13"));
+    }
+    if h2c {
+        parts.version = Version::HTTP_2;
+        parts.headers.remove(header::HOST);
+        let mut uri = parts.uri.clone().into_parts();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(authority.parse().map_err(|_| Refusal::BadRequest("bad Host"))?);
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(PathAndQuery::from_static("/"));
+        }
+        parts.uri = Uri::from_parts(uri).map_err(|_| Refusal::BadRequest("bad request target"))?;
+        return Ok(());
+    }
+    parts.version = Version::HTTP_11;
+    headers::join_cookies(&mut parts.headers);
+    if !parts.headers.contains_key(header::HOST) {
+        let host = HeaderValue::try_from(authority).map_err(|_| Refusal::BadRequest("bad Host"))?;
+        parts.headers.insert(header::HOST, host);
+    }
+    if parts.method != Method::CONNECT && (parts.uri.scheme().is_some() || parts.uri.authority().is_some()) {
+        // Origin form for HTTP/1.1: the path and query exactly as sent.
+        let target = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(target);
+    }
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! Published tunnels: traffic for `<label>.t.<engine.host>` on the TLS port,
+//! and the optional HTTP listener that redirects to it.
+//!
+//! The listener hands over a connection whose SNI is under the namespace,
+//! with the ClientHello already read. What happens next depends on the
+//! tunnel that holds the name:
+//!
+//! - a `tls` tunnel: [`tls`] terminates or passes through, then splices;
+//! - an `http` tunnel, or no tunnel at all: [`http`] terminates TLS and
+//!   serves HTTP/1.1 or HTTP/2, forwarding each request over pooled agent
+//!   connections ([`upstream`]) or answering with a status page
+//!   ([`errors`]) when it cannot.
+//!
+//! [`access`] decides `trusted_ips` and `token_auth`; [`activity`] keeps
+//! the idle timer away from busy connections; [`redirect`] is the HTTP
+//! listener.
+
+pub mod access;
+pub mod activity;
+mod body;
+pub mod errors;
+pub mod headers;
+pub mod http;
+pub mod redirect;
+pub mod tls;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rustls::server::Accepted;
+use tokio::net::TcpStream;
+
+use crate::Shared;
+
+/// Serves one public connection for `hostname` (the SNI, lower case).
+pub async fn serve(
+    shared: Arc<Shared>,
+    accepted: Accepted,
+    tcp: TcpStream,
+    raw_hello: Bytes,
+    hostname: String,
+    peer: SocketAddr,
+) {
+    let tunnel = shared.registry.tunnel_by_hostname(&hostname);
+    match tunnel {
+        Some(tunnel) if tunnel.protocol() == Some("tls") => {
+            tls::serve(shared, tunnel, accepted, tcp, raw_hello, peer).await;
+        }
+        tunnel => http::serve(shared, tunnel, accepted, tcp, hostname, peer).await,
+    }
+}

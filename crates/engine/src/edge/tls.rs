@@ -1,0 +1,130 @@
+//! `tls` tunnels, and the TLS options every published tunnel may set.
+//!
+//! - `terminated`: the engine completes the handshake with its certificate
+//!   (`tls_min_version`, `tls_ciphers` and `tls_alpns` apply), then splices
+//!   the plaintext into the agent stream;
+//! - `passthrough`: the engine never decrypts. It replays the ClientHello
+//!   bytes it read for routing into the agent stream and splices the rest,
+//!   so the client completes its handshake with the agent's own service.
+//!
+//! A source outside `trusted_ips` gets a closed connection, before any
+//! handshake.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rustls::server::Accepted;
+use rustls::{ServerConfig, SupportedProtocolVersion};
+use strait_proto::TunnelProperties;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::StartHandshake;
+
+use super::access;
+use super::upstream;
+use crate::Shared;
+use crate::registry::Tunnel;
+
+/// Whether the tunnel narrows the engine's default TLS settings.
+pub fn has_options(p: &TunnelProperties) -> bool {
+    p.tls_min_version.is_some() || !p.tls_ciphers.is_empty() || !p.tls_alpns.is_empty()
+}
+
+/// The server configuration for a tunnel's own TLS options, serving the
+/// engine's certificate store (so reloads apply here too).
+pub fn server_config(
+    shared: &Shared,
+    p: &TunnelProperties,
+    alpns: Vec<Vec<u8>>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut provider = rustls::crypto::ring::default_provider();
+    if !p.tls_ciphers.is_empty() {
+        provider.cipher_suites.retain(|suite| {
+            let name = suite.suite().as_str().unwrap_or_default();
+            p.tls_ciphers.iter().any(|wanted| wanted.eq_ignore_ascii_case(name))
+        });
+    }
+    let versions: &[&SupportedProtocolVersion] = match p.tls_min_version.as_deref() {
+        Some("1.3") => &[&rustls::version::TLS13],
+        _ => &[&rustls::version::TLS13, &rustls::version::TLS12],
+    };
+    let mut config = ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(versions)?
+        .with_no_client_auth()
+        .with_cert_resolver(shared.certs.clone());
+    config.alpn_protocols = alpns;
+    Ok(Arc::new(config))
+}
+
+pub async fn serve(
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    accepted: Accepted,
+    tcp: TcpStream,
+    raw_hello: Bytes,
+    peer: SocketAddr,
+) {
+    if !access::ip_allowed(&tunnel, peer.ip()) {
+        tracing::info!(%peer, tunnel_id = %tunnel.id, "connection refused: source address not in trusted_ips");
+        return;
+    }
+    if tunnel.properties.tls_mode.as_deref() == Some("passthrough") {
+        passthrough(shared, tunnel, tcp, raw_hello, peer).await;
+    } else {
+        terminated(shared, tunnel, accepted, tcp, peer).await;
+    }
+}
+
+async fn passthrough(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut tcp: TcpStream, raw_hello: Bytes, peer: SocketAddr) {
+    let mut agent = match upstream::open(&shared, &tunnel, peer.ip(), &[]).await {
+        Ok(agent) => agent,
+        Err(refusal) => {
+            tracing::warn!(%peer, tunnel_id = %tunnel.id, status = refusal.status().as_u16(), reason = %refusal.body().trim_end(), "passthrough connection refused");
+            return;
+        }
+    };
+    if let Err(error) = agent.write_all(&raw_hello).await {
+        tracing::debug!(%peer, %error, "agent stream closed before the ClientHello was replayed");
+        return;
+    }
+    if let Err(error) = strait_proto::splice::splice(&mut tcp, &mut agent).await {
+        tracing::debug!(%peer, %error, "passthrough connection ended with an error");
+    }
+}
+
+async fn terminated(shared: Arc<Shared>, tunnel: Arc<Tunnel>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr) {
+    let alpns = tunnel.properties.tls_alpns.iter().map(|a| a.as_bytes().to_vec()).collect();
+    let config = match server_config(&shared, &tunnel.properties, alpns) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::warn!(%peer, tunnel_id = %tunnel.id, %error, "tunnel TLS options unusable");
+            return;
+        }
+    };
+    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
+    let mut public =
+        match tokio::time::timeout(deadline, StartHandshake::from_parts(accepted, tcp).into_stream(config)).await {
+            Ok(Ok(tls)) => tls,
+            _ => {
+                shared.metrics.tls_handshake_failed();
+                tracing::debug!(%peer, tunnel_id = %tunnel.id, "TLS handshake failed");
+                return;
+            }
+        };
+    // The negotiated protocol, offered again to a TLS upstream.
+    let alpn = public.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let offer: Vec<&[u8]> = alpn.as_deref().into_iter().collect();
+    let mut agent = match upstream::open(&shared, &tunnel, peer.ip(), &offer).await {
+        Ok(agent) => agent,
+        Err(refusal) => {
+            tracing::warn!(%peer, tunnel_id = %tunnel.id, status = refusal.status().as_u16(), reason = %refusal.body().trim_end(), "TLS connection refused");
+            let _ = public.shutdown().await;
+            return;
+        }
+    };
+    if let Err(error) = strait_proto::splice::splice(&mut public, &mut agent).await {
+        tracing::debug!(%peer, %error, "TLS tunnel connection ended with an error");
+    }
+}

@@ -1,0 +1,609 @@
+//! Published HTTP tunnels end to end: the real engine, the real agent
+//! library, stand-in services and hyper clients over real TLS.
+
+mod common;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use std::time::Duration;
+use strait_proto::{
+    ClientDetails, FrameReader, MAX_FRAME_LEN, OpenControlChannelReq, OpenTunnelReq, Payload, ProxyConnRsp,
+    write_message,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Echoes what the service saw: method, target, version, body size and
+/// the headers a test asks about.
+fn echo_handler() -> Handler {
+    Arc::new(|req: Request<Incoming>| {
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let mut text = format!("{} {} {:?} {}\n", parts.method, parts.uri, parts.version, body.len());
+            for (name, value) in &parts.headers {
+                text.push_str(&format!("{}: {}\n", name, value.to_str().unwrap_or("?")));
+            }
+            http::Response::builder().header("x-echo", "1").body(full(text)).unwrap()
+        })
+    })
+}
+
+async fn text(response: http::Response<Incoming>) -> String {
+    String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+}
+
+fn get(host: &str, target: &str) -> Request<TestBody> {
+    Request::get(target).header(header::HOST, host).body(full("")).unwrap()
+}
+
+#[tokio::test]
+async fn headers_paths_and_queries_pass_byte_for_byte() {
+    let engine = TestEngine::start().await;
+    // A raw service that records the request bytes it receives.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap();
+    let (seen_tx, seen_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        tcp.write_all(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: a=1; Domain=bytes.t.localhost; HttpOnly\r\n\
+              Set-Cookie: b=2\r\nETag: \"v1\"\r\nX-MiXeD-Case: yes\r\nCache-Control: max-age=60\r\n\r\nok",
+        )
+        .await
+        .unwrap();
+        seen_tx.send(seen).unwrap();
+        let _ = tcp.read(&mut chunk).await;
+    });
+    let (_control, _) = publish(&engine, published("bytes"), local).await;
+
+    let mut public = engine.public("bytes.t.localhost", &[b"http/1.1"]).await;
+    public
+        .write_all(
+            b"GET /gateway/actor@tok/%2Fx//?q=1&q=2&e=%20 HTTP/1.1\r\nHost: bytes.t.localhost\r\n\
+              X-Rivet-Token: abc\r\nx-dup: 1\r\nX-Dup: 2\r\nX-Forwarded-For: 10.1.1.1\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !response.ends_with(b"\r\n\r\nok") {
+        let n = public.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&response));
+        response.extend_from_slice(&chunk[..n]);
+    }
+    let response = String::from_utf8(response).unwrap();
+    for needle in [
+        "HTTP/1.1 200 OK\r\n",
+        "Set-Cookie: a=1; Domain=bytes.t.localhost; HttpOnly\r\nSet-Cookie: b=2\r\n",
+        "ETag: \"v1\"\r\n",
+        "X-MiXeD-Case: yes\r\n",
+        "Cache-Control: max-age=60\r\n",
+    ] {
+        assert!(response.contains(needle), "{needle:?} missing in\n{response}");
+    }
+    let seen = String::from_utf8(seen_rx.await.unwrap()).unwrap();
+    assert!(seen.starts_with("GET /gateway/actor@tok/%2Fx//?q=1&q=2&e=%20 HTTP/1.1\r\n"), "{seen}");
+    for needle in [
+        "Host: bytes.t.localhost\r\n",
+        "X-Rivet-Token: abc\r\n",
+        "x-dup: 1\r\nX-Dup: 2\r\n",
+        "X-Forwarded-For: 10.1.1.1, 127.0.0.1\r\n",
+        "x-forwarded-proto: https\r\n",
+        "x-forwarded-host: bytes.t.localhost\r\n",
+    ] {
+        assert!(seen.contains(needle), "{needle:?} missing in\n{seen}");
+    }
+}
+
+#[tokio::test]
+async fn get_and_post_over_http1_and_http2_reuse_one_agent_stream() {
+    let engine = TestEngine::start().await;
+    let local = http_service(echo_handler()).await;
+    let (_control, props) = publish(&engine, published("app"), local).await;
+    assert_eq!(props.hostname.as_deref(), Some("app.t.localhost"));
+
+    let mut h1 = engine.h1("app.t.localhost").await;
+    for i in 0..100 {
+        let response = h1.send_request(get("app.t.localhost", &format!("/n/{i}?x=y"))).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = text(response).await;
+        assert!(body.starts_with(&format!("GET /n/{i}?x=y HTTP/1.1 0\n")), "{body}");
+    }
+    let post = Request::post("/upload").header(header::HOST, "app.t.localhost").body(full(vec![7u8; 100_000])).unwrap();
+    let body = text(h1.send_request(post).await.unwrap()).await;
+    assert!(body.starts_with("POST /upload HTTP/1.1 100000\n"), "{body}");
+    assert_eq!(engine.published_streams(), 1, "a keep-alive client costs one agent stream");
+
+    let mut h2 = engine.h2("app.t.localhost").await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut h2 = h2.clone();
+        tasks.push(tokio::spawn(async move {
+            let request =
+                Request::post(format!("https://app.t.localhost/h2/{i}")).body(full(vec![1u8; 1000 * i])).unwrap();
+            let response = h2.send_request(request).await.unwrap();
+            assert_eq!(response.version(), http::Version::HTTP_2);
+            text(response).await
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        let body = task.await.unwrap();
+        assert!(body.starts_with(&format!("POST /h2/{i} HTTP/1.1 {}\n", 1000 * i)), "{body}");
+        assert!(body.contains("host: app.t.localhost\n"), "{body}");
+        assert!(body.contains("x-forwarded-for: 127.0.0.1\n"), "{body}");
+    }
+    let concurrent = engine.published_streams() - 1;
+    assert!((1..=20).contains(&concurrent), "{concurrent}");
+    for _ in 0..20 {
+        let response = h2.send_request(get("app.t.localhost", "https://app.t.localhost/again")).await.unwrap();
+        text(response).await;
+    }
+    assert_eq!(engine.published_streams() - 1, concurrent, "sequential requests reuse pooled streams");
+}
+
+#[tokio::test]
+async fn h2c_upstream() {
+    let engine = TestEngine::start().await;
+    let local = http_service(echo_handler()).await;
+    let props = strait_agent::TunnelProperties { http_version: Some("h2c".into()), ..published("h2c") };
+    let (_control, _) = publish(&engine, props, local).await;
+    let mut h1 = engine.h1("h2c.t.localhost").await;
+    for _ in 0..10 {
+        let body = text(h1.send_request(get("h2c.t.localhost", "/v?a=%2F")).await.unwrap()).await;
+        assert!(body.starts_with("GET http://h2c.t.localhost/v?a=%2F HTTP/2.0 0\n"), "{body}");
+    }
+    let mut h2 = engine.h2("h2c.t.localhost").await;
+    let body = text(h2.send_request(get("h2c.t.localhost", "https://h2c.t.localhost/z")).await.unwrap()).await;
+    assert!(body.starts_with("GET http://h2c.t.localhost/z HTTP/2.0 0\n"), "{body}");
+    assert_eq!(engine.published_streams(), 2, "one h2c stream per public connection");
+}
+
+/// A service that accepts any upgrade or CONNECT and echoes the bytes.
+fn upgrade_echo_handler() -> Handler {
+    Arc::new(|mut req: Request<Incoming>| {
+        Box::pin(async move {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(upgraded) = on.await {
+                    let mut io = TokioIo::new(upgraded);
+                    let (mut r, mut w) = tokio::io::split(&mut io);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+            let protocol = req.headers().get("sec-websocket-protocol").cloned();
+            let mut response = http::Response::builder().header("x-target", req.uri().to_string());
+            if req.method() == Method::CONNECT {
+                return response.body(full("")).unwrap();
+            }
+            if !req.headers().contains_key(header::UPGRADE) {
+                return response.body(full("plain")).unwrap();
+            }
+            response = response.status(101).header("Connection", "Upgrade").header("Upgrade", "websocket");
+            if let Some(p) = protocol {
+                let first = p.to_str().unwrap().split(',').next().unwrap().trim().to_string();
+                response = response.header("Sec-WebSocket-Protocol", first);
+            }
+            response.header("Sec-WebSocket-Accept", "stand-in").body(full("")).unwrap()
+        })
+    })
+}
+
+async fn echo_through(io: hyper::upgrade::Upgraded, payload: &[u8]) -> Vec<u8> {
+    let mut io = TokioIo::new(io);
+    io.write_all(payload).await.unwrap();
+    let mut back = vec![0u8; payload.len()];
+    io.read_exact(&mut back).await.unwrap();
+    back
+}
+
+#[tokio::test]
+async fn websocket_upgrades_over_http1_and_http2_and_connect() {
+    let engine = TestEngine::start().await;
+    let local = http_service(upgrade_echo_handler()).await;
+    let (_control, _) = publish(&engine, published("ws"), local).await;
+    let binary: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+
+    // HTTP/1.1 Upgrade, subprotocol chosen by the service and echoed.
+    let mut h1 = engine.h1("ws.t.localhost").await;
+    let request = Request::get("/gateway/a@b/ws")
+        .header(header::HOST, "ws.t.localhost")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Protocol", "rivet_token.abc, rivet")
+        .body(full(""))
+        .unwrap();
+    let mut response = h1.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(response.headers()["sec-websocket-protocol"], "rivet_token.abc");
+    assert_eq!(response.headers()["x-target"], "/gateway/a@b/ws");
+    let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
+    assert_eq!(echo_through(upgraded, &binary).await, binary);
+
+    // HTTP/2 extended CONNECT becomes an HTTP/1.1 upgrade at the service.
+    let mut h2 = engine.h2("ws.t.localhost").await;
+    text(h2.send_request(get("ws.t.localhost", "https://ws.t.localhost/warmup")).await.unwrap()).await;
+    let mut request = Request::connect("https://ws.t.localhost/gateway/a@b/ws")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-protocol", "rivet")
+        .body(full(""))
+        .unwrap();
+    request.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut response = h2.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["sec-websocket-protocol"], "rivet");
+    assert!(response.headers().get("sec-websocket-accept").is_none());
+    let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
+    assert_eq!(echo_through(upgraded, &binary).await, binary);
+
+    // CONNECT is relayed to the service, which decides.
+    let mut h1 = engine.h1("ws.t.localhost").await;
+    let request = Request::connect("db.internal:5432").header(header::HOST, "db.internal:5432").body(full("")).unwrap();
+    let mut response = h1.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-target"], "db.internal:5432");
+    let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
+    assert_eq!(echo_through(upgraded, b"SELECT 1").await, b"SELECT 1");
+}
+
+#[tokio::test]
+async fn server_sent_events_arrive_before_the_stream_ends() {
+    let engine = TestEngine::start().await;
+    // The second event is only sent once the client has read the first.
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = release.clone();
+    let handler: Handler = Arc::new(move |_req| {
+        let gate = gate.clone();
+        Box::pin(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+            tokio::spawn(async move {
+                tx.send(Bytes::from_static(b"data: first\n\n")).await.unwrap();
+                gate.acquire().await.unwrap().forget();
+                tx.send(Bytes::from_static(b"data: second\n\n")).await.unwrap();
+            });
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|b| (Ok::<_, std::io::Error>(Frame::data(b)), rx))
+            });
+            http::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(BodyExt::boxed(StreamBody::new(stream)))
+                .unwrap()
+        })
+    });
+    let local = http_service(handler).await;
+    let (_control, _) = publish(&engine, published("sse"), local).await;
+    for h2 in [false, true] {
+        let mut body = if h2 {
+            let mut c = engine.h2("sse.t.localhost").await;
+            c.send_request(get("sse.t.localhost", "https://sse.t.localhost/events")).await.unwrap().into_body()
+        } else {
+            let mut c = engine.h1("sse.t.localhost").await;
+            c.send_request(get("sse.t.localhost", "/events")).await.unwrap().into_body()
+        };
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "data: first\n\n");
+        release.add_permits(1);
+        let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(second, "data: second\n\n");
+    }
+}
+
+/// A hand-made agent: a control channel with one published tunnel, for
+/// misbehaviours the agent library never shows.
+async fn raw_agent(engine: &TestEngine, label: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut raw = engine.raw().await;
+    let req = OpenControlChannelReq {
+        client_details: Some(ClientDetails {
+            token: Some(engine.token("alice")),
+            protocol_version: Some("1.4.5".into()),
+            ..Default::default()
+        }),
+        liveness: None,
+    };
+    roundtrip(&mut raw, Payload::OpenControlChannelReq(req)).await;
+    let open = OpenTunnelReq { request_id: "r1".into(), tunnel_properties: Some(published(label)) };
+    roundtrip(&mut raw, Payload::OpenTunnelReq(open)).await;
+    raw
+}
+
+/// Waits for the engine to ask the raw agent for a stream.
+async fn next_proxy_conn_req(
+    raw: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+) -> strait_proto::ProxyConnReq {
+    let mut reader = FrameReader::new(raw, MAX_FRAME_LEN);
+    loop {
+        if let Some(Payload::ProxyConnReq(req)) = reader.read_message().await.unwrap().payload {
+            return req;
+        }
+    }
+}
+
+async fn status_and_body(engine: &TestEngine, host: &str, target: &str) -> (StatusCode, String) {
+    let mut h1 = engine.h1(host).await;
+    let response = h1.send_request(get(host, target)).await.unwrap();
+    let status = response.status();
+    (status, text(response).await)
+}
+
+#[tokio::test]
+async fn failures_have_their_own_status_and_body() {
+    let engine = TestEngine::start_with("timeouts: {stream_request_seconds: 1}\n").await;
+
+    // Unknown host: 404.
+    assert_eq!(
+        status_and_body(&engine, "nobody.t.localhost", "/").await,
+        (StatusCode::NOT_FOUND, "no tunnel for nobody.t.localhost\n".into())
+    );
+
+    // The agent's service is down: the agent drops the stream, 502.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let (_control, _) = publish(&engine, published("down"), closed).await;
+    let (status, _) = status_and_body(&engine, "down.t.localhost", "/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+
+    // The agent refuses the stream: 502.
+    let mut refusing = raw_agent(&engine, "refusing").await;
+    let public = async { status_and_body(&engine, "refusing.t.localhost", "/").await };
+    let agent = async {
+        let req = next_proxy_conn_req(&mut refusing).await;
+        let rsp = ProxyConnRsp {
+            stream_id: req.stream_id,
+            error: Some(strait_proto::Error::new(strait_proto::ErrorCode::InvalidStream, "no thanks")),
+        };
+        write_message(&mut refusing, &Payload::ProxyConnRsp(rsp).into()).await.unwrap();
+    };
+    let ((status, body), ()) = tokio::join!(public, agent);
+    assert_eq!((status, body.as_str()), (StatusCode::BAD_GATEWAY, "upstream refused the stream\n"));
+
+    // The agent goes away while the stream is pending: 503.
+    let mut leaving = raw_agent(&engine, "leaving").await;
+    let public = async { status_and_body(&engine, "leaving.t.localhost", "/").await };
+    let agent = async {
+        next_proxy_conn_req(&mut leaving).await;
+        drop(leaving);
+    };
+    let ((status, body), ()) = tokio::join!(public, agent);
+    assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "tunnel offline\n"));
+
+    // The agent never dials back: 504 after stream_request_seconds.
+    let _lazy = raw_agent(&engine, "lazy").await;
+    assert_eq!(
+        status_and_body(&engine, "lazy.t.localhost", "/").await,
+        (StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n".into())
+    );
+}
+
+#[tokio::test]
+async fn token_auth_takes_one_proof_and_keeps_it_from_the_service() {
+    let engine = TestEngine::start().await;
+    let local = http_service(echo_handler()).await;
+    let props = strait_agent::TunnelProperties { token_auth: Some(true), ..published("private") };
+    let (_control, _) = publish(&engine, props, local).await;
+    let host = "private.t.localhost";
+    let good = engine.token("bob");
+    let bad = strait_engine::auth::mint(b"another-secret-another-secret-another!!", "bob", Some(60));
+    let send = |request: Request<TestBody>| {
+        let engine = &engine;
+        async move {
+            let mut h1 = engine.h1(host).await;
+            let response = h1.send_request(request).await.unwrap();
+            (response.status(), response.headers().clone(), text(response).await)
+        }
+    };
+    let with_header = |token: &str| {
+        Request::get("/p?a=1").header(header::HOST, host).header("Authorization", format!("Bearer {token}"))
+    };
+
+    let (status, headers, _) = send(get(host, "/p")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers["www-authenticate"], "Bearer");
+    assert_eq!(send(with_header(&bad).body(full("")).unwrap()).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(send(get(host, &format!("/p?rstream.token={bad}"))).await.0, StatusCode::UNAUTHORIZED);
+
+    let (status, _, body) =
+        send(with_header(&good).header("Authorization", "Basic d29ya2xvYWQ=").body(full("")).unwrap()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.starts_with("GET /p?a=1 "), "{body}");
+    assert!(!body.contains("Bearer"), "the consumed proof is not forwarded: {body}");
+    assert!(body.contains("authorization: Basic d29ya2xvYWQ=\n"), "other credentials pass: {body}");
+
+    let (status, _, body) = send(get(host, &format!("/p/%2F?x=1&rstream.token={good}&y=%20"))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(body.starts_with("GET /p/%2F?x=1&y=%20 "), "{body}");
+
+    let two = with_header(&good).uri(format!("/p?rstream.token={good}")).body(full("")).unwrap();
+    let (status, _, body) = send(two).await;
+    assert_eq!((status, body.as_str()), (StatusCode::BAD_REQUEST, "more than one token in the request\n"));
+    let two = with_header(&good).header("Authorization", format!("Bearer {good}")).body(full("")).unwrap();
+    assert_eq!(send(two).await.0, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn trusted_ips_allow_addresses_and_cidrs() {
+    let engine = TestEngine::start().await;
+    let local = http_service(echo_handler()).await;
+    let props = |label: &str, ips: &[&str]| strait_agent::TunnelProperties {
+        trusted_ips: ips.iter().map(|s| s.to_string()).collect(),
+        ..published(label)
+    };
+    let (_a, _) = publish(&engine, props("one", &["127.0.0.2", "::1"]), local).await;
+    let (_b, _) = publish(&engine, props("net", &["10.0.0.0/8", "127.0.0.0/30"]), local).await;
+    let status_from = |from: [u8; 4], host: &'static str| {
+        let engine = &engine;
+        async move {
+            let tls = engine.public_from(from.into(), host, &[b"http/1.1"]).await;
+            let (mut h1, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+            tokio::spawn(conn);
+            let response = h1.send_request(get(host, "/")).await.unwrap();
+            let status = response.status();
+            let body = text(response).await;
+            (status, body)
+        }
+    };
+    assert_eq!(status_from([127, 0, 0, 2], "one.t.localhost").await.0, StatusCode::OK);
+    assert_eq!(
+        status_from([127, 0, 0, 3], "one.t.localhost").await,
+        (StatusCode::FORBIDDEN, "source address not allowed\n".into())
+    );
+    assert_eq!(status_from([127, 0, 0, 3], "net.t.localhost").await.0, StatusCode::OK);
+    assert_eq!(status_from([127, 0, 0, 4], "net.t.localhost").await.0, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn idle_connections_close_and_busy_ones_stay() {
+    let engine = TestEngine::start_with("timeouts: {http_idle_seconds: 1}\n").await;
+    let local = http_service(upgrade_echo_handler()).await;
+    let (_control, _) = publish(&engine, published("idle"), local).await;
+
+    // An idle keep-alive connection is closed by the engine.
+    for h2 in [false, true] {
+        let tls = engine.public("idle.t.localhost", if h2 { &[b"h2"] } else { &[b"http/1.1"] }).await;
+        let started = tokio::time::Instant::now();
+        // The senders stay alive: a client connection ends with its last sender.
+        let (closed, _h1, _h2) = if h2 {
+            let (mut c, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls))
+                    .await
+                    .unwrap();
+            let conn = tokio::spawn(conn);
+            text(c.send_request(get("idle.t.localhost", "https://idle.t.localhost/")).await.unwrap()).await;
+            (conn, None, Some(c))
+        } else {
+            let (mut c, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+            let conn = tokio::spawn(conn);
+            text(c.send_request(get("idle.t.localhost", "/")).await.unwrap()).await;
+            (conn, Some(c), None)
+        };
+        let result =
+            tokio::time::timeout(Duration::from_secs(10), closed).await.expect("idle connection closed").unwrap();
+        assert!(
+            started.elapsed() >= Duration::from_millis(900),
+            "h2={h2} closed too early: {:?} {result:?}",
+            started.elapsed()
+        );
+    }
+
+    // An upgraded connection kept up by pings outlives the idle timeout
+    // several times over.
+    let mut h1 = engine.h1("idle.t.localhost").await;
+    let request = Request::get("/ws")
+        .header(header::HOST, "idle.t.localhost")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .body(full(""))
+        .unwrap();
+    let mut response = h1.send_request(request).await.unwrap();
+    let mut io = TokioIo::new(hyper::upgrade::on(&mut response).await.unwrap());
+    let mut ticks = tokio::time::interval(Duration::from_millis(300));
+    for _ in 0..12 {
+        ticks.tick().await;
+        io.write_all(b"ping").await.unwrap();
+        let mut pong = [0u8; 4];
+        io.read_exact(&mut pong).await.unwrap();
+        assert_eq!(&pong, b"ping");
+    }
+    // Silent, it is closed like any idle connection.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut rest)).await.expect("idle upgrade closed").ok();
+}
+
+#[tokio::test]
+async fn a_slow_response_is_never_cut_by_the_idle_timer() {
+    let engine = TestEngine::start_with("timeouts: {http_idle_seconds: 1}\n").await;
+    let handler: Handler = Arc::new(|_req| {
+        Box::pin(async move {
+            // Silent for longer than the idle timeout, then the body.
+            let stream = futures_util::stream::unfold(0u8, |step| async move {
+                if step == 0 {
+                    tokio::time::sleep(Duration::from_millis(2500)).await;
+                    Some((Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"late"))), 1))
+                } else {
+                    None
+                }
+            });
+            http::Response::builder().body(BodyExt::boxed(StreamBody::new(stream))).unwrap()
+        })
+    });
+    let local = http_service(handler).await;
+    let (_control, _) = publish(&engine, published("slow"), local).await;
+    assert_eq!(status_and_body(&engine, "slow.t.localhost", "/").await, (StatusCode::OK, "late".into()));
+}
+
+#[tokio::test]
+async fn http_listener_redirects_permanently_keeping_host_path_and_query() {
+    let engine = TestEngine::start_with("http: {enabled: true, listen_addr: \"127.0.0.1:0\"}\n").await;
+    let addr = engine.engine.http_addr.expect("the HTTP listener is up");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /a/%2Fb?c=d&e HTTP/1.1\r\nHost: app.t.localhost:80\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 308 Permanent Redirect\r\n"), "{response}");
+    let location = format!("location: https://app.t.localhost:{}/a/%2Fb?c=d&e\r\n", engine.addr.port());
+    assert!(response.contains(&location), "{response}");
+}
+
+#[tokio::test]
+async fn hostnames_are_random_requested_unique_and_freed() {
+    let engine = TestEngine::start().await;
+    let control = engine.client("alice").connect().await.unwrap();
+    let random = control
+        .open_tunnel(strait_agent::TunnelProperties { publish: Some(true), ..Default::default() })
+        .await
+        .unwrap();
+    let host = random.properties().hostname.clone().unwrap();
+    let label = host.strip_suffix(".t.localhost").unwrap();
+    assert!(!label.is_empty() && !label.contains('.'), "{host}");
+    assert_eq!(random.properties().port, Some(engine.addr.port() as u32));
+
+    let first = control.open_tunnel(published("mine")).await.unwrap();
+    let taken = control.open_tunnel(published("mine")).await.err().unwrap();
+    assert_eq!(taken.engine_code(), Some(strait_proto::ErrorCode::InvalidRequest));
+    // A bare label and an outside name land in the namespace.
+    let bare = strait_agent::TunnelProperties { hostname: Some("bare".into()), ..published("x") };
+    assert_eq!(control.open_tunnel(bare).await.unwrap().properties().hostname.as_deref(), Some("bare.t.localhost"));
+    let outside =
+        strait_agent::TunnelProperties { hostname: Some("r0a1b2c3d-edge.t.example.com".into()), ..published("x") };
+    let mapped = control.open_tunnel(outside).await.unwrap();
+    assert_eq!(mapped.properties().hostname.as_deref(), Some("r0a1b2c3d-edge.t.localhost"));
+    let bad = strait_agent::TunnelProperties { hostname: Some("a_b.t.localhost".into()), ..published("x") };
+    assert!(control.open_tunnel(bad).await.is_err());
+
+    first.close().await.unwrap();
+    control.open_tunnel(published("mine")).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_service_that_never_answers_gets_a_504_after_the_idle_timeout() {
+    let engine = TestEngine::start_with("timeouts: {http_idle_seconds: 1}\n").await;
+    // Accepts, reads, never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            held.push(tcp);
+        }
+    });
+    let (_control, _) = publish(&engine, published("mute"), local).await;
+    assert_eq!(
+        status_and_body(&engine, "mute.t.localhost", "/").await,
+        (StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n".into())
+    );
+}

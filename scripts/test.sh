@@ -8,7 +8,7 @@ log() { printf '\n== %s\n' "$*"; }
 
 # System tools the tests drive (openssl s_client, curl).
 missing=()
-for tool in openssl curl; do
+for tool in openssl curl jq; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then

@@ -20,6 +20,7 @@ mod tunnel;
 pub use client::{Client, ClientConfig, Stream};
 pub use control::ControlChannel;
 pub use strait_proto::TunnelProperties;
+pub use tls::client_config as tls_client_config;
 pub use tunnel::{Tunnel, forward_stream};
 
 /// Re-exported so binaries install the same crypto provider.

@@ -27,6 +27,10 @@ impl EngineApi {
         Self { client }
     }
 
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
     /// Sends `GET path` and returns the response with its body unread.
     pub async fn get(&self, path: &str, accept: &str) -> anyhow::Result<http::Response<Incoming>> {
         let tls = self.client.connect_api().await?;
@@ -53,7 +57,8 @@ impl EngineApi {
         if !status.is_success() {
             anyhow::bail!("{path}: {}", failure(status, &body));
         }
-        serde_json::from_slice(&body).map_err(|e| anyhow::anyhow!("{path}: the engine's answer is not the expected JSON: {e}"))
+        serde_json::from_slice(&body)
+            .map_err(|e| anyhow::anyhow!("{path}: the engine's answer is not the expected JSON: {e}"))
     }
 }
 
@@ -62,5 +67,9 @@ pub fn failure(status: StatusCode, body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
     let reason = status.canonical_reason().unwrap_or("");
-    if text.is_empty() { format!("{} {reason}", status.as_u16()) } else { format!("{} {reason}: {text}", status.as_u16()) }
+    if text.is_empty() {
+        format!("{} {reason}", status.as_u16())
+    } else {
+        format!("{} {reason}: {text}", status.as_u16())
+    }
 }

@@ -39,8 +39,10 @@ fn field(item: &Value, key: &str) -> String {
 fn labels(item: &Value) -> String {
     match item.get("labels").and_then(Value::as_object) {
         Some(map) if !map.is_empty() => {
-            let mut pairs: Vec<String> =
-                map.iter().map(|(k, v)| format!("{k}={}", v.as_str().map_or_else(|| v.to_string(), String::from))).collect();
+            let mut pairs: Vec<String> = map
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().map_or_else(|| v.to_string(), String::from)))
+                .collect();
             pairs.sort();
             pairs.join(",")
         }

@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 
 mod context;
+mod engine_api;
+mod events;
 mod forward;
+mod inventory;
 mod request_log;
 mod token;
 
@@ -95,6 +98,57 @@ enum Command {
         #[arg(long)]
         allow_weak_secret: bool,
     },
+    /// Stream the engine's events as JSON lines, or POST them (webhooks).
+    #[command(
+        after_help = "Examples:\n  strait events\n  strait events --transport websocket --events tunnel.created,tunnel.deleted\n  \
+                            strait events --forward-to https://hooks.example.com/strait --webhook --webhook-secret $SECRET\n  \
+                            strait events --params '{\"tunnels\":{\"filters\":{\"labels\":{\"team\":\"core\"}}}}'"
+    )]
+    Events {
+        #[arg(long, value_enum, default_value = "sse")]
+        transport: events::Transport,
+        /// Only these event types, comma-separated (e.g. tunnel.created,client.deleted).
+        #[arg(long, value_delimiter = ',')]
+        events: Vec<String>,
+        /// Server-side filters, as the API's `params` JSON.
+        #[arg(long, value_parser = parse_json)]
+        params: Option<serde_json::Value>,
+        /// POST each event to this URL instead of printing it.
+        #[arg(long)]
+        forward_to: Option<http::Uri>,
+        /// Deliver signed webhooks (rstream's shape and headers); needs --forward-to.
+        #[arg(long, requires = "forward_to")]
+        webhook: bool,
+        /// Webhook signing secret (`whsec_...`); `strait events --new-webhook-secret` makes one.
+        #[arg(long, env = "STRAIT_WEBHOOK_SECRET", hide_env_values = true, required_if_eq("webhook", "true"))]
+        webhook_secret: Option<String>,
+        /// The `rstream-webhook-id` header value.
+        #[arg(long, default_value = "strait-cli")]
+        webhook_id: String,
+        /// Print a new webhook signing secret and exit.
+        #[arg(long, exclusive = true)]
+        new_webhook_secret: bool,
+    },
+    /// List tunnels (Engine API).
+    #[command(
+        after_help = "Examples:\n  strait tunnels\n  strait tunnels --params '{\"filters\":{\"publish\":true}}' --json"
+    )]
+    Tunnels {
+        /// Filters, as the API's `params` JSON.
+        #[arg(long, value_parser = parse_json)]
+        params: Option<serde_json::Value>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List connected clients (Engine API).
+    #[command(after_help = "Examples:\n  strait clients\n  strait clients --json")]
+    Clients {
+        #[arg(long, value_parser = parse_json)]
+        params: Option<serde_json::Value>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage contexts in the agent configuration file.
     #[command(subcommand)]
     Context(ContextCommand),
@@ -182,11 +236,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Context(command) => context_command(&cli, command),
+        Command::Events { new_webhook_secret: true, .. } => {
+            println!("{}", events::generate_secret());
+            Ok(())
+        }
+        Command::Events { transport, events, params, forward_to, webhook, webhook_secret, webhook_id, .. } => {
+            let sink = match forward_to {
+                None => events::Sink::Stdout,
+                Some(url) => events::Sink::Post {
+                    url: url.clone(),
+                    webhook: webhook.then(|| events::Webhook {
+                        secret: webhook_secret.clone().unwrap_or_default(),
+                        id: webhook_id.clone(),
+                    }),
+                },
+            };
+            let options =
+                events::Options { transport: *transport, types: events.clone(), params: params.clone(), sink };
+            events::run(engine_api::EngineApi::new(cli.client()?), options).await
+        }
+        Command::Tunnels { params, json } => {
+            let api = engine_api::EngineApi::new(cli.client()?);
+            inventory::show(&api, inventory::Kind::Tunnels, params.as_ref(), *json).await
+        }
+        Command::Clients { params, json } => {
+            let api = engine_api::EngineApi::new(cli.client()?);
+            inventory::show(&api, inventory::Kind::Clients, params.as_ref(), *json).await
+        }
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "strait", &mut std::io::stdout());
             Ok(())
         }
     }
+}
+
+fn parse_json(text: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))
 }
 
 fn context_command(cli: &Cli, command: &ContextCommand) -> anyhow::Result<()> {

@@ -33,5 +33,8 @@ cargo build --workspace --all-targets
 log "Rust tests"
 cargo test --workspace
 
+log "release build (the quickstart test runs README's command on it)"
+cargo build --release -p strait-engine
+
 log "compatibility suite (rstream Python SDK)"
 STRAIT_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest tests/compat -q -p no:cacheprovider

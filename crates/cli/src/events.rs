@@ -68,6 +68,7 @@ pub async fn run(api: EngineApi, options: Options) -> anyhow::Result<()> {
                     Some(text) => {
                         ever_connected = true;
                         backoff.reset();
+                        announce(&text);
                         deliver(&options, poster.as_ref(), &text).await;
                     }
                     None => break Ok(()),
@@ -138,6 +139,20 @@ async fn feed(api: &EngineApi, options: &Options, tx: tokio::sync::mpsc::Sender<
                 }
             }
             Ok(())
+        }
+    }
+}
+
+/// Says on stderr when a feed starts, so people and scripts know events
+/// from now on will arrive.
+fn announce(text: &str) {
+    if !text.contains("\"state.initial\"") {
+        return;
+    }
+    if let Ok(event) = serde_json::from_str::<Value>(text) {
+        if event["type"] == "state.initial" {
+            let count = |k: &str| event["object"][k].as_array().map_or(0, Vec::len);
+            eprintln!("strait: watching events ({} clients, {} tunnels now)", count("clients"), count("tunnels"));
         }
     }
 }

@@ -607,3 +607,52 @@ async fn a_service_that_never_answers_gets_a_504_after_the_idle_timeout() {
         (StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n".into())
     );
 }
+
+#[tokio::test]
+async fn shutdown_lets_a_published_download_in_flight_finish() {
+    let engine = TestEngine::start().await;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let handler: Handler = {
+        let release = release.clone();
+        Arc::new(move |_req: Request<Incoming>| {
+            let release = release.clone();
+            Box::pin(async move {
+                // The first chunk now; the other 63 once the test has started
+                // the engine's shutdown.
+                let chunks = futures_util::stream::unfold(0u32, move |i| {
+                    let release = release.clone();
+                    async move {
+                        if i == 64 {
+                            return None;
+                        }
+                        if i == 1 {
+                            release.notified().await;
+                        }
+                        Some((Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![b'x'; 64 * 1024]))), i + 1))
+                    }
+                });
+                http::Response::builder().body(BodyExt::boxed(StreamBody::new(chunks))).unwrap()
+            })
+        })
+    };
+    let service = http_service(handler).await;
+    let (_control, props) = publish(&engine, published("drain"), service).await;
+    let host = props.hostname.clone().unwrap();
+    let mut sender = engine.h1(&host).await;
+    let request = Request::get("/big").header(header::HOST, &host).body(full("")).unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    let mut received = first.len();
+
+    let shared = engine.engine.shared.clone();
+    let stopping = tokio::spawn(engine.engine.shutdown());
+    shared.shutdown.cancelled().await;
+    release.notify_one();
+    while let Some(frame) = body.frame().await {
+        received += frame.expect("the download is not cut").into_data().map_or(0, |d| d.len());
+    }
+    assert_eq!(received, 64 * 64 * 1024);
+    stopping.await.unwrap();
+}

@@ -35,9 +35,10 @@ enum Command {
         /// State folder for the CA, certificate and secret.
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Address of the TLS listener.
-        #[arg(long, default_value = "127.0.0.1:8443")]
-        listen: String,
+        /// Address of the TLS listener [default: 127.0.0.1:8443, or a free
+        /// port when 8443 is taken].
+        #[arg(long)]
+        listen: Option<String>,
         /// Do not publish the demo service.
         #[arg(long)]
         no_demo: bool,
@@ -127,8 +128,18 @@ fn check_config(path: Option<PathBuf>, production: bool) -> ExitCode {
     if report.errors() == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
-async fn run_dev(dir: Option<PathBuf>, listen: String, demo: bool, print_ready: bool) -> ExitCode {
+async fn run_dev(dir: Option<PathBuf>, listen: Option<String>, demo: bool, print_ready: bool) -> ExitCode {
     let dir = dir.unwrap_or_else(dev::default_dir);
+    let listen = listen.unwrap_or_else(|| {
+        // A first run should not fail because something else has 8443.
+        match std::net::TcpListener::bind("127.0.0.1:8443") {
+            Ok(_) => "127.0.0.1:8443".to_string(),
+            Err(_) => {
+                eprintln!("strait-engine dev: 127.0.0.1:8443 is taken; using a free port");
+                "127.0.0.1:0".to_string()
+            }
+        }
+    });
     let prepared = dev::generate_certs("localhost", &dir).and_then(|files| Ok((files, dev::secret(&dir)?)));
     let (files, secret) = match prepared {
         Ok(p) => p,

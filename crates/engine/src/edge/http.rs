@@ -145,6 +145,7 @@ pub async fn serve(
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
     tokio::pin!(conn);
     let mut closing = false;
+    let mut draining = false;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -158,7 +159,13 @@ pub async fn serve(
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
-            _ = shared.shutdown.cancelled() => break,
+            // Engine shutdown: finish the requests in flight, take no new
+            // ones; the end of the drain (`abort`) cuts what is left.
+            _ = shared.shutdown.cancelled(), if !draining => {
+                conn.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            _ = shared.abort.cancelled() => break,
         }
     }
 }
@@ -335,7 +342,9 @@ impl Edge {
     fn splice_upgraded(&self, public: OnUpgrade, upstream: OnUpgrade) {
         let activity = self.activity.clone();
         let idle = self.idle;
-        let shutdown = self.shared.shutdown.clone();
+        // Upgraded connections are streams in flight: the drain lets them
+        // run and only its end (`abort`) cuts them.
+        let abort = self.shared.abort.clone();
         let peer = self.peer;
         self.shared.tasks.spawn(async move {
             let (public, upstream) = match tokio::try_join!(public, upstream) {
@@ -356,7 +365,7 @@ impl Edge {
                 _ = activity.idle(idle) => {
                     tracing::debug!(%peer, "upgraded connection idle for {}s; closing", idle.as_secs());
                 }
-                _ = shutdown.cancelled() => {}
+                _ = abort.cancelled() => {}
             }
         });
     }

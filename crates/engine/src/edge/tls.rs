@@ -89,8 +89,13 @@ async fn passthrough(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut tcp: TcpStrea
         tracing::debug!(%peer, %error, "agent stream closed before the ClientHello was replayed");
         return;
     }
-    if let Err(error) = strait_proto::splice::splice(&mut tcp, &mut agent).await {
-        tracing::debug!(%peer, %error, "passthrough connection ended with an error");
+    tokio::select! {
+        result = strait_proto::splice::splice(&mut tcp, &mut agent) => {
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "passthrough connection ended with an error");
+            }
+        }
+        _ = shared.abort.cancelled() => {}
     }
 }
 
@@ -124,7 +129,12 @@ async fn terminated(shared: Arc<Shared>, tunnel: Arc<Tunnel>, accepted: Accepted
             return;
         }
     };
-    if let Err(error) = strait_proto::splice::splice(&mut public, &mut agent).await {
-        tracing::debug!(%peer, %error, "TLS tunnel connection ended with an error");
+    tokio::select! {
+        result = strait_proto::splice::splice(&mut public, &mut agent) => {
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "TLS tunnel connection ended with an error");
+            }
+        }
+        _ = shared.abort.cancelled() => {}
     }
 }

@@ -92,7 +92,9 @@ impl fmt::Display for Problems {
 impl std::error::Error for Problems {}
 
 // The file's shape. `deny_unknown_fields` everywhere: a misspelt key is an
-// error, never a silently ignored setting.
+// error, never a silently ignored setting. Enumerations are read as strings
+// and checked afterwards, because a serde error stops the parse and would
+// hide every later problem.
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,9 +121,9 @@ struct TunnelDoc {
     publish: Option<bool>,
     #[serde(default)]
     labels: Option<Spanned<BTreeMap<String, String>>>,
-    protocol: Option<Protocol>,
+    protocol: Option<Spanned<String>>,
     #[serde(rename = "type")]
-    kind: Option<Kind>,
+    kind: Option<Spanned<String>>,
     host: Option<Spanned<String>>,
     #[serde(rename = "upstreamTLS")]
     upstream_tls: Option<bool>,
@@ -133,34 +135,11 @@ struct TunnelDoc {
     tls: Option<Spanned<TlsDoc>>,
 }
 
-#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-enum Protocol {
-    Http,
-    Tls,
-    Tcp,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Kind {
-    Bytestream,
-    Datagram,
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HttpDoc {
-    version: Option<HttpVersion>,
+    version: Option<Spanned<String>>,
     auth: Option<HttpAuthDoc>,
-}
-
-#[derive(Deserialize)]
-enum HttpVersion {
-    #[serde(rename = "http/1.1")]
-    Http11,
-    #[serde(rename = "h2c")]
-    H2c,
 }
 
 #[derive(Deserialize)]
@@ -172,17 +151,10 @@ struct HttpAuthDoc {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct TlsDoc {
-    mode: Option<TlsMode>,
+    mode: Option<Spanned<String>>,
     min_version: Option<String>,
     #[serde(default)]
     alpns: Vec<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum TlsMode {
-    Terminated,
-    Passthrough,
 }
 
 /// Expands, parses and validates a file. `env` looks up `${NAME}`s.
@@ -242,9 +214,9 @@ fn expand(text: &str, env: &dyn Fn(&str) -> Option<String>) -> (String, Vec<Prob
             out.push_str(&rest[..at]);
             column += rest[..at].chars().count() as u32;
             let tail = &rest[at..];
-            if tail.starts_with("$${") {
+            if let Some(after) = tail.strip_prefix("$${") {
                 out.push_str("${");
-                rest = &tail[3..];
+                rest = after;
                 column += 3;
             } else if let Some(body) = tail.strip_prefix("${") {
                 let Some(end) = body.find('}') else {
@@ -361,6 +333,13 @@ fn properties(name: &str, t: TunnelDoc, problems: &mut Vec<Problem>) -> TunnelPr
     }
     labels.extend(MANAGED_LABELS.iter().map(|(k, v)| (k.to_string(), v.to_string())));
 
+    let protocol = one_of(&t.protocol, "protocol", &["http", "tls", "tcp"], problems);
+    let kind = one_of(&t.kind, "type", &["bytestream", "datagram"], problems);
+    let http = t.http.as_ref().map(|h| &h.value);
+    let http_version = one_of(&http.and_then(|h| h.version.clone()), "http.version", &["http/1.1", "h2c"], problems);
+    let tls = t.tls.as_ref().map(|t| &t.value);
+    let tls_mode = one_of(&tls.and_then(|t| t.mode.clone()), "tls.mode", &["terminated", "passthrough"], problems);
+
     // Cheap checks the engine would also make, caught here so the whole
     // file is refused before anything changes.
     if let Some(host) = &t.host
@@ -369,12 +348,12 @@ fn properties(name: &str, t: TunnelDoc, problems: &mut Vec<Problem>) -> TunnelPr
         problems.push(Problem::spanned(host, "host applies to published tunnels only (set publish: true)"));
     }
     if let Some(http) = &t.http
-        && t.protocol.is_some_and(|p| p != Protocol::Http)
+        && protocol.as_deref().is_some_and(|p| p != "http")
     {
         problems.push(Problem::spanned(http, "http settings apply to protocol: http only"));
     }
     if let Some(tls) = &t.tls
-        && t.protocol != Some(Protocol::Tls)
+        && protocol.as_deref() != Some("tls")
     {
         problems.push(Problem::spanned(tls, "tls settings apply to protocol: tls only"));
     }
@@ -387,37 +366,34 @@ fn properties(name: &str, t: TunnelDoc, problems: &mut Vec<Problem>) -> TunnelPr
         }
     }
 
-    let http = t.http.map(|h| h.value);
-    let tls = t.tls.map(|t| t.value);
     TunnelProperties {
         name: Some(name.to_string()),
         publish: t.publish,
-        protocol: t.protocol.map(|p| match p {
-            Protocol::Http => "http".into(),
-            Protocol::Tls => "tls".into(),
-            Protocol::Tcp => "tcp".into(),
-        }),
-        r#type: t.kind.map(|k| match k {
-            Kind::Bytestream => "bytestream".into(),
-            Kind::Datagram => "datagram".into(),
-        }),
+        protocol,
+        r#type: kind,
         labels,
         hostname: t.host.map(|h| h.value.trim().to_string()),
         upstream_tls: t.upstream_tls,
         trusted_ips: t.trusted_ips.into_iter().map(|s| s.value.trim().to_string()).collect(),
         geoip: t.geoip,
-        http_version: http.as_ref().and_then(|h| h.version.as_ref()).map(|v| match v {
-            HttpVersion::Http11 => "http/1.1".into(),
-            HttpVersion::H2c => "h2c".into(),
-        }),
-        token_auth: http.as_ref().and_then(|h| h.auth.as_ref()).and_then(|a| a.token),
-        tls_mode: tls.as_ref().and_then(|t| t.mode.as_ref()).map(|m| match m {
-            TlsMode::Terminated => "terminated".into(),
-            TlsMode::Passthrough => "passthrough".into(),
-        }),
-        tls_min_version: tls.as_ref().and_then(|t| t.min_version.clone()),
-        tls_alpns: tls.map(|t| t.alpns).unwrap_or_default(),
+        http_version,
+        token_auth: http.and_then(|h| h.auth.as_ref()).and_then(|a| a.token),
+        tls_mode,
+        tls_min_version: tls.and_then(|t| t.min_version.clone()),
+        tls_alpns: tls.map(|t| t.alpns.clone()).unwrap_or_default(),
         ..Default::default()
+    }
+}
+
+/// The value, if it is one of `allowed`; a problem otherwise.
+fn one_of(value: &Option<Spanned<String>>, key: &str, allowed: &[&str], problems: &mut Vec<Problem>) -> Option<String> {
+    let value = value.as_ref()?;
+    let text = value.value.trim();
+    if allowed.contains(&text) {
+        Some(text.to_string())
+    } else {
+        problems.push(Problem::spanned(value, format!("{key} {text:?} is not one of {}", allowed.join(", "))));
+        None
     }
 }
 
@@ -548,6 +524,18 @@ mod tests {
         assert_eq!(at, [1, 5, 6, 10, 11, 12], "{p:?}");
         assert!(p[1].message.contains("already used on line 3"), "{p:?}");
         assert!(p[2].message.starts_with("forward:"), "{p:?}");
+    }
+
+    #[test]
+    fn every_bad_enumeration_is_reported() {
+        let text = "version: 1\ntunnels:\n  - name: a\n    forward: 1\n    tunnel:\n      protocol: udp\n      \
+                    type: stream\n      http: {version: h3}\n  - name: b\n    forward: 2\n    tunnel:\n      \
+                    protocol: tls\n      tls: {mode: bridged}\n";
+        let p = problems(text);
+        let at: Vec<(u32, Option<u32>)> = p.iter().map(|p| (p.line, p.column)).collect();
+        assert_eq!(at, [(6, Some(17)), (7, Some(13)), (8, Some(23)), (13, Some(19))], "{p:?}");
+        assert_eq!(p[0].message, "protocol \"udp\" is not one of http, tls, tcp");
+        assert_eq!(p[3].message, "tls.mode \"bridged\" is not one of terminated, passthrough");
     }
 
     #[test]

@@ -199,7 +199,10 @@ pub fn resolve_named(config: Option<PathBuf>, name: &str) -> anyhow::Result<stra
     resolve_with(&overrides, &|key| if key == "SSL_CERT_FILE" { process_env(key) } else { None })
 }
 
-fn resolve_with(overrides: &Overrides, env: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<strait_agent::ClientConfig> {
+fn resolve_with(
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<strait_agent::ClientConfig> {
     let path = overrides.config.clone().unwrap_or_else(default_path);
     let file = ConfigFile::load(&path)?;
     let context_name =

@@ -71,10 +71,12 @@ enum Command {
         zero_rtt: bool,
     },
     /// Keep the tunnels a declarative file describes.
-    #[command(after_help = "Examples:\n  strait run --apply tunnels.yaml\n  strait run --apply tunnels.yaml --watch\n\n\
+    #[command(
+        after_help = "Examples:\n  strait run --apply tunnels.yaml\n  strait run --apply tunnels.yaml --watch\n\n\
                             tunnels.yaml:\n  version: 1\n  tunnels:\n    - name: web\n      forward: 3000\n      \
                             tunnel: {publish: true, labels: {team: web}}\n    - name: db\n      forward: ${DB_PORT}\n      \
-                            tunnel: {publish: false}")]
+                            tunnel: {publish: false}"
+    )]
     Run {
         /// The tunnels file (YAML, `version: 1`); `${NAME}` expands from
         /// the environment, `$${` is a literal `${`.

@@ -289,16 +289,17 @@ impl Runner {
     async fn open(&mut self, name: &str) -> Result<Option<String>, AgentError> {
         let key = self.tunnels[name].spec.desired.context.clone();
         let link = self.links.get_mut(&key).expect("every planned context has a link");
-        if link.control.is_none() && link.retry_at.is_none() {
-            if let Err(error) = connect(link, &key, &self.lost).await {
-                if self.strict && error.engine_code().is_some() {
-                    return Err(error);
-                }
-                let delay = link.backoff.next_delay();
-                eprintln!("strait: {error}{}; retrying in {:.1}s", describe(&key), delay.as_secs_f32());
-                link.retry_at = Some(Instant::now() + delay);
-                return Ok(None);
+        if link.control.is_none()
+            && link.retry_at.is_none()
+            && let Err(error) = connect(link, &key, &self.lost).await
+        {
+            if self.strict && error.engine_code().is_some() {
+                return Err(error);
             }
+            let delay = link.backoff.next_delay();
+            eprintln!("strait: {error}{}; retrying in {:.1}s", describe(&key), delay.as_secs_f32());
+            link.retry_at = Some(Instant::now() + delay);
+            return Ok(None);
         }
         let Some(control) = link.control.clone() else { return Ok(None) };
         let managed = self.tunnels.get_mut(name).expect("caller checked");
@@ -355,13 +356,13 @@ impl Runner {
             let link = self.links.get_mut(&key).expect("listed above");
             link.retry_at = None;
             let reconnecting = link.connected_once;
-            if link.control.is_none() {
-                if let Err(error) = connect(link, &key, &self.lost).await {
-                    let delay = link.backoff.next_delay();
-                    eprintln!("strait: {error}{}; retrying in {:.1}s", describe(&key), delay.as_secs_f32());
-                    link.retry_at = Some(Instant::now() + delay);
-                    continue;
-                }
+            if link.control.is_none()
+                && let Err(error) = connect(link, &key, &self.lost).await
+            {
+                let delay = link.backoff.next_delay();
+                eprintln!("strait: {error}{}; retrying in {:.1}s", describe(&key), delay.as_secs_f32());
+                link.retry_at = Some(Instant::now() + delay);
+                continue;
             }
             let pending: Vec<String> = self
                 .tunnels
@@ -494,11 +495,8 @@ mod tests {
 
     #[test]
     fn a_changed_published_tunnel_keeps_its_served_hostname() {
-        let old = TunnelProperties {
-            publish: Some(true),
-            hostname: Some("abc.t.example.com".into()),
-            ..Default::default()
-        };
+        let old =
+            TunnelProperties { publish: Some(true), hostname: Some("abc.t.example.com".into()), ..Default::default() };
         let new = TunnelProperties { publish: Some(true), ..Default::default() };
         assert_eq!(keep_hostname(&old, &new).hostname.as_deref(), Some("abc.t.example.com"));
         let named = TunnelProperties { hostname: Some("web".into()), ..new.clone() };

@@ -93,6 +93,9 @@ struct Runner {
 pub async fn run(overrides: Overrides, file: PathBuf, watch: bool) -> anyhow::Result<()> {
     let text = read(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
     let plan = parse(&file, &text)?;
+    // Registered before the first apply, so an early SIGHUP re-applies
+    // rather than ending the process.
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let (lost_tx, mut lost_rx) = mpsc::unbounded_channel();
     let mut runner = Runner {
         file: file.clone(),
@@ -109,7 +112,6 @@ pub async fn run(overrides: Overrides, file: PathBuf, watch: bool) -> anyhow::Re
     runner.strict = false;
 
     let mut last_seen = Ok(text);
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut poll = tokio::time::interval(POLL_INTERVAL);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let ctrl_c = tokio::signal::ctrl_c();
@@ -223,8 +225,10 @@ impl Runner {
                 Some(managed) if managed.spec.desired == spec.desired => {
                     managed.spec.line = spec.line;
                     summary.unchanged += 1;
-                    // Refused or cut off earlier: try again now.
-                    if managed.live.is_none() {
+                    // Refused earlier: try again now. (Cut off with its
+                    // channel: the channel's reconnection reopens it.)
+                    let connected = self.links.get(&spec.desired.context).is_some_and(|l| l.control.is_some());
+                    if managed.live.is_none() && connected {
                         to_open.push((spec.name.clone(), Action::Restored));
                     }
                 }

@@ -30,6 +30,10 @@ fi
 log "building"
 cargo build --workspace --all-targets
 
+log "style (rustfmt, clippy)"
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
 log "Rust tests"
 cargo test --workspace
 

@@ -182,9 +182,27 @@ pub struct Overrides {
     pub server_name: Option<String>,
 }
 
+fn process_env(key: &str) -> Option<String> {
+    std::env::var(key).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty())
+}
+
 /// Resolves flags, then `RSTREAM_*` variables, then the selected context.
 pub fn resolve(overrides: &Overrides) -> anyhow::Result<strait_agent::ClientConfig> {
-    let env = |k: &str| std::env::var(k).ok().map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    resolve_with(overrides, &process_env)
+}
+
+/// Resolves a context named in a file (`strait run --apply`): its engine
+/// and token come from the configuration file alone, since `RSTREAM_*`
+/// variables describe the command's default context, not this one.
+pub fn resolve_named(config: Option<PathBuf>, name: &str) -> anyhow::Result<strait_agent::ClientConfig> {
+    let overrides = Overrides { config, context: Some(name.to_string()), ..Default::default() };
+    resolve_with(&overrides, &|key| if key == "SSL_CERT_FILE" { process_env(key) } else { None })
+}
+
+fn resolve_with(
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> anyhow::Result<strait_agent::ClientConfig> {
     let path = overrides.config.clone().unwrap_or_else(default_path);
     let file = ConfigFile::load(&path)?;
     let context_name =

@@ -149,11 +149,11 @@ fn announce(text: &str) {
     if !text.contains("\"state.initial\"") {
         return;
     }
-    if let Ok(event) = serde_json::from_str::<Value>(text) {
-        if event["type"] == "state.initial" {
-            let count = |k: &str| event["object"][k].as_array().map_or(0, Vec::len);
-            eprintln!("strait: watching events ({} clients, {} tunnels now)", count("clients"), count("tunnels"));
-        }
+    if let Ok(event) = serde_json::from_str::<Value>(text)
+        && event["type"] == "state.initial"
+    {
+        let count = |k: &str| event["object"][k].as_array().map_or(0, Vec::len);
+        eprintln!("strait: watching events ({} clients, {} tunnels now)", count("clients"), count("tunnels"));
     }
 }
 

@@ -219,7 +219,8 @@ pub async fn run(client: Client, options: TunnelOptions, local: String) -> anyho
     }
 }
 
-async fn close_quietly(control: &ControlChannel) {
+/// Closes a channel, waiting at most a second for the engine.
+pub async fn close_quietly(control: &ControlChannel) {
     let _ = tokio::time::timeout(Duration::from_secs(1), control.close()).await;
 }
 

@@ -5,12 +5,14 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
+mod apply;
 mod context;
 mod engine_api;
 mod events;
 mod forward;
 mod inventory;
 mod request_log;
+mod run;
 mod token;
 
 use context::{ConfigFile, Context, Overrides, TokenSource};
@@ -22,7 +24,7 @@ use context::{ConfigFile, Context, Overrides, TokenSource};
     about = "Publish local services through a strait or rstream engine, and reach private ones",
     after_help = "Examples:\n  strait context create lab --engine edge.example.com:443 --token $TOKEN --use\n  \
                   strait forward 3000\n  strait forward 5432 --private --name db\n  \
-                  strait connect db --listen 127.0.0.1:15432\n  ssh -o ProxyCommand='strait dial ssh-box' user@ssh-box"
+                  strait run --apply tunnels.yaml --watch\n  strait connect db --listen 127.0.0.1:15432\n  ssh -o ProxyCommand='strait dial ssh-box' user@ssh-box"
 )]
 struct Cli {
     /// Agent configuration file [default: ~/.rstream/config.yaml].
@@ -71,6 +73,22 @@ enum Command {
         /// then shows only as a closed connection).
         #[arg(long)]
         zero_rtt: bool,
+    },
+    /// Keep the tunnels a declarative file describes.
+    #[command(
+        after_help = "Examples:\n  strait run --apply tunnels.yaml\n  strait run --apply tunnels.yaml --watch\n\n\
+                            tunnels.yaml:\n  version: 1\n  tunnels:\n    - name: web\n      forward: 3000\n      \
+                            tunnel: {publish: true, labels: {team: web}}\n    - name: db\n      forward: ${DB_PORT}\n      \
+                            tunnel: {publish: false}"
+    )]
+    Run {
+        /// The tunnels file (YAML, `version: 1`); `${NAME}` expands from
+        /// the environment, `$${` is a literal `${`.
+        #[arg(long, value_name = "FILE")]
+        apply: PathBuf,
+        /// Re-apply whenever the file changes.
+        #[arg(long)]
+        watch: bool,
     },
     /// Dial a private tunnel on stdin/stdout (for ssh ProxyCommand).
     #[command(after_help = "Example:\n  ssh -o ProxyCommand='strait dial ssh-box' user@ssh-box")]
@@ -229,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let local = forward::local_target(target.as_deref())?;
             forward::run(cli.client()?, options.clone(), local).await
         }
+        Command::Run { apply, watch } => run::run(cli.overrides(), apply.clone(), *watch).await,
         Command::Connect { tunnel, listen, zero_rtt } => connect(cli.dialer(*zero_rtt)?, tunnel, listen).await,
         Command::Dial { tunnel, zero_rtt } => dial(cli.dialer(*zero_rtt)?, tunnel).await,
         Command::Token { secret, sub, ttl, allow_weak_secret } => {

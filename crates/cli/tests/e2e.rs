@@ -7,33 +7,11 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Running, SECRET, TestEngine, echo_server, echo_through};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use common::{Running, SECRET, TestEngine, dial, echo_server, echo_through};
 use tokio::process::Command;
 
-/// `strait dial` with `input` on stdin; returns stdout.
-async fn dial(engine: &TestEngine, tunnel: &str, input: &[u8]) -> Vec<u8> {
-    dial_as(engine, "alice", tunnel, input).await
-}
-
-async fn dial_as(engine: &TestEngine, who: &str, tunnel: &str, input: &[u8]) -> Vec<u8> {
-    let mut child = engine
-        .strait(who)
-        .args(["dial", tunnel])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input).await.unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut out = vec![0u8; input.len()];
-    stdout.read_exact(&mut out).await.unwrap();
-    drop(stdin);
-    let status = child.wait().await.unwrap();
-    assert!(status.success(), "dial exited with {status}");
-    out
+async fn dial_alice(engine: &TestEngine, tunnel: &str, input: &[u8]) -> Vec<u8> {
+    dial(engine, "alice", tunnel, input).await
 }
 
 async fn forward_private(engine: &TestEngine, name: &str, local: SocketAddr) -> Running {
@@ -52,7 +30,7 @@ async fn forward_private_then_dial_and_connect() {
     let forward = forward_private(&engine, "echo", echo).await;
 
     // dial: stdin/stdout, as ssh's ProxyCommand uses it.
-    assert_eq!(dial(&engine, "echo", b"hello through dial").await, b"hello through dial");
+    assert_eq!(dial_alice(&engine, "echo", b"hello through dial").await, b"hello through dial");
 
     // connect: a local port, one private dial per connection.
     let mut cmd = engine.strait("alice");
@@ -82,11 +60,11 @@ async fn forward_survives_an_engine_restart() {
     let mut engine = TestEngine::start().await;
     let echo = echo_server().await;
     let mut forward = forward_private(&engine, "sturdy", echo).await;
-    assert_eq!(dial(&engine, "sturdy", b"before").await, b"before");
+    assert_eq!(dial_alice(&engine, "sturdy", b"before").await, b"before");
 
     engine.restart().await;
     forward.stderr_until("reconnected").await;
-    assert_eq!(dial(&engine, "sturdy", b"after").await, b"after");
+    assert_eq!(dial_alice(&engine, "sturdy", b"after").await, b"after");
     forward.interrupt().await;
 }
 
@@ -171,7 +149,7 @@ async fn a_context_carries_engine_token_and_ca() {
     let forward = Running::spawn(cmd);
     let mut forward = forward;
     assert!(forward.line().await.starts_with("Forwarding rstrm://ctx"));
-    assert_eq!(dial_as(&engine, "carol", "ctx", b"via context").await, b"via context");
+    assert_eq!(dial(&engine, "carol", "ctx", b"via context").await, b"via context");
     forward.interrupt().await;
     // The file keeps the rstream shape.
     let text = std::fs::read_to_string(&config).unwrap();

@@ -1,19 +1,27 @@
 //! The harness of the `strait` end-to-end tests: a real engine in-process
-//! on 127.0.0.1:0 and the real `strait` binary.
+//! on 127.0.0.1:0, the real `strait` binary, real local echo services.
+//! Every wait is on an output line or a condition, bounded by a deadline.
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
 
 use strait_engine::Engine;
 use strait_engine::config::Config;
+use strait_engine::registry::Tunnel;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 pub const SECRET: &str = "cli-test-secret-cli-test-secret-0123456";
+
+/// How long any one expected line or condition may take.
+pub const DEADLINE: Duration = Duration::from_secs(30);
 
 pub struct TestEngine {
     pub engine: Option<Engine>,
@@ -57,7 +65,16 @@ impl TestEngine {
         strait_engine::auth::mint(SECRET.as_bytes(), sub, Some(3600))
     }
 
-    /// `strait` with this engine in its environment (as a user would set it).
+    /// The engine's live tunnels by name.
+    pub fn tunnels(&self) -> HashMap<String, Arc<Tunnel>> {
+        let registry = &self.engine.as_ref().unwrap().shared.registry;
+        registry.tunnels().into_iter().map(|t| (t.name().unwrap_or_default().to_string(), t)).collect()
+    }
+
+    pub fn ids(&self) -> HashMap<String, String> {
+        self.tunnels().into_iter().map(|(name, t)| (name, t.id.clone())).collect()
+    }
+
     pub fn strait(&self, sub: &str) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strait"));
         cmd.env_clear()
@@ -89,20 +106,10 @@ impl Running {
 
     /// The next stdout line (the test fails if the process ends first).
     pub async fn line(&mut self) -> String {
-        match self.stdout.next_line().await.unwrap() {
+        match tokio::time::timeout(DEADLINE, self.stdout.next_line()).await.expect("a line in time").unwrap() {
             Some(line) => line,
             None => panic!("process ended; stderr: {}", self.drain_stderr().await),
         }
-    }
-
-    /// Waits for a stderr line containing `needle`.
-    pub async fn stderr_until(&mut self, needle: &str) -> String {
-        while let Some(line) = self.stderr.next_line().await.unwrap() {
-            if line.contains(needle) {
-                return line;
-            }
-        }
-        panic!("stderr ended without {needle:?}");
     }
 
     pub async fn drain_stderr(&mut self) -> String {
@@ -114,11 +121,53 @@ impl Running {
         out
     }
 
+    /// Stdout lines up to and including the next `applied …` summary.
+    pub async fn until_applied(&mut self) -> Vec<String> {
+        self.stdout_until("applied ").await
+    }
+
+    /// Stdout lines up to and including the next one starting with `prefix`.
+    pub async fn stdout_until(&mut self, prefix: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        let read = async {
+            while let Some(line) = self.stdout.next_line().await.unwrap() {
+                let done = line.starts_with(prefix);
+                lines.push(line);
+                if done {
+                    return true;
+                }
+            }
+            false
+        };
+        let finished =
+            tokio::time::timeout(DEADLINE, read).await.unwrap_or_else(|_| panic!("no {prefix:?} line in time"));
+        assert!(finished, "strait ended before {prefix:?}; stdout so far: {lines:?}");
+        lines
+    }
+
+    /// Stderr lines up to and including one containing `needle`.
+    pub async fn stderr_until(&mut self, needle: &str) -> Vec<String> {
+        let mut lines = Vec::new();
+        let read = async {
+            while let Some(line) = self.stderr.next_line().await.unwrap() {
+                let done = line.contains(needle);
+                lines.push(line);
+                if done {
+                    return true;
+                }
+            }
+            false
+        };
+        let found = tokio::time::timeout(DEADLINE, read).await.unwrap_or_else(|_| panic!("no {needle:?} in time"));
+        assert!(found, "stderr ended without {needle:?}: {lines:?}");
+        lines
+    }
+
     /// Interrupts the process as Ctrl-C does and waits for a clean exit.
     pub async fn interrupt(mut self) {
         let pid = self.child.id().unwrap().to_string();
         std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
-        let status = self.child.wait().await.unwrap();
+        let status = tokio::time::timeout(DEADLINE, self.child.wait()).await.expect("exit in time").unwrap();
         assert!(status.success(), "exit status {status}");
     }
 }
@@ -137,10 +186,32 @@ pub async fn echo_server() -> SocketAddr {
     addr
 }
 
+/// Sends `payload` through a plain TCP address and reads it back.
 pub async fn echo_through(addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     tcp.write_all(payload).await.unwrap();
     let mut back = vec![0u8; payload.len()];
     tcp.read_exact(&mut back).await.unwrap();
     back
+}
+
+/// `strait dial` as `who` with `input` on stdin; returns stdout.
+pub async fn dial(engine: &TestEngine, who: &str, tunnel: &str, input: &[u8]) -> Vec<u8> {
+    let mut child = engine
+        .strait(who)
+        .args(["dial", tunnel])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).await.unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut out = vec![0u8; input.len()];
+    tokio::time::timeout(DEADLINE, stdout.read_exact(&mut out)).await.expect("echo in time").unwrap();
+    drop(stdin);
+    let status = child.wait().await.unwrap();
+    assert!(status.success(), "dial exited with {status}");
+    out
 }

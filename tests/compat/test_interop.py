@@ -35,8 +35,15 @@ async def test_sdk_publishes_and_strait_dial_connects(engine, echo_port):
             env=strait_env(engine),
         )
         payload = os.urandom(256 * 1024)
-        out, err = await dial.communicate(payload)
-        assert dial.returncode == 0, err.decode()
+        # As an interactive user (or ssh) does: stdin stays open while the
+        # answer arrives. The SDK's forward_to closes both directions of
+        # the local connection when the stream half-closes, so closing
+        # stdin first would cut the echo short.
+        dial.stdin.write(payload)
+        await dial.stdin.drain()
+        out = await dial.stdout.readexactly(len(payload))
+        dial.stdin.close()
+        assert await dial.wait() == 0, (await dial.stderr.read()).decode()
         assert out == payload
         forward.cancel()
         await control.close()

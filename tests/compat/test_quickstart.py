@@ -30,29 +30,37 @@ def test_readme_has_two_commands_and_ci_runs_the_second():
 
 
 def _lines_until(proc: subprocess.Popen, wanted: str, seen: list[str]) -> str:
+    # Raw reads on the pipe: a buffered readline would hide lines from select.
+    fd = proc.stdout.fileno()
     selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ)
+    selector.register(fd, selectors.EVENT_READ)
     end = time.monotonic() + DEADLINE
+    pending = b""
     while time.monotonic() < end:
         if not selector.select(timeout=end - time.monotonic()):
             break
-        line = proc.stdout.readline()
-        if not line:
+        chunk = os.read(fd, 65536)
+        if not chunk:
             break
-        seen.append(line)
-        if line.strip().startswith(wanted):
-            return line.strip()
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            seen.append(line + "\n")
+            if line.strip().startswith(wanted):
+                return line.strip()
     raise AssertionError(f"no line starting with {wanted!r}; output was:\n{''.join(seen)}")
 
 
 def test_the_first_command_serves_a_demo_a_printed_curl_reaches(tmp_path):
     command = quickstart_commands()[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RSTREAM_", "XDG_STATE_HOME", "STRAIT_"))}
-    # A fresh user: the development CA and secret land in this HOME.
-    env["HOME"] = str(tmp_path)
+    # A fresh user: the development CA and secret land in this state folder
+    # (HOME stays, so cargo and rustup find their toolchain).
+    env["XDG_STATE_HOME"] = str(tmp_path)
     log = open(tmp_path / "engine.log", "wb")
     proc = subprocess.Popen(
-        command, shell=True, cwd=ROOT, env=env, text=True,
+        shlex.split(command), cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=log, start_new_session=True,
     )  # fmt: skip
     seen: list[str] = []

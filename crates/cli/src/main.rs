@@ -189,8 +189,10 @@ enum ContextCommand {
         make_default: bool,
     },
     /// Make a context the default.
+    #[command(after_help = "Example:\n  strait context use lab")]
     Use { name: String },
-    /// List contexts.
+    /// List contexts (the default is marked with *).
+    #[command(after_help = "Example:\n  strait context list")]
     List,
 }
 

@@ -45,9 +45,19 @@ pub fn route(engine_host: &str, sni: Option<&str>, offers_rstrm: bool) -> Route 
     if offers_rstrm { Route::Agent } else { Route::Api }
 }
 
-/// Accepts until shutdown. Each connection holds a permit, so at most
-/// `limits.max_connections` are in flight.
+/// Accepts on the TLS port until shutdown.
 pub async fn run(shared: Arc<Shared>, listener: TcpListener) {
+    accept_loop(shared, listener, "TLS", handle).await;
+}
+
+/// The accept loop every listener uses: each connection holds a permit, so
+/// at most `limits.max_connections` are in flight per listener, and runs
+/// `serve` as a task the shutdown drain waits for.
+pub async fn accept_loop<F, Fut>(shared: Arc<Shared>, listener: TcpListener, what: &'static str, serve: F)
+where
+    F: Fn(Arc<Shared>, TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let permits = Arc::new(Semaphore::new(shared.config.limits.max_connections));
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -63,16 +73,16 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener) {
             Ok((tcp, peer)) => {
                 backoff = Duration::from_millis(5);
                 let _ = tcp.set_nodelay(true);
-                let shared2 = shared.clone();
+                let connection = serve(shared.clone(), tcp, peer);
                 shared.tasks.spawn(async move {
-                    handle(shared2, tcp, peer).await;
+                    connection.await;
                     drop(permit);
                 });
             }
             Err(error) => {
                 // EMFILE and friends: wait for descriptors to free up
                 // instead of spinning on the same error.
-                tracing::error!(%error, "accept failed; backing off {:?}", backoff);
+                tracing::error!(%error, listener = what, "accept failed; backing off {:?}", backoff);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }

@@ -7,9 +7,7 @@ mod common;
 use std::process::Command;
 
 use common::{TestEngine, read_to_close, roundtrip};
-use strait_proto::{
-    ClientDetails, ErrorCode, OpenControlChannelReq, OpenControlChannelResult, Payload, TunnelProperties, write_message,
-};
+use strait_proto::{ErrorCode, OpenControlChannelResult, Payload, TunnelProperties, write_message};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -26,17 +24,6 @@ async fn still_serving(engine: &TestEngine) {
     tokio::io::AsyncReadExt::read_exact(&mut stream, &mut buf).await.unwrap();
     assert_eq!(&buf, b"ping");
     control.close().await.unwrap();
-}
-
-fn control_req(token: String) -> Payload {
-    Payload::OpenControlChannelReq(OpenControlChannelReq {
-        client_details: Some(ClientDetails {
-            token: Some(token),
-            protocol_version: Some("1.4.5".into()),
-            ..Default::default()
-        }),
-        liveness: None,
-    })
 }
 
 #[tokio::test]
@@ -128,7 +115,7 @@ async fn plain_text_on_the_tls_port_is_dropped() {
 async fn garbage_on_an_open_control_channel_ends_it_and_its_tunnels() {
     let engine = TestEngine::start().await;
     let mut raw = engine.raw().await;
-    roundtrip(&mut raw, control_req(engine.token("alice"))).await;
+    roundtrip(&mut raw, common::control_req(engine.token("alice"))).await;
     let open = strait_proto::OpenTunnelReq {
         request_id: "r1".into(),
         tunnel_properties: Some(TunnelProperties { name: Some("doomed".into()), ..Default::default() }),
@@ -146,7 +133,7 @@ async fn garbage_on_an_open_control_channel_ends_it_and_its_tunnels() {
 async fn a_bad_token_on_the_control_channel_is_unauthorized() {
     let engine = TestEngine::start().await;
     let mut raw = engine.raw().await;
-    let rsp = roundtrip(&mut raw, control_req("not-a-token".into())).await;
+    let rsp = roundtrip(&mut raw, common::control_req("not-a-token".into())).await;
     let Some(Payload::OpenControlChannelRsp(rsp)) = rsp.payload else { panic!("{rsp:?}") };
     let Some(OpenControlChannelResult::Error(error)) = rsp.payload else { panic!("{rsp:?}") };
     assert_eq!(error.code(), ErrorCode::Unauthorized);

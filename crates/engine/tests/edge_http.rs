@@ -12,10 +12,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use std::time::Duration;
-use strait_proto::{
-    ClientDetails, FrameReader, MAX_FRAME_LEN, OpenControlChannelReq, OpenTunnelReq, Payload, ProxyConnRsp,
-    write_message,
-};
+use strait_proto::{FrameReader, MAX_FRAME_LEN, OpenTunnelReq, Payload, ProxyConnRsp, write_message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -306,16 +303,7 @@ async fn server_sent_events_arrive_before_the_stream_ends() {
 /// A hand-made agent: a control channel with one published tunnel, for
 /// misbehaviours the agent library never shows.
 async fn raw_agent(engine: &TestEngine, label: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let mut raw = engine.raw().await;
-    let req = OpenControlChannelReq {
-        client_details: Some(ClientDetails {
-            token: Some(engine.token("alice")),
-            protocol_version: Some("1.4.5".into()),
-            ..Default::default()
-        }),
-        liveness: None,
-    };
-    roundtrip(&mut raw, Payload::OpenControlChannelReq(req)).await;
+    let mut raw = engine.raw_control("alice").await;
     let open = OpenTunnelReq { request_id: "r1".into(), tunnel_properties: Some(published(label)) };
     roundtrip(&mut raw, Payload::OpenTunnelReq(open)).await;
     raw

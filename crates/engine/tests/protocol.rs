@@ -253,16 +253,7 @@ async fn heartbeats_are_acknowledged_only_when_liveness_was_negotiated() {
 #[tokio::test]
 async fn silent_control_channels_are_dropped() {
     let engine = TestEngine::start_with("limits: {control_idle_seconds: 1}\n").await;
-    let mut raw = engine.raw().await;
-    let req = OpenControlChannelReq {
-        client_details: Some(ClientDetails {
-            token: Some(engine.token("alice")),
-            protocol_version: Some("1.4.5".into()),
-            ..Default::default()
-        }),
-        liveness: None,
-    };
-    roundtrip(&mut raw, Payload::OpenControlChannelReq(req)).await;
+    let mut raw = engine.raw_control("alice").await;
     // The engine ends the silent channel: the read sees the close.
     read_to_close(&mut raw).await;
     assert_eq!(engine.engine.shared.registry.counts().0, 0);
@@ -313,16 +304,7 @@ async fn tunnels_per_client_limit_is_capacity_exhausted() {
 async fn a_stream_the_agent_never_opens_times_out() {
     let engine = TestEngine::start_with("timeouts: {stream_request_seconds: 1}\n").await;
     // A raw control channel that ignores ProxyConnReq.
-    let mut raw = engine.raw().await;
-    let req = OpenControlChannelReq {
-        client_details: Some(ClientDetails {
-            token: Some(engine.token("alice")),
-            protocol_version: Some("1.4.5".into()),
-            ..Default::default()
-        }),
-        liveness: None,
-    };
-    roundtrip(&mut raw, Payload::OpenControlChannelReq(req)).await;
+    let mut raw = engine.raw_control("alice").await;
     let open = strait_proto::OpenTunnelReq { request_id: "r1".into(), tunnel_properties: Some(private("lazy")) };
     roundtrip(&mut raw, Payload::OpenTunnelReq(open)).await;
     let mut config = engine.client_config("alice");

@@ -18,7 +18,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::Shared;
 
@@ -26,33 +25,7 @@ use crate::Shared;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(shared: Arc<Shared>, listener: TcpListener) {
-    let permits = Arc::new(Semaphore::new(shared.config.limits.max_connections));
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let permit = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            permit = permits.clone().acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
-        };
-        let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                backoff = Duration::from_millis(5);
-                let shared2 = shared.clone();
-                shared.tasks.spawn(async move {
-                    serve(shared2, tcp, peer).await;
-                    drop(permit);
-                });
-            }
-            Err(error) => {
-                tracing::error!(%error, "HTTP accept failed; backing off {:?}", backoff);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-        }
-    }
+    crate::listener::accept_loop(shared, listener, "HTTP", serve).await;
 }
 
 async fn serve(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer: SocketAddr) {

@@ -74,21 +74,30 @@ impl TestEngine {
     }
 
     pub async fn raw_with_alpn(&self, alpns: &[&[u8]]) -> TlsStream<TcpStream> {
-        let mut roots = rustls::RootCertStore::empty();
-        let pem = std::fs::read(&self.ca).unwrap();
-        use rustls::pki_types::pem::PemObject;
-        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let mut config = rustls::ClientConfig::builder_with_provider(strait_engine::crypto_provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let connector = tokio_rustls::TlsConnector::from(self.public_tls_config(alpns));
         let tcp = TcpStream::connect(self.addr).await.unwrap();
         connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await.unwrap()
+    }
+}
+
+/// An `OpenControlChannelReq` of protocol 1.4.5 without liveness.
+pub fn control_req(token: String) -> Payload {
+    Payload::OpenControlChannelReq(strait_proto::OpenControlChannelReq {
+        client_details: Some(strait_proto::ClientDetails {
+            token: Some(token),
+            protocol_version: Some("1.4.5".into()),
+            ..Default::default()
+        }),
+        liveness: None,
+    })
+}
+
+impl TestEngine {
+    /// A hand-driven control channel for `sub`, already open.
+    pub async fn raw_control(&self, sub: &str) -> TlsStream<TcpStream> {
+        let mut raw = self.raw().await;
+        roundtrip(&mut raw, control_req(self.token(sub))).await;
+        raw
     }
 }
 

@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
-# System tools the tests drive (openssl s_client, curl).
+# System tools the tests drive (openssl s_client, curl, jq; iperf3 for the
+# benchmark smoke run).
 missing=()
-for tool in openssl curl jq; do
+for tool in openssl curl jq iperf3; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 if ((${#missing[@]})); then
@@ -19,13 +20,7 @@ if ((${#missing[@]})); then
     $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# The Python venv with the reference SDK, pinned.
-if [ ! -x .venv/bin/python ] || ! cmp -s tests/compat/requirements.txt .venv/requirements.txt; then
-    log "preparing the Python venv (tests/compat/requirements.txt)"
-    python3 -m venv .venv
-    .venv/bin/pip install -q --disable-pip-version-check -r tests/compat/requirements.txt
-    cp tests/compat/requirements.txt .venv/requirements.txt
-fi
+bash scripts/venv.sh
 
 log "building"
 cargo build --workspace --all-targets
@@ -42,3 +37,6 @@ cargo build --release -p strait-engine
 
 log "compatibility suite (rstream Python SDK)"
 STRAIT_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest tests/compat -q -p no:cacheprovider
+
+log "benchmark smoke run (bench/run.sh --smoke: every scenario, briefly, no peers)"
+bash bench/run.sh --smoke

@@ -1,0 +1,815 @@
+#!/usr/bin/env python3
+"""strait side by side with rathole, bore and a direct connection.
+
+Every setup carries the same three local services (an iperf3 server, a
+small keep-alive HTTP server and a TCP echo server) and is measured by the
+same clients (iperf3 and `strait-bench`). Setups run back to back,
+alternating, for several rounds; the report gives medians and spreads.
+
+Run it through `bench/run.sh`, which builds and installs everything first.
+Standard library only, so it runs without the test venv (the SDK row needs
+the venv's Python, passed as --sdk-python).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SECRET = "bench-secret-bench-secret-bench-secret-0123"
+DEADLINE = 60.0
+
+# ---------------------------------------------------------------- processes
+
+
+class Proc:
+    """A child process with its output in a log file and its cost readable
+    from /proc."""
+
+    def __init__(
+        self, name: str, argv: list[str], work: pathlib.Path, cpus: str | None, stdout_to_log: bool = False, **kw
+    ) -> None:
+        self.name = name
+        self.log_path = work / f"{name}.log"
+        self.log = open(self.log_path, "wb")
+        if cpus:
+            argv = ["taskset", "-c", cpus, *argv]
+        self.popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=self.log if stdout_to_log else subprocess.PIPE,
+            stderr=self.log,
+            **kw,
+        )
+        self.pid = self.popen.pid
+        self.pending = b""
+
+    def json_line(self, timeout: float = DEADLINE) -> dict:
+        """The next stdout line that is a JSON object (other lines skipped)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            line = self.readline(end - time.monotonic())
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"{self.name}: no JSON line in {timeout:.0f}s; log: {self.tail()}")
+
+    def line_matching(self, pattern: str, timeout: float = DEADLINE) -> re.Match:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            line = self.readline(end - time.monotonic())
+            found = re.search(pattern, line)
+            if found:
+                return found
+        raise RuntimeError(f"{self.name}: no line matching {pattern!r}; log: {self.tail()}")
+
+    def readline(self, timeout: float) -> str:
+        """One stdout line, or "" after TIMEOUT. Reads the pipe raw: a
+        buffered reader would hide lines from select()."""
+        import selectors
+
+        end = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            with selectors.DefaultSelector() as sel:
+                sel.register(self.popen.stdout, selectors.EVENT_READ)
+                if not sel.select(max(end - time.monotonic(), 0.0)):
+                    return ""
+            chunk = os.read(self.popen.stdout.fileno(), 65536)
+            if not chunk:
+                self.popen.wait()
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}; log: {self.tail()}")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        self.log.write(b"[stdout] " + line + b"\n")
+        self.log.flush()
+        return line.decode(errors="replace")
+
+    def tail(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")[-2000:]
+
+    def cpu_seconds(self) -> float:
+        fields = pathlib.Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_kib(self) -> int:
+        for line in pathlib.Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"{self.name}: no VmRSS")
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                self.popen.stdin.close()
+            except OSError:
+                pass
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self.log.close()
+
+
+def run_json(argv: list[str], cpus: str | None, timeout: float) -> dict:
+    if cpus:
+        argv = ["taskset", "-c", cpus, *argv]
+    done = subprocess.run(argv, capture_output=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {done.stderr.decode()[-1500:]}{done.stdout.decode()[-500:]}")
+    text = done.stdout.decode().strip()
+    try:
+        return json.loads(text)  # iperf3 -J: one multi-line document
+    except json.JSONDecodeError:
+        return json.loads(text.splitlines()[-1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = DEADLINE) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def wait_port_bound(port: int, timeout: float = DEADLINE) -> None:
+    """Waits until something listens on 127.0.0.1:PORT, without connecting
+    (a connection would use up a one-off server)."""
+    end = time.monotonic() + timeout
+    want = f"0100007F:{port:04X}"
+    while time.monotonic() < end:
+        for line in pathlib.Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == want and fields[3] == "0A":
+                return
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def wait_log(proc: Proc, pattern: str, count: int = 1, timeout: float = DEADLINE) -> None:
+    """Waits until the process's log holds COUNT lines matching PATTERN."""
+    end = time.monotonic() + timeout
+    rx = re.compile(pattern)
+    while time.monotonic() < end:
+        proc.log.flush()
+        text = proc.log_path.read_text(errors="replace")
+        if len(rx.findall(text)) >= count:
+            return
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited; log: {proc.tail()}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.name}: {count} x {pattern!r} not seen; log: {proc.tail()}")
+
+
+# ---------------------------------------------------------------- the bench
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.bin = pathlib.Path(args.bin_dir)
+        self.peers = pathlib.Path(args.peer_dir)
+        self.work = pathlib.Path(tempfile.mkdtemp(prefix="strait-bench-"))
+        ncpu = len(os.sched_getaffinity(0))
+        self.pinned = args.pin and ncpu >= 2 and shutil.which("taskset") is not None
+        # The tunnel's processes on one core, load and services on the other.
+        self.tunnel_cpus = "0" if self.pinned else None
+        self.load_cpus = "1" if self.pinned else None
+        self.procs: list[Proc] = []
+        self.certs = self.work / "certs"
+        subprocess.run(
+            [self.bin / "strait-engine", "gen-certs", "--host", "localhost", "--out", self.certs],
+            check=True,
+            capture_output=True,
+        )
+        self.token = subprocess.run(
+            [self.bin / "strait", "token", "--secret", SECRET, "--sub", "bench", "--ttl", "12h"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        self.services: dict[str, int] = {}
+
+    def spawn(self, name: str, argv: list, cpus: str | None, **kw) -> Proc:
+        proc = Proc(name, [str(a) for a in argv], self.work, cpus, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def tool(self, name: str) -> str:
+        return str(self.bin / name)
+
+    def start_services(self) -> None:
+        # iperf3 serves one test at a time and can stay stuck on a client
+        # that vanished, so each run gets a fresh one-off server.
+        self.services["iperf"] = free_port()
+        for kind in ("http", "echo"):
+            proc = self.spawn(f"{kind}-server", [self.tool("strait-bench"), f"serve-{kind}"], self.load_cpus)
+            self.services[kind] = int(proc.json_line()["listen"].rsplit(":", 1)[1])
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+
+
+# ---------------------------------------------------------------- setups
+
+
+class Setup:
+    """One way from the client to the services. `iperf` is the plain TCP
+    port iperf3 connects to; `http` and `echo` are strait-bench target
+    arguments; `tunnel` are the processes whose CPU and memory count
+    (`server` side and `agent` side)."""
+
+    name = ""
+    label = ""
+    scenarios = {"throughput", "parallel", "http", "latency", "streams", "agents"}
+
+    def __init__(self, bench: Bench) -> None:
+        self.b = bench
+        self.server: list[Proc] = []
+        self.agent: list[Proc] = []
+        self.client: list[Proc] = []
+        self.iperf = 0
+        self.http: list[str] = []
+        self.echo: list[str] = []
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None:
+        for proc in self.server + self.agent + self.client:
+            proc.stop()
+
+    def tunnel_procs(self) -> list[Proc]:
+        return self.server + self.agent + self.client
+
+    def agents(self, count: int) -> dict:
+        raise NotImplementedError
+
+
+class Direct(Setup):
+    name, label = "direct", "direct (no tunnel)"
+    scenarios = {"throughput", "parallel", "http", "latency"}
+
+    def start(self) -> None:
+        s = self.b.services
+        self.iperf = s["iperf"]
+        self.http = ["--target", f"127.0.0.1:{s['http']}"]
+        self.echo = ["--target", f"127.0.0.1:{s['echo']}"]
+
+
+class StraitEngine(Setup):
+    """An engine from a config file, the way an operator runs it."""
+
+    def start_engine(self) -> None:
+        b = self.b
+        config = b.work / f"{self.name}-engine.yaml"
+        config.write_text(
+            "engine: {host: localhost, log_level: warn}\n"
+            'tls: {enabled: true, listen_addr: "127.0.0.1:0"}\n'
+            f'certs: {{static: {{enabled: true, cert_file: "{b.certs / "cert.pem"}", key_file: "{b.certs / "key.pem"}"}}}}\n'
+            f'auth: {{jwt: {{enabled: true, token_jwt_secret: "{SECRET}"}}}}\n'
+        )
+        engine = b.spawn(f"{self.name}-engine", [b.tool("strait-engine"), "--config", config, "--print-ready", "run"], b.tunnel_cpus)
+        self.port = int(engine.json_line()["tls"].rsplit(":", 1)[1])
+        self.server = [engine]
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RSTREAM_")}
+        env.update(
+            RSTREAM_ENGINE=f"localhost:{self.port}",
+            RSTREAM_AUTHENTICATION_TOKEN=self.b.token,
+            SSL_CERT_FILE=str(self.b.certs / "ca.pem"),
+            HOME=str(self.b.work),
+            STRAIT_LOG="warn",
+        )
+        return env
+
+    def apply(self, tunnels: str) -> Proc:
+        b = self.b
+        path = b.work / f"{self.name}-tunnels.yaml"
+        path.write_text("version: 1\ntunnels:\n" + tunnels)
+        agent = b.spawn(f"{self.name}-agent", [b.tool("strait"), "run", "--apply", path], b.tunnel_cpus, env=self.env())
+        agent.line_matching(r"^applied .*: 3 created")
+        return agent
+
+    def connect(self, tunnel: str) -> int:
+        b = self.b
+        proc = b.spawn(
+            f"{self.name}-connect-{tunnel}",
+            [b.tool("strait"), "connect", tunnel, "--zero-rtt"],
+            b.tunnel_cpus,
+            env=self.env(),
+        )
+        self.client.append(proc)
+        return int(proc.line_matching(r"Listening on 127\.0\.0\.1:(\d+)").group(1))
+
+    def agents(self, count: int) -> dict:
+        """A fresh engine, so memory freed by earlier scenarios does not
+        hide what the agents cost."""
+        b = self.b
+        fresh = StraitEngine(b)
+        fresh.name = f"{self.name}-agents"
+        fresh.start_engine()
+        engine = fresh.server[0]
+        proc = None
+        try:
+            before = engine.rss_kib()
+            proc = b.spawn(
+                f"{self.name}-agents",
+                [b.tool("strait-bench"), "agents", "--engine", f"localhost:{fresh.port}", "--token", b.token,
+                 "--ca", b.certs / "ca.pem", "--count", count, "--tunnel"],
+                b.tunnel_cpus,
+            )
+            proc.json_line(timeout=300)
+            return {"server_kib": engine.rss_kib() - before, "agent_kib": proc.rss_kib()}
+        finally:
+            if proc:
+                proc.stop()
+            engine.stop()
+
+
+class StraitPublished(StraitEngine):
+    name, label = "strait-tls", "strait, published TLS tunnel (strait agent)"
+
+    def start(self) -> None:
+        self.start_engine()
+        s = self.b.services
+        agent = self.apply(
+            f'  - {{name: iperf, forward: "127.0.0.1:{s["iperf"]}", tunnel: {{publish: true, protocol: tls, host: b-iperf}}}}\n'
+            f'  - {{name: http, forward: "127.0.0.1:{s["http"]}", tunnel: {{publish: true, protocol: http, host: b-http}}}}\n'
+            f'  - {{name: echo, forward: "127.0.0.1:{s["echo"]}", tunnel: {{publish: true, protocol: tls, host: b-echo}}}}\n'
+        )
+        self.agent = [agent]
+        ca = str(self.b.certs / "ca.pem")
+        tls = lambda host: ["--target", f"127.0.0.1:{self.port}", "--tls", f"{host}.t.localhost", "--ca", ca]
+        self.http = [*tls("b-http"), "--alpn", "http/1.1"]
+        self.echo = tls("b-echo")
+        # iperf3 speaks plain TCP: a client-side bridge does the TLS a real
+        # client would do itself. It runs with the load, not the tunnel.
+        bridge = self.b.spawn(f"{self.name}-bridge", [self.b.tool("strait-bench"), "bridge", *tls("b-iperf")], self.b.load_cpus)
+        self.iperf = int(bridge.json_line()["listen"].rsplit(":", 1)[1])
+        self.bridge = bridge
+
+    def stop(self) -> None:
+        super().stop()
+        if hasattr(self, "bridge"):
+            self.bridge.stop()
+
+
+class StraitPrivate(StraitEngine):
+    name, label = "strait-private", "strait, private dial (strait agent, strait connect)"
+
+    def start(self) -> None:
+        self.start_engine()
+        s = self.b.services
+        self.agent = [self.start_agent(s)]
+        self.iperf = self.connect("iperf")
+        self.http = ["--target", f"127.0.0.1:{self.connect('http')}"]
+        self.echo = ["--target", f"127.0.0.1:{self.connect('echo')}"]
+
+    def start_agent(self, s: dict[str, int]) -> Proc:
+        return self.apply(
+            "".join(f'  - {{name: {k}, forward: "127.0.0.1:{s[k]}", tunnel: {{publish: false}}}}\n' for k in ("iperf", "http", "echo"))
+        )
+
+
+class StraitSdk(StraitPrivate):
+    name, label = "strait-sdk", "strait, private dial (rstream Python SDK agent)"
+    scenarios = {"throughput", "http", "latency"}
+
+    def start_agent(self, s: dict[str, int]) -> Proc:
+        b = self.b
+        proc = b.spawn(
+            f"{self.name}-agent",
+            [b.args.sdk_python, ROOT / "bench" / "sdk_agent.py", "--engine", f"localhost:{self.port}",
+             "--token", b.token, "--ca", b.certs / "ca.pem", *(f"{k}={s[k]}" for k in ("iperf", "http", "echo"))],
+            b.tunnel_cpus,
+        )
+        proc.json_line()
+        return proc
+
+
+class Rathole(Setup):
+    tls = False
+
+    def start(self) -> None:
+        b = self.b
+        s = b.services
+        control = free_port()
+        ports = {k: free_port() for k in ("iperf", "http", "echo")}
+        transport_server = transport_client = ""
+        if self.tls:
+            p12 = b.work / "rathole.p12"
+            if not p12.exists():
+                subprocess.run(
+                    ["openssl", "pkcs12", "-export", "-out", p12, "-inkey", b.certs / "key.pem",
+                     "-in", b.certs / "cert.pem", "-passout", "pass:bench"],
+                    check=True,
+                    capture_output=True,
+                )
+            transport_server = f'[server.transport]\ntype = "tls"\n[server.transport.tls]\npkcs12 = "{p12}"\npkcs12_password = "bench"\n'
+            transport_client = (
+                f'[client.transport]\ntype = "tls"\n[client.transport.tls]\ntrusted_root = "{b.certs / "ca.pem"}"\nhostname = "localhost"\n'
+            )
+        server = b.work / f"{self.name}-server.toml"
+        server.write_text(
+            f'[server]\nbind_addr = "127.0.0.1:{control}"\n{transport_server}'
+            + "".join(f'[server.services.{k}]\ntoken = "bench"\nbind_addr = "127.0.0.1:{p}"\n' for k, p in ports.items())
+        )
+        client = b.work / f"{self.name}-client.toml"
+        client.write_text(
+            f'[client]\nremote_addr = "localhost:{control}"\n{transport_client}'
+            + "".join(f'[client.services.{k}]\ntoken = "bench"\nlocal_addr = "127.0.0.1:{s[k]}"\n' for k in ports)
+        )
+        rathole = str(b.peers / "rathole")
+        env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"}
+        peer = {"env": env, "stdout_to_log": True}
+        self.server = [b.spawn(f"{self.name}-server", [rathole, "--server", server], b.tunnel_cpus, **peer)]
+        wait_port(control)
+        self.agent = [b.spawn(f"{self.name}-client", [rathole, "--client", client], b.tunnel_cpus, **peer)]
+        wait_log(self.agent[0], "Control channel established", count=3)
+        for p in ports.values():
+            wait_port(p)
+        self.iperf = ports["iperf"]
+        self.http = ["--target", f"127.0.0.1:{ports['http']}"]
+        self.echo = ["--target", f"127.0.0.1:{ports['echo']}"]
+
+    def agents(self, count: int) -> dict:
+        """rathole keeps one control channel per service: one client with
+        COUNT services is COUNT idle control channels."""
+        b = self.b
+        control = free_port()
+        server = b.work / f"{self.name}-agents-server.toml"
+        client = b.work / f"{self.name}-agents-client.toml"
+        st = ct = ""
+        if self.tls:
+            st = f'[server.transport]\ntype = "tls"\n[server.transport.tls]\npkcs12 = "{b.work / "rathole.p12"}"\npkcs12_password = "bench"\n'
+            ct = f'[client.transport]\ntype = "tls"\n[client.transport.tls]\ntrusted_root = "{b.certs / "ca.pem"}"\nhostname = "localhost"\n'
+        # Service ports are bound only once their control channel is up.
+        ports = [free_port() for _ in range(count)]
+        server.write_text(
+            f'[server]\nbind_addr = "127.0.0.1:{control}"\n{st}'
+            + "".join(f'[server.services.s{i}]\ntoken = "bench"\nbind_addr = "127.0.0.1:{p}"\n' for i, p in enumerate(ports))
+        )
+        client.write_text(
+            f'[client]\nremote_addr = "localhost:{control}"\n{ct}'
+            + "".join(f'[client.services.s{i}]\ntoken = "bench"\nlocal_addr = "127.0.0.1:{b.services["echo"]}"\n' for i in range(count))
+        )
+        rathole = str(b.peers / "rathole")
+        env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"}
+        peer = {"env": env, "stdout_to_log": True}
+        srv = b.spawn(f"{self.name}-agents-server", [rathole, "--server", server], b.tunnel_cpus, **peer)
+        cli = None
+        try:
+            wait_port(control)
+            before = srv.rss_kib()
+            cli = b.spawn(f"{self.name}-agents-client", [rathole, "--client", client], b.tunnel_cpus, **peer)
+            wait_log(cli, "Control channel established", count=count, timeout=300)
+            return {"server_kib": srv.rss_kib() - before, "agent_kib": cli.rss_kib()}
+        finally:
+            if cli:
+                cli.stop()
+            srv.stop()
+
+
+class RatholeTls(Rathole):
+    name, label, tls = "rathole-tls", "rathole, TLS transport", True
+
+
+class RatholeTcp(Rathole):
+    name, label, tls = "rathole-tcp", "rathole, plain TCP transport", False
+
+
+class Bore(Setup):
+    name, label = "bore", "bore (plain TCP)"
+
+    def start(self) -> None:
+        b = self.b
+        bore = str(b.peers / "bore")
+        env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"}
+        peer = {"env": env, "stdout_to_log": True}
+        # bore's control port is fixed at 7835.
+        self.server = [b.spawn(f"{self.name}-server", [bore, "server", "--bind-addr", "127.0.0.1"], b.tunnel_cpus, **peer)]
+        wait_port(7835)
+        ports = {}
+        for k in ("iperf", "http", "echo"):
+            ports[k] = free_port()
+            self.agent.append(
+                b.spawn(f"{self.name}-local-{k}", [bore, "local", b.services[k], "--local-host", "127.0.0.1",
+                        "--to", "127.0.0.1", "--port", ports[k]], b.tunnel_cpus, **peer)
+            )
+            wait_log(self.agent[-1], "listening at")
+        self.iperf = ports["iperf"]
+        self.http = ["--target", f"127.0.0.1:{ports['http']}"]
+        self.echo = ["--target", f"127.0.0.1:{ports['echo']}"]
+
+    def agents(self, count: int) -> dict:
+        """A bore tunnel is one client process with one control connection."""
+        b = self.b
+        bore = str(b.peers / "bore")
+        server = self.server[0]
+        before = server.rss_kib()
+        clients = []
+        try:
+            for i in range(count):
+                clients.append(
+                    b.spawn(f"{self.name}-agents-{i}", [bore, "local", b.services["echo"], "--local-host", "127.0.0.1",
+                            "--to", "127.0.0.1"], b.tunnel_cpus, env={**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"}, stdout_to_log=True)
+                )
+            for c in clients:
+                wait_log(c, "listening at")
+            return {"server_kib": server.rss_kib() - before, "agent_kib": sum(c.rss_kib() for c in clients)}
+        finally:
+            for c in clients:
+                c.stop()
+                b.procs.remove(c)
+
+
+SETUPS = {s.name: s for s in (Direct, StraitPublished, StraitPrivate, StraitSdk, RatholeTls, RatholeTcp, Bore)}
+
+# ---------------------------------------------------------------- scenarios
+
+
+def iperf(bench: Bench, setup: Setup, seconds: float, streams: int, reverse: bool) -> dict:
+    port = bench.services["iperf"]
+    server = bench.spawn("iperf3-server", ["iperf3", "-s", "-1", "-p", port, "-B", "127.0.0.1"], bench.load_cpus)
+    try:
+        wait_port_bound(port)
+        cost_before = sum(p.cpu_seconds() for p in setup.tunnel_procs())
+        argv = ["iperf3", "-c", "127.0.0.1", "-p", str(setup.iperf), "-t", str(seconds), "-J", "-P", str(streams),
+                "--connect-timeout", "10000"]
+        if reverse:
+            argv.append("-R")
+        out = run_json(argv, bench.load_cpus, timeout=seconds + 30)
+    finally:
+        server.stop()
+        bench.procs.remove(server)
+    if "error" in out:
+        raise RuntimeError(f"iperf3: {out['error']}")
+    cost = sum(p.cpu_seconds() for p in setup.tunnel_procs()) - cost_before
+    received = out["end"]["sum_received"]
+    gbytes = received["bytes"] / 1e9
+    return {"gbit_s": received["bits_per_second"] / 1e9, "cpu_s_per_gb": cost / gbytes if setup.tunnel_procs() else None}
+
+
+def scenario_throughput(bench: Bench, setup: Setup, results: dict) -> None:
+    a = bench.args
+    for direction, reverse in (("up", False), ("down", True)):
+        r = iperf(bench, setup, a.seconds, 1, reverse)
+        results.setdefault(f"1-throughput-{direction}", []).append(r["gbit_s"])
+        if r["cpu_s_per_gb"] is not None:
+            results.setdefault(f"6-cpu-{direction}", []).append(r["cpu_s_per_gb"])
+
+
+def scenario_parallel(bench: Bench, setup: Setup, results: dict) -> None:
+    a = bench.args
+    for direction, reverse in (("up", False), ("down", True)):
+        r = iperf(bench, setup, a.seconds, 10, reverse)
+        results.setdefault(f"2-parallel-{direction}", []).append(r["gbit_s"])
+
+
+def scenario_http(bench: Bench, setup: Setup, results: dict) -> None:
+    a = bench.args
+    out = run_json(
+        [bench.tool("strait-bench"), "http-load", *setup.http, "--connections", "64", "--seconds", str(a.seconds)],
+        bench.load_cpus,
+        timeout=a.seconds + 60,
+    )
+    if out["errors"]:
+        raise RuntimeError(f"http-load through {setup.name}: {out['errors']} errors, first: {out['first_error']}")
+    results.setdefault("3-http-rps", []).append(out["per_second"])
+
+
+def scenario_latency(bench: Bench, setup: Setup, results: dict) -> None:
+    a = bench.args
+    out = run_json(
+        [bench.tool("strait-bench"), "latency", *setup.http, "--count", str(a.connections), "--warmup", str(a.connections // 20)],
+        bench.load_cpus,
+        timeout=600,
+    )
+    if out["errors"]:
+        raise RuntimeError(f"latency through {setup.name}: {out['errors']} errors, first: {out['first_error']}")
+    results.setdefault("4-connect-p50-us", []).append(out["p50_us"])
+    results.setdefault("4-connect-p99-us", []).append(out["p99_us"])
+
+
+def scenario_streams(bench: Bench, setup: Setup, results: dict) -> None:
+    a = bench.args
+    procs = setup.tunnel_procs()
+    before = {p.name: p.rss_kib() for p in procs}
+    hold = bench.spawn(f"hold-{setup.name}", [bench.tool("strait-bench"), "hold", *setup.echo, "--count", a.streams], bench.load_cpus)
+    try:
+        hold.json_line(timeout=300)
+        server = sum(p.rss_kib() - before[p.name] for p in setup.server)
+        agent = sum(p.rss_kib() - before[p.name] for p in setup.agent + setup.client)
+    finally:
+        hold.stop()
+        bench.procs.remove(hold)
+    results.setdefault("5-stream-server-kib", []).append(server / a.streams)
+    results.setdefault("5-stream-agent-kib", []).append(agent / a.streams)
+
+
+def scenario_agents(bench: Bench, setup: Setup, results: dict) -> None:
+    a = bench.args
+    out = setup.agents(a.agents)
+    results.setdefault("5-agent-server-kib", []).append(out["server_kib"] / a.agents)
+    results.setdefault("5-agent-agent-kib", []).append(out["agent_kib"] / a.agents)
+
+
+SCENARIOS = {
+    "throughput": scenario_throughput,
+    "parallel": scenario_parallel,
+    "http": scenario_http,
+    "latency": scenario_latency,
+    "streams": scenario_streams,
+    "agents": scenario_agents,
+}
+
+# ---------------------------------------------------------------- report
+
+METRICS = [
+    # key, title, unit, higher is better
+    ("1-throughput-up", "1. Single-stream throughput, client to service", "Gbit/s", True),
+    ("1-throughput-down", "1. Single-stream throughput, service to client", "Gbit/s", True),
+    ("2-parallel-up", "2. Ten parallel streams, client to service", "Gbit/s", True),
+    ("2-parallel-down", "2. Ten parallel streams, service to client", "Gbit/s", True),
+    ("3-http-rps", "3. HTTP requests/s, 64 keep-alive connections", "req/s", True),
+    ("4-connect-p50-us", "4. New connection + request + reply, p50", "µs", False),
+    ("4-connect-p99-us", "4. New connection + request + reply, p99", "µs", False),
+    ("5-stream-server-kib", "5. Memory per open stream, server side", "KiB", False),
+    ("5-stream-agent-kib", "5. Memory per open stream, agent side (and dialer)", "KiB", False),
+    ("5-agent-server-kib", "5. Memory per idle agent, server side", "KiB", False),
+    ("5-agent-agent-kib", "5. Memory per idle agent, agent side", "KiB", False),
+    ("6-cpu-up", "6. Tunnel CPU seconds per GB, client to service", "s/GB", False),
+    ("6-cpu-down", "6. Tunnel CPU seconds per GB, service to client", "s/GB", False),
+]
+
+
+def summarise(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def fmt(v: float) -> str:
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def machine() -> dict:
+    model = "unknown"
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem = pathlib.Path("/proc/meminfo").read_text().splitlines()[0].split()[1]
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gib": round(int(mem) / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+    }
+
+
+def report(bench: Bench, data: dict, out: pathlib.Path, command: str) -> None:
+    summary = {setup: {k: summarise(v) for k, v in metrics.items()} for setup, metrics in data.items()}
+    doc = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "machine": machine(),
+        "pinning": {"tunnel_cpus": bench.tunnel_cpus, "load_cpus": bench.load_cpus} if bench.pinned else None,
+        "rounds": bench.args.rounds,
+        "seconds": bench.args.seconds,
+        "setups": {name: SETUPS[name].label for name in data},
+        "raw": data,
+        "summary": summary,
+    }
+    (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    m = doc["machine"]
+    lines = [
+        "# strait benchmark results",
+        "",
+        f"Produced by `{command}` on {doc['date'][:10]}.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}.",
+        (
+            f"Pinning: tunnel processes (engine/server, agent/client, `strait connect`) on CPU {bench.tunnel_cpus}; "
+            f"load generators and local services on CPU {bench.load_cpus}."
+            if bench.pinned
+            else "Pinning: off."
+        ),
+        f"{bench.args.rounds} rounds, setups alternating within each round; each cell is the median, "
+        f"with the range (min–max) over rounds. Throughput runs last {bench.args.seconds:g} s.",
+        "",
+    ]
+    setups = list(data)
+    baseline = "rathole-tls" if "rathole-tls" in data else None
+    for key, title, unit, higher in METRICS:
+        rows = [(s, summary[s][key]) for s in setups if key in summary[s]]
+        if not rows:
+            continue
+        lines += [f"### {title} ({unit}, {'higher' if higher else 'lower'} is better)", ""]
+        head = "| setup | median | range |" + (" vs rathole-tls |" if baseline else "")
+        lines += [head, "|---|---:|---:|" + ("---:|" if baseline else "")]
+        base = summary.get(baseline, {}).get(key, {}).get("median") if baseline else None
+        for s, v in rows:
+            cell = f"| {SETUPS[s].label} | {fmt(v['median'])} | {fmt(v['min'])}–{fmt(v['max'])} |"
+            if baseline:
+                cell += f" {v['median'] / base:.2f}x |" if base else " – |"
+            lines.append(cell)
+        lines.append("")
+    (out / "RESULTS.md").write_text("\n".join(lines))
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bin-dir", default=str(ROOT / "target" / "release"))
+    p.add_argument("--peer-dir", default=str(ROOT / "bench" / "work" / "bin"))
+    p.add_argument("--setups", default=",".join(SETUPS), help="comma-separated: " + ", ".join(SETUPS))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=10.0, help="length of each throughput and HTTP run")
+    p.add_argument("--connections", type=int, default=3000, help="new connections per latency run")
+    p.add_argument("--streams", type=int, default=1000, help="open streams for the memory scenario")
+    p.add_argument("--agents", type=int, default=1000, help="idle agents for the memory scenario")
+    p.add_argument("--no-pin", dest="pin", action="store_false")
+    p.add_argument("--sdk-python", default=str(ROOT / ".venv" / "bin" / "python"))
+    p.add_argument("--out", default=str(ROOT / "bench"))
+    p.add_argument("--command", default="bench/run.sh", help="the command line recorded in the report")
+    args = p.parse_args()
+
+    setups = [s for s in args.setups.split(",") if s]
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    for s in setups:
+        if s not in SETUPS:
+            p.error(f"unknown setup {s!r}")
+    for s in scenarios:
+        if s not in SCENARIOS:
+            p.error(f"unknown scenario {s!r}")
+
+    bench = Bench(args)
+    data: dict[str, dict[str, list[float]]] = {s: {} for s in setups}
+    failures = []
+    try:
+        bench.start_services()
+        for round_no in range(1, args.rounds + 1):
+            # Alternate the order each round so no setup always goes first.
+            order = setups if round_no % 2 else list(reversed(setups))
+            for name in order:
+                setup = SETUPS[name](bench)
+                print(f"round {round_no}/{args.rounds}: {setup.label}", file=sys.stderr, flush=True)
+                try:
+                    setup.start()
+                    for scenario in scenarios:
+                        if scenario in setup.scenarios:
+                            SCENARIOS[scenario](bench, setup, data[name])
+                except Exception as error:  # noqa: BLE001 - one setup's failure is reported, the run goes on
+                    failures.append(f"{name}: {error}")
+                    print(f"  FAILED: {error}", file=sys.stderr, flush=True)
+                finally:
+                    setup.stop()
+    finally:
+        bench.stop_all()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report(bench, {k: v for k, v in data.items() if v}, out, args.command)
+    print((out / "RESULTS.md").read_text())
+    if failures:
+        print("failures:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    shutil.rmtree(bench.work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

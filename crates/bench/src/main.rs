@@ -1,0 +1,127 @@
+//! `strait-bench`: the load generator and stand-in services that
+//! `bench/bench.py` drives. One binary, so that every tunnel in the
+//! comparison is measured by the same client against the same servers.
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+mod hold;
+mod load;
+mod serve;
+mod target;
+
+use target::TargetArgs;
+
+#[derive(Parser)]
+#[command(name = "strait-bench", about = "Load generator and stand-in services for strait's benchmark")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A small keep-alive HTTP/1.1 server answering every request with a
+    /// short body; prints {"listen": ADDR}.
+    ServeHttp {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+    /// A TCP echo server; prints {"listen": ADDR}.
+    ServeEcho {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+    /// A local plain TCP port whose connections are carried over TLS to
+    /// the target (how iperf3 reaches a published TLS tunnel); prints
+    /// {"listen": ADDR}.
+    Bridge {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
+    /// New-connection latency: connect, send one HTTP request, read the
+    /// reply, close; one connection at a time. Prints percentiles in µs.
+    Latency {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 2000)]
+        count: usize,
+        /// Connections made first and not counted.
+        #[arg(long, default_value_t = 100)]
+        warmup: usize,
+    },
+    /// HTTP requests per second over keep-alive connections.
+    HttpLoad {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 64)]
+        connections: usize,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+    },
+    /// Opens COUNT connections to an echo service, proves each with a
+    /// round trip, prints {"held": COUNT} and holds them until stdin closes.
+    Hold {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
+    /// Connects COUNT idle strait agents (control channels) to an engine,
+    /// prints {"agents": COUNT} and holds them until stdin closes.
+    Agents {
+        /// Engine address, host:port.
+        #[arg(long)]
+        engine: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        ca: std::path::PathBuf,
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        /// Each agent also opens one private tunnel, as a rathole or bore
+        /// control channel always carries one service.
+        #[arg(long)]
+        tunnel: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        match cli.command {
+            Command::ServeHttp { listen } => serve::http(&listen).await,
+            Command::ServeEcho { listen } => serve::echo(&listen).await,
+            Command::Bridge { target, listen } => serve::bridge(target.resolve()?, &listen).await,
+            Command::Latency { target, count, warmup } => load::latency(target.resolve()?, count, warmup).await,
+            Command::HttpLoad { target, connections, seconds } => {
+                load::http(target.resolve()?, connections, Duration::from_secs_f64(seconds)).await
+            }
+            Command::Hold { target, count } => hold::streams(target.resolve()?, count).await,
+            Command::Agents { engine, token, ca, count, tunnel } => {
+                hold::agents(engine, token, ca, count, tunnel).await
+            }
+        }
+    })
+}
+
+/// Prints one JSON line and flushes it, so the driver can read it at once.
+fn report(value: serde_json::Value) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{value}");
+    let _ = out.flush();
+}
+
+/// Resolves when stdin reaches end of file: the driver's way to say stop.
+async fn stdin_closed() {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
+}

@@ -1,0 +1,62 @@
+//! The stand-in services behind every tunnel, and the TLS bridge.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::target::Target;
+
+/// The body of every HTTP answer: small, like an API's JSON reply.
+pub const BODY: &[u8] = b"{\"ok\":true,\"from\":\"strait-bench\"}\n";
+
+async fn bind(listen: &str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(listen).await?;
+    crate::report(json!({"listen": listener.local_addr()?.to_string()}));
+    Ok(listener)
+}
+
+pub async fn http(listen: &str) -> anyhow::Result<()> {
+    let listener = bind(listen).await?;
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(async move {
+            let service = service_fn(|_req: Request<hyper::body::Incoming>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(BODY))))
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+        });
+    }
+}
+
+pub async fn echo(listen: &str) -> anyhow::Result<()> {
+    let listener = bind(listen).await?;
+    loop {
+        let (mut tcp, _) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(async move {
+            let (mut r, mut w) = tcp.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+    }
+}
+
+pub async fn bridge(target: Target, listen: &str) -> anyhow::Result<()> {
+    let listener = bind(listen).await?;
+    loop {
+        let (mut tcp, _) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let target = target.clone();
+        tokio::spawn(async move {
+            if let Ok(mut remote) = target.connect().await {
+                let _ = tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut remote, 64 * 1024, 64 * 1024).await;
+            }
+        });
+    }
+}

@@ -275,6 +275,7 @@ impl Channel<'_> {
             principal: self.principal.to_string(),
             properties,
             created_at: now,
+            tls_config: Default::default(),
         };
         self.shared.registry.add_tunnel(tunnel, self.shared.config.limits.tunnels_per_client).map_err(|e| {
             let code = match e {

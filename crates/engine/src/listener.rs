@@ -94,18 +94,20 @@ where
 /// a passthrough tunnel can replay them to its agent.
 pub async fn read_client_hello(tcp: &mut TcpStream) -> io::Result<(Accepted, Bytes)> {
     let mut acceptor = Acceptor::default();
+    // Read straight into the heap: a buffer on this future's stack would
+    // stay in the connection task's memory for as long as it lives.
     let mut raw = Vec::with_capacity(2048);
-    let mut chunk = [0u8; 4096];
     loop {
-        let n = tcp.read(&mut chunk).await?;
+        let start = raw.len();
+        raw.reserve(2048);
+        let n = tcp.read_buf(&mut raw).await?;
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before a complete ClientHello"));
         }
-        raw.extend_from_slice(&chunk[..n]);
         if raw.len() > MAX_CLIENT_HELLO {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "ClientHello too large"));
         }
-        let mut fed = &chunk[..n];
+        let mut fed = &raw[start..];
         while !fed.is_empty() {
             acceptor.read_tls(&mut fed)?;
         }
@@ -119,9 +121,12 @@ pub async fn read_client_hello(tcp: &mut TcpStream) -> io::Result<(Accepted, Byt
     }
 }
 
+/// Every branch below is boxed: a task's future is one allocation the size
+/// of its largest state, so an unboxed HTTP/2-capable API branch would make
+/// every spliced stream and idle agent pay for it.
 async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
     let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
-    let (accepted, raw_hello) = match tokio::time::timeout(deadline, read_client_hello(&mut tcp)).await {
+    let (accepted, raw_hello) = match tokio::time::timeout(deadline, Box::pin(read_client_hello(&mut tcp))).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(error)) => {
             tracing::debug!(%peer, %error, "connection dropped before TLS");
@@ -139,32 +144,45 @@ async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
     let route = route(&shared.config.engine.host, hello.server_name(), offers_rstrm);
     match route {
         Route::Agent => {
-            let config = shared.tls.agent.clone();
-            let start = StartHandshake::from_parts(accepted, tcp);
-            match tokio::time::timeout(deadline, start.into_stream(config)).await {
-                Ok(Ok(tls)) => serve_agent_conn(shared, tls, peer).await,
-                Ok(Err(error)) => {
-                    shared.metrics.tls_handshake_failed();
-                    tracing::debug!(%peer, %error, "agent TLS handshake failed");
-                }
-                Err(_) => {
-                    shared.metrics.tls_handshake_failed();
-                    tracing::debug!(%peer, "agent TLS handshake timed out");
-                }
-            }
+            // Only passthrough tunnels replay the raw ClientHello.
+            drop(raw_hello);
+            Box::pin(agent_route(shared, accepted, tcp, peer)).await;
         }
         Route::Api => {
-            let config = shared.tls.api.clone();
-            let start = StartHandshake::from_parts(accepted, tcp);
-            match tokio::time::timeout(deadline, start.into_stream(config)).await {
-                Ok(Ok(tls)) => crate::api::serve_connection(shared, tls, peer).await,
-                _ => {
-                    shared.metrics.tls_handshake_failed();
-                    tracing::debug!(%peer, "API TLS handshake failed");
-                }
-            }
+            drop(raw_hello);
+            Box::pin(api_route(shared, accepted, tcp, peer)).await;
         }
-        Route::Tunnel(hostname) => edge::serve(shared, accepted, tcp, raw_hello, hostname, peer).await,
+        Route::Tunnel(hostname) => Box::pin(edge::serve(shared, accepted, tcp, raw_hello, hostname, peer)).await,
+    }
+}
+
+async fn agent_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr) {
+    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
+    let config = shared.tls.agent.clone();
+    let start = StartHandshake::from_parts(accepted, tcp);
+    match tokio::time::timeout(deadline, start.into_stream(config)).await {
+        Ok(Ok(tls)) => serve_agent_conn(shared, tls, peer).await,
+        Ok(Err(error)) => {
+            shared.metrics.tls_handshake_failed();
+            tracing::debug!(%peer, %error, "agent TLS handshake failed");
+        }
+        Err(_) => {
+            shared.metrics.tls_handshake_failed();
+            tracing::debug!(%peer, "agent TLS handshake timed out");
+        }
+    }
+}
+
+async fn api_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr) {
+    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
+    let config = shared.tls.api.clone();
+    let start = StartHandshake::from_parts(accepted, tcp);
+    match tokio::time::timeout(deadline, start.into_stream(config)).await {
+        Ok(Ok(tls)) => crate::api::serve_connection(shared, tls, peer).await,
+        _ => {
+            shared.metrics.tls_handshake_failed();
+            tracing::debug!(%peer, "API TLS handshake failed");
+        }
     }
 }
 
@@ -189,9 +207,9 @@ async fn serve_agent_conn(shared: Arc<Shared>, tls: tokio_rustls::server::TlsStr
     };
     let (tls, rest) = reader.into_parts();
     match first.payload {
-        Some(Payload::OpenControlChannelReq(req)) => control::serve(shared, tls, rest, req, peer).await,
+        Some(Payload::OpenControlChannelReq(req)) => Box::pin(control::serve(shared, tls, rest, req, peer)).await,
         Some(Payload::ProxyReq(req)) => streams::accept_agent_stream(&shared, tls, rest, req, peer).await,
-        Some(Payload::StreamReq(req)) => streams::private_dial(shared, tls, rest, req, peer).await,
+        Some(Payload::StreamReq(req)) => Box::pin(streams::private_dial(shared, tls, rest, req, peer)).await,
         Some(other) => {
             tracing::warn!(%peer, message = other.name(), "agent connection refused: unexpected first frame");
         }

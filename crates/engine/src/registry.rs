@@ -7,7 +7,7 @@
 //! plain mutex held for map updates only, never across an await.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use strait_proto::{Message, TunnelProperties};
@@ -47,6 +47,10 @@ pub struct Tunnel {
     pub principal: String,
     pub properties: TunnelProperties,
     pub created_at: SystemTime,
+    /// The TLS server configuration of a tunnel with its own TLS options,
+    /// built at its first connection and shared by the rest: one session
+    /// cache per tunnel (so resumption works) instead of one per connection.
+    pub tls_config: OnceLock<Arc<rustls::ServerConfig>>,
 }
 
 impl Tunnel {

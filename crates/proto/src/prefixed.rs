@@ -17,6 +17,9 @@ pub struct Prefixed<S> {
 
 impl<S> Prefixed<S> {
     pub fn new(prefix: Bytes, inner: S) -> Self {
+        // An empty view may still hold the whole read buffer it came from
+        // (4 KiB or more); a long-lived stream should not carry that.
+        let prefix = if prefix.is_empty() { Bytes::new() } else { prefix };
         Self { prefix, inner }
     }
 
@@ -35,6 +38,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

@@ -90,7 +90,7 @@ pub async fn serve(
 ) {
     let config = match sni_tunnel.as_deref() {
         Some(tunnel) if tls::has_options(&tunnel.properties) => {
-            match tls::server_config(&shared, &tunnel.properties, vec![b"h2".to_vec(), b"http/1.1".to_vec()]) {
+            match tls::tunnel_config(&shared, tunnel, vec![b"h2".to_vec(), b"http/1.1".to_vec()]) {
                 Ok(config) => config,
                 Err(error) => {
                     tracing::warn!(%peer, tunnel_id = %tunnel.id, %error, "tunnel TLS options unusable");

@@ -46,8 +46,12 @@ pub async fn serve(
     let tunnel = shared.registry.tunnel_by_hostname(&hostname);
     match tunnel {
         Some(tunnel) if tunnel.protocol() == Some("tls") => {
-            tls::serve(shared, tunnel, accepted, tcp, raw_hello, peer).await;
+            Box::pin(tls::serve(shared, tunnel, accepted, tcp, raw_hello, peer)).await;
         }
-        tunnel => http::serve(shared, tunnel, accepted, tcp, hostname, peer).await,
+        tunnel => {
+            // Held to the end of the connection otherwise.
+            drop(raw_hello);
+            Box::pin(http::serve(shared, tunnel, accepted, tcp, hostname, peer)).await
+        }
     }
 }

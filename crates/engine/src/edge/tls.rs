@@ -32,9 +32,23 @@ pub fn has_options(p: &TunnelProperties) -> bool {
     p.tls_min_version.is_some() || !p.tls_ciphers.is_empty() || !p.tls_alpns.is_empty()
 }
 
-/// The server configuration for a tunnel's own TLS options, serving the
-/// engine's certificate store (so reloads apply here too).
-pub fn server_config(
+/// The server configuration for a tunnel's own TLS options, built once per
+/// tunnel. It serves the engine's certificate store, so reloads apply here
+/// too.
+pub fn tunnel_config(
+    shared: &Shared,
+    tunnel: &Tunnel,
+    alpns: Vec<Vec<u8>>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    if let Some(config) = tunnel.tls_config.get() {
+        return Ok(config.clone());
+    }
+    let config = server_config(shared, &tunnel.properties, alpns)?;
+    // Two first connections at once may both build one; either is right.
+    Ok(tunnel.tls_config.get_or_init(|| config).clone())
+}
+
+fn server_config(
     shared: &Shared,
     p: &TunnelProperties,
     alpns: Vec<Vec<u8>>,
@@ -73,6 +87,7 @@ pub async fn serve(
     if tunnel.properties.tls_mode.as_deref() == Some("passthrough") {
         passthrough(shared, tunnel, tcp, raw_hello, peer).await;
     } else {
+        drop(raw_hello);
         terminated(shared, tunnel, accepted, tcp, peer).await;
     }
 }
@@ -89,6 +104,7 @@ async fn passthrough(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut tcp: TcpStrea
         tracing::debug!(%peer, %error, "agent stream closed before the ClientHello was replayed");
         return;
     }
+    drop(raw_hello);
     tokio::select! {
         result = strait_proto::splice::splice(&mut tcp, &mut agent) => {
             if let Err(error) = result {
@@ -101,7 +117,7 @@ async fn passthrough(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut tcp: TcpStrea
 
 async fn terminated(shared: Arc<Shared>, tunnel: Arc<Tunnel>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr) {
     let alpns = tunnel.properties.tls_alpns.iter().map(|a| a.as_bytes().to_vec()).collect();
-    let config = match server_config(&shared, &tunnel.properties, alpns) {
+    let config = match tunnel_config(&shared, &tunnel, alpns) {
         Ok(config) => config,
         Err(error) => {
             tracing::warn!(%peer, tunnel_id = %tunnel.id, %error, "tunnel TLS options unusable");

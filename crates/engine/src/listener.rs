@@ -156,64 +156,87 @@ async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
     }
 }
 
+/// A server handshake in its own allocation: its state (a whole TLS
+/// connection in the middle of its handshake) is freed when it completes
+/// rather than staying inside the connection's task for its lifetime.
+pub async fn handshake<IO>(
+    start: StartHandshake<IO>,
+    config: Arc<rustls::ServerConfig>,
+) -> io::Result<tokio_rustls::server::TlsStream<IO>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    Box::pin(start.into_stream(config)).await
+}
+
+/// An agent-protocol connection: its first frame says what it is. The
+/// handshake and the first read run in their own allocation, so the
+/// connection's long-lived state is only what its kind needs.
 async fn agent_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr) {
+    let Some((tls, rest, first)) = Box::pin(first_frame(&shared, accepted, tcp, peer)).await else { return };
+    match first.payload {
+        Some(Payload::OpenControlChannelReq(req)) => Box::pin(control::serve(shared, tls, rest, req, peer)).await,
+        Some(Payload::ProxyReq(req)) => Box::pin(streams::accept_agent_stream(&shared, tls, rest, req, peer)).await,
+        Some(Payload::StreamReq(req)) => Box::pin(streams::private_dial(shared, tls, rest, req, peer)).await,
+        Some(other) => {
+            tracing::warn!(%peer, message = other.name(), "agent connection refused: unexpected first frame");
+        }
+        None => tracing::warn!(%peer, "agent connection refused: empty first frame"),
+    }
+}
+
+async fn first_frame(
+    shared: &Shared,
+    accepted: Accepted,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Bytes, strait_proto::Message)> {
     let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
-    let config = shared.tls.agent.clone();
     let start = StartHandshake::from_parts(accepted, tcp);
-    match tokio::time::timeout(deadline, start.into_stream(config)).await {
-        Ok(Ok(tls)) => serve_agent_conn(shared, tls, peer).await,
+    let tls = match tokio::time::timeout(deadline, start.into_stream(shared.tls.agent.clone())).await {
+        Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
             shared.metrics.tls_handshake_failed();
             tracing::debug!(%peer, %error, "agent TLS handshake failed");
+            return None;
         }
         Err(_) => {
             shared.metrics.tls_handshake_failed();
             tracing::debug!(%peer, "agent TLS handshake timed out");
+            return None;
         }
-    }
-}
-
-async fn api_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr) {
-    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
-    let config = shared.tls.api.clone();
-    let start = StartHandshake::from_parts(accepted, tcp);
-    match tokio::time::timeout(deadline, start.into_stream(config)).await {
-        Ok(Ok(tls)) => crate::api::serve_connection(shared, tls, peer).await,
-        _ => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, "API TLS handshake failed");
-        }
-    }
-}
-
-/// An agent-protocol connection: its first frame says what it is.
-async fn serve_agent_conn(shared: Arc<Shared>, tls: tokio_rustls::server::TlsStream<TcpStream>, peer: SocketAddr) {
+    };
     let mut reader = FrameReader::new(tls, shared.config.limits.max_frame_bytes);
     let deadline = Duration::from_secs(shared.config.limits.first_frame_seconds);
     let first = match tokio::time::timeout(deadline, reader.read_message()).await {
         Ok(Ok(message)) => message,
         Ok(Err(FrameError::Closed)) => {
             tracing::debug!(%peer, "agent connection closed before its first frame");
-            return;
+            return None;
         }
         Ok(Err(error)) => {
             tracing::warn!(%peer, %error, "agent connection refused: bad first frame");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::warn!(%peer, "agent connection refused: no first frame within {}s", deadline.as_secs());
-            return;
+            return None;
         }
     };
     let (tls, rest) = reader.into_parts();
-    match first.payload {
-        Some(Payload::OpenControlChannelReq(req)) => Box::pin(control::serve(shared, tls, rest, req, peer)).await,
-        Some(Payload::ProxyReq(req)) => streams::accept_agent_stream(&shared, tls, rest, req, peer).await,
-        Some(Payload::StreamReq(req)) => Box::pin(streams::private_dial(shared, tls, rest, req, peer)).await,
-        Some(other) => {
-            tracing::warn!(%peer, message = other.name(), "agent connection refused: unexpected first frame");
+    Some((tls, rest, first))
+}
+
+async fn api_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr) {
+    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
+    let config = shared.tls.api.clone();
+    let start = StartHandshake::from_parts(accepted, tcp);
+    match tokio::time::timeout(deadline, handshake(start, config)).await {
+        Ok(Ok(tls)) => crate::api::serve_connection(shared, tls, peer).await,
+        _ => {
+            shared.metrics.tls_handshake_failed();
+            tracing::debug!(%peer, "API TLS handshake failed");
         }
-        None => tracing::warn!(%peer, "agent connection refused: empty first frame"),
     }
 }
 

@@ -251,7 +251,8 @@ pub async fn private_dial(
     let zero_rtt = req.zero_rtt.unwrap_or(false);
     let target = req.tunnel_id_name.trim().to_string();
     let mut pairing_started = None;
-    let outcome = async {
+    // Boxed: its state (waiting for the agent) is gone once it resolves.
+    let outcome = Box::pin(async {
         let token = req.client_details.as_ref().and_then(|d| d.token.as_deref());
         let principal = shared.verifier.verify(token).map_err(|e| {
             shared.metrics.auth_failed();
@@ -269,8 +270,9 @@ pub async fn private_dial(
         }
         pairing_started = Some(Instant::now());
         open_to_agent(&shared, &tunnel, peer.ip()).await.map_err(|f| f.to_error())
-    }
+    })
     .await;
+    drop(req);
     match outcome {
         Err(error) => {
             tracing::warn!(%peer, tunnel = %target, %error, "private dial refused");

@@ -103,7 +103,7 @@ pub async fn serve(
     let activity = Activity::new();
     let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
     let start = StartHandshake::from_parts(accepted, Tracked::new(tcp, activity.clone()));
-    let tls = match tokio::time::timeout(deadline, start.into_stream(config)).await {
+    let tls = match tokio::time::timeout(deadline, crate::listener::handshake(start, config)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
             shared.metrics.tls_handshake_failed();

@@ -125,15 +125,19 @@ async fn terminated(shared: Arc<Shared>, tunnel: Arc<Tunnel>, accepted: Accepted
         }
     };
     let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
-    let mut public =
-        match tokio::time::timeout(deadline, StartHandshake::from_parts(accepted, tcp).into_stream(config)).await {
-            Ok(Ok(tls)) => tls,
-            _ => {
-                shared.metrics.tls_handshake_failed();
-                tracing::debug!(%peer, tunnel_id = %tunnel.id, "TLS handshake failed");
-                return;
-            }
-        };
+    let mut public = match tokio::time::timeout(
+        deadline,
+        crate::listener::handshake(StartHandshake::from_parts(accepted, tcp), config),
+    )
+    .await
+    {
+        Ok(Ok(tls)) => tls,
+        _ => {
+            shared.metrics.tls_handshake_failed();
+            tracing::debug!(%peer, tunnel_id = %tunnel.id, "TLS handshake failed");
+            return;
+        }
+    };
     // The negotiated protocol, offered again to a TLS upstream.
     let alpn = public.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let offer: Vec<&[u8]> = alpn.as_deref().into_iter().collect();

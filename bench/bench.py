@@ -417,12 +417,12 @@ class StraitSdk(StraitPrivate):
 class Rathole(Setup):
     tls = False
 
-    def start(self) -> None:
+    def configs(self, tag: str, services: dict[str, tuple[int, int]]) -> tuple[int, pathlib.Path, pathlib.Path]:
+        """Server and client files for SERVICES (name: public port, local
+        port); returns the control port and both paths."""
         b = self.b
-        s = b.services
         control = free_port()
-        ports = {k: free_port() for k in ("iperf", "http", "echo")}
-        transport_server = transport_client = ""
+        server_transport = client_transport = ""
         if self.tls:
             p12 = b.work / "rathole.p12"
             if not p12.exists():
@@ -432,26 +432,33 @@ class Rathole(Setup):
                     check=True,
                     capture_output=True,
                 )
-            transport_server = f'[server.transport]\ntype = "tls"\n[server.transport.tls]\npkcs12 = "{p12}"\npkcs12_password = "bench"\n'
-            transport_client = (
+            server_transport = f'[server.transport]\ntype = "tls"\n[server.transport.tls]\npkcs12 = "{p12}"\npkcs12_password = "bench"\n'
+            client_transport = (
                 f'[client.transport]\ntype = "tls"\n[client.transport.tls]\ntrusted_root = "{b.certs / "ca.pem"}"\nhostname = "localhost"\n'
             )
-        server = b.work / f"{self.name}-server.toml"
+        server = b.work / f"{self.name}-{tag}-server.toml"
         server.write_text(
-            f'[server]\nbind_addr = "127.0.0.1:{control}"\n{transport_server}'
-            + "".join(f'[server.services.{k}]\ntoken = "bench"\nbind_addr = "127.0.0.1:{p}"\n' for k, p in ports.items())
+            f'[server]\nbind_addr = "127.0.0.1:{control}"\n{server_transport}'
+            + "".join(f'[server.services.{k}]\ntoken = "bench"\nbind_addr = "127.0.0.1:{p}"\n' for k, (p, _) in services.items())
         )
-        client = b.work / f"{self.name}-client.toml"
+        client = b.work / f"{self.name}-{tag}-client.toml"
         client.write_text(
-            f'[client]\nremote_addr = "localhost:{control}"\n{transport_client}'
-            + "".join(f'[client.services.{k}]\ntoken = "bench"\nlocal_addr = "127.0.0.1:{s[k]}"\n' for k in ports)
+            f'[client]\nremote_addr = "localhost:{control}"\n{client_transport}'
+            + "".join(f'[client.services.{k}]\ntoken = "bench"\nlocal_addr = "127.0.0.1:{l}"\n' for k, (_, l) in services.items())
         )
-        rathole = str(b.peers / "rathole")
+        return control, server, client
+
+    def spawn(self, name: str, mode: str, config: pathlib.Path) -> Proc:
         env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"}
-        peer = {"env": env, "stdout_to_log": True}
-        self.server = [b.spawn(f"{self.name}-server", [rathole, "--server", server], b.tunnel_cpus, **peer)]
+        return self.b.spawn(name, [self.b.peers / "rathole", mode, config], self.b.tunnel_cpus, env=env, stdout_to_log=True)
+
+    def start(self) -> None:
+        s = self.b.services
+        ports = {k: free_port() for k in ("iperf", "http", "echo")}
+        control, server, client = self.configs("tunnels", {k: (p, s[k]) for k, p in ports.items()})
+        self.server = [self.spawn(f"{self.name}-server", "--server", server)]
         wait_port(control)
-        self.agent = [b.spawn(f"{self.name}-client", [rathole, "--client", client], b.tunnel_cpus, **peer)]
+        self.agent = [self.spawn(f"{self.name}-client", "--client", client)]
         wait_log(self.agent[0], "Control channel established", count=3)
         for p in ports.values():
             wait_port(p)
@@ -462,33 +469,15 @@ class Rathole(Setup):
     def agents(self, count: int) -> dict:
         """rathole keeps one control channel per service: one client with
         COUNT services is COUNT idle control channels."""
-        b = self.b
-        control = free_port()
-        server = b.work / f"{self.name}-agents-server.toml"
-        client = b.work / f"{self.name}-agents-client.toml"
-        st = ct = ""
-        if self.tls:
-            st = f'[server.transport]\ntype = "tls"\n[server.transport.tls]\npkcs12 = "{b.work / "rathole.p12"}"\npkcs12_password = "bench"\n'
-            ct = f'[client.transport]\ntype = "tls"\n[client.transport.tls]\ntrusted_root = "{b.certs / "ca.pem"}"\nhostname = "localhost"\n'
         # Service ports are bound only once their control channel is up.
-        ports = [free_port() for _ in range(count)]
-        server.write_text(
-            f'[server]\nbind_addr = "127.0.0.1:{control}"\n{st}'
-            + "".join(f'[server.services.s{i}]\ntoken = "bench"\nbind_addr = "127.0.0.1:{p}"\n' for i, p in enumerate(ports))
-        )
-        client.write_text(
-            f'[client]\nremote_addr = "localhost:{control}"\n{ct}'
-            + "".join(f'[client.services.s{i}]\ntoken = "bench"\nlocal_addr = "127.0.0.1:{b.services["echo"]}"\n' for i in range(count))
-        )
-        rathole = str(b.peers / "rathole")
-        env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"}
-        peer = {"env": env, "stdout_to_log": True}
-        srv = b.spawn(f"{self.name}-agents-server", [rathole, "--server", server], b.tunnel_cpus, **peer)
+        echo = self.b.services["echo"]
+        control, server, client = self.configs("agents", {f"s{i}": (free_port(), echo) for i in range(count)})
+        srv = self.spawn(f"{self.name}-agents-server", "--server", server)
         cli = None
         try:
             wait_port(control)
             before = srv.rss_kib()
-            cli = b.spawn(f"{self.name}-agents-client", [rathole, "--client", client], b.tunnel_cpus, **peer)
+            cli = self.spawn(f"{self.name}-agents-client", "--client", client)
             wait_log(cli, "Control channel established", count=count, timeout=300)
             return {"server_kib": srv.rss_kib() - before, "agent_kib": cli.rss_kib()}
         finally:
@@ -712,25 +701,34 @@ def report(bench: Bench, data: dict, out: pathlib.Path, command: str) -> None:
         "summary": summary,
     }
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    render(doc, out)
+
+
+def render(doc: dict, out: pathlib.Path) -> None:
+    """RESULTS.md from a results document, followed by bench/FINDINGS.md
+    (what the numbers led to change, written by hand)."""
     m = doc["machine"]
+    pin = doc["pinning"]
+    summary = doc["summary"]
+    labels = doc["setups"]
     lines = [
         "# strait benchmark results",
         "",
-        f"Produced by `{command}` on {doc['date'][:10]}.",
+        f"Produced by `{doc['command']}` on {doc['date'][:10]}.",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}.",
         (
-            f"Pinning: tunnel processes (engine/server, agent/client, `strait connect`) on CPU {bench.tunnel_cpus}; "
-            f"load generators and local services on CPU {bench.load_cpus}."
-            if bench.pinned
+            f"Pinning: tunnel processes (engine/server, agent/client, `strait connect`) on CPU {pin['tunnel_cpus']}; "
+            f"load generators and local services on CPU {pin['load_cpus']}."
+            if pin
             else "Pinning: off."
         ),
-        f"{bench.args.rounds} rounds, setups alternating within each round; each cell is the median, "
-        f"with the range (min–max) over rounds. Throughput runs last {bench.args.seconds:g} s.",
+        f"{doc['rounds']} rounds, setups alternating within each round; each cell is the median, "
+        f"with the range (min–max) over rounds. Throughput and HTTP runs last {doc['seconds']:g} s.",
         "",
     ]
-    setups = list(data)
-    baseline = "rathole-tls" if "rathole-tls" in data else None
+    setups = list(summary)
+    baseline = "rathole-tls" if "rathole-tls" in summary else None
     for key, title, unit, higher in METRICS:
         rows = [(s, summary[s][key]) for s in setups if key in summary[s]]
         if not rows:
@@ -740,11 +738,14 @@ def report(bench: Bench, data: dict, out: pathlib.Path, command: str) -> None:
         lines += [head, "|---|---:|---:|" + ("---:|" if baseline else "")]
         base = summary.get(baseline, {}).get(key, {}).get("median") if baseline else None
         for s, v in rows:
-            cell = f"| {SETUPS[s].label} | {fmt(v['median'])} | {fmt(v['min'])}–{fmt(v['max'])} |"
+            cell = f"| {labels[s]} | {fmt(v['median'])} | {fmt(v['min'])}–{fmt(v['max'])} |"
             if baseline:
                 cell += f" {v['median'] / base:.2f}x |" if base else " – |"
             lines.append(cell)
         lines.append("")
+    findings = ROOT / "bench" / "FINDINGS.md"
+    if findings.exists() and pathlib.Path(out).resolve() == (ROOT / "bench").resolve():
+        lines += [findings.read_text()]
     (out / "RESULTS.md").write_text("\n".join(lines))
 
 
@@ -766,7 +767,12 @@ def main() -> int:
     p.add_argument("--sdk-python", default=str(ROOT / ".venv" / "bin" / "python"))
     p.add_argument("--out", default=str(ROOT / "bench"))
     p.add_argument("--command", default="bench/run.sh", help="the command line recorded in the report")
+    p.add_argument("--render", action="store_true", help="only rewrite RESULTS.md from OUT/results.json")
     args = p.parse_args()
+    if args.render:
+        out = pathlib.Path(args.out)
+        render(json.loads((out / "results.json").read_text()), out)
+        return 0
 
     setups = [s for s in args.setups.split(",") if s]
     scenarios = [s for s in args.scenarios.split(",") if s]

@@ -14,17 +14,7 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
-missing=()
-for tool in iperf3 openssl taskset; do
-    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-done
-if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
-    sudo=""
-    [ "$(id -u)" = 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    $sudo apt-get install -y -qq "${missing[@]/taskset/util-linux}" >/dev/null
-fi
+bash scripts/need.sh iperf3 openssl taskset:util-linux
 bash scripts/venv.sh
 
 if [ "${1:-}" = "--smoke" ]; then
@@ -47,4 +37,4 @@ peers=bench/work
 [ -x $peers/bin/bore ] || cargo install --locked --root $peers bore-cli
 
 log "running (the machine should be otherwise idle)"
-exec python3 bench/bench.py --command "bench/run.sh $*" "$@"
+exec python3 bench/bench.py --command "bench/run.sh${*:+ $*}" "$@"

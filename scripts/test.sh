@@ -8,18 +8,7 @@ log() { printf '\n== %s\n' "$*"; }
 
 # System tools the tests drive (openssl s_client, curl, jq; iperf3 for the
 # benchmark smoke run).
-missing=()
-for tool in openssl curl jq iperf3; do
-    command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
-done
-if ((${#missing[@]})); then
-    log "installing ${missing[*]}"
-    sudo=""
-    [ "$(id -u)" = 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
-
+bash scripts/need.sh openssl curl jq iperf3
 bash scripts/venv.sh
 
 log "building"

@@ -55,7 +55,7 @@ pub async fn bridge(target: Target, listen: &str) -> anyhow::Result<()> {
         let target = target.clone();
         tokio::spawn(async move {
             if let Ok(mut remote) = target.connect().await {
-                let _ = tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut remote, 64 * 1024, 64 * 1024).await;
+                let _ = strait_proto::splice::splice(&mut tcp, &mut remote).await;
             }
         });
     }

@@ -644,3 +644,153 @@ async fn shutdown_lets_a_published_download_in_flight_finish() {
     assert_eq!(received, 64 * 64 * 1024);
     stopping.await.unwrap();
 }
+
+/// A hand-written HTTP/1.1 service: answers each request head by its
+/// path, with framings and failures hyper-made services never show.
+/// Counts the connections it accepted.
+async fn raw_service() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else { return };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                    seen.drain(..end + 4);
+                    let path = head.split(' ').nth(1).unwrap_or_default().to_string();
+                    let (answer, close): (Vec<u8>, bool) = match path.as_str() {
+                        "/chunked" => {
+                            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n".to_vec(), false)
+                        }
+                        "/early" => (
+                            b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n".to_vec(),
+                            false,
+                        ),
+                        "/head" => (b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n".to_vec(), false),
+                        "/old" => (b"HTTP/1.0 200 OK\r\nX-Old: 1\r\n\r\nuntil the end".to_vec(), true),
+                        "/then-close" => (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec(), true),
+                        "/garbage" => (b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec(), true),
+                        "/huge" => {
+                            let mut head = b"HTTP/1.1 200 OK\r\n".to_vec();
+                            for i in 0..2000 {
+                                head.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "f".repeat(40)).as_bytes());
+                            }
+                            head.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+                            (head, true)
+                        }
+                        "/cut" => (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc".to_vec(), true),
+                        _ => (format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{head}", head.len()).into_bytes(), false),
+                    };
+                    if tcp.write_all(&answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+/// Sends `requests` in one write on a fresh public HTTP/1.1 connection and
+/// returns everything the engine answered until it closed.
+async fn exchange_raw(engine: &TestEngine, host: &str, requests: &str) -> String {
+    let mut public = engine.public(host, &[b"http/1.1"]).await;
+    public.write_all(requests.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), public.read_to_end(&mut answer))
+        .await
+        .expect("the engine closes")
+        .ok();
+    String::from_utf8(answer).unwrap()
+}
+
+#[tokio::test]
+async fn plain_requests_pass_with_every_response_framing() {
+    let engine = TestEngine::start().await;
+    let (service, accepted) = raw_service().await;
+    let (_control, _) = publish(&engine, published("raw"), service).await;
+    let get = |path: &str, last: bool| {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: raw.t.localhost\r\n{}\r\n",
+            if last { "Connection: close\r\n" } else { "" }
+        )
+    };
+
+    // Pipelined on one connection: a chunked body with trailers, an early
+    // hint before a 204, a HEAD whose response announces a body it does
+    // not carry, and a last request echoed back. One agent stream carries
+    // them all, in order.
+    let requests = [
+        get("/chunked", false),
+        get("/early", false),
+        "HEAD /head HTTP/1.1\r\nHost: raw.t.localhost\r\n\r\n".to_string(),
+        get("/echo", true),
+    ]
+    .concat();
+    let answer = exchange_raw(&engine, "raw.t.localhost", &requests).await;
+    let expected_start = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n\
+         HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n\
+         HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nHTTP/1.1 200 OK\r\n";
+    assert!(answer.starts_with(expected_start), "{answer}");
+    assert!(answer.ends_with("x-forwarded-host: raw.t.localhost"), "{answer}");
+    assert!(
+        answer.contains("GET /echo HTTP/1.1\r\nHost: raw.t.localhost\r\nx-forwarded-for: 127.0.0.1\r\n"),
+        "{answer}"
+    );
+    assert!(!answer.contains("Connection: close"), "hop-by-hop headers stay on the public hop: {answer}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // A body delimited by the close of an HTTP/1.0 service: passed on, and
+    // the public connection closes after it.
+    let answer = exchange_raw(&engine, "raw.t.localhost", &get("/old", false)).await;
+    assert_eq!(answer, "HTTP/1.1 200 OK\r\nX-Old: 1\r\nconnection: close\r\n\r\nuntil the end");
+
+    // A kept agent stream the service closed after answering: the next
+    // request goes again on a fresh stream.
+    let answer =
+        exchange_raw(&engine, "raw.t.localhost", &[get("/then-close", false), get("/after", true)].concat()).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("GET /after HTTP/1.1\r\n"), "{answer}");
+}
+
+#[tokio::test]
+async fn broken_service_responses_get_a_502_or_a_close() {
+    let engine = TestEngine::start().await;
+    let (service, _) = raw_service().await;
+    let (_control, _) = publish(&engine, published("bad"), service).await;
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: bad.t.localhost\r\n\r\n");
+
+    // Not HTTP, and a response head beyond 64 KiB: a 502 page, and the
+    // public connection carries the next request.
+    for path in ["/garbage", "/huge"] {
+        let answer = exchange_raw(
+            &engine,
+            "bad.t.localhost",
+            &[get(path), get("/fine").replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n")].concat(),
+        )
+        .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 502 Bad Gateway\r\n") && answer.contains("upstream refused the stream\n"),
+            "{path}: {answer}"
+        );
+        assert!(answer.contains("GET /fine HTTP/1.1\r\n"), "{path}: {answer}");
+    }
+
+    // A body cut short: the client sees the connection close before the
+    // announced length, never a shorter body presented as complete.
+    let answer = exchange_raw(&engine, "bad.t.localhost", &get("/cut")).await;
+    assert_eq!(answer, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc");
+}

@@ -75,6 +75,19 @@ impl Refusal {
     pub fn response(&self) -> Response<PublicBody> {
         page(self.status(), self.body(), matches!(self, Refusal::Unauthorized))
     }
+
+    /// The same page as HTTP/1.1 bytes, for the relay.
+    pub fn http1(&self) -> Vec<u8> {
+        let response = self.response();
+        let body = self.body();
+        let status = response.status();
+        let mut out = format!("HTTP/1.1 {} {}\r\n", status.as_u16(), status.canonical_reason().unwrap_or_default());
+        for (name, value) in response.headers() {
+            out.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap_or_default()));
+        }
+        out.push_str(&format!("content-length: {}\r\n\r\n{body}", body.len()));
+        out.into_bytes()
+    }
 }
 
 fn page(status: StatusCode, body: String, challenge: bool) -> Response<PublicBody> {
@@ -110,5 +123,9 @@ mod tests {
             assert_eq!(refusal.response().status().as_u16(), status);
         }
         assert_eq!(Refusal::UnknownHost("a.t.h".into()).body(), "no tunnel for a.t.h\n");
+        let page = String::from_utf8(Refusal::Offline.http1()).unwrap();
+        assert!(page.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{page}");
+        assert!(page.contains("retry-after: 1\r\n"), "{page}");
+        assert!(page.ends_with("content-length: 15\r\n\r\ntunnel offline\n"), "{page}");
     }
 }

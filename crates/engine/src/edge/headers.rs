@@ -54,10 +54,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// `X-Forwarded-Proto` and `X-Forwarded-Host` (replacing what the client
 /// claimed).
 pub fn add_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: Option<&str>) {
-    let peer = match peer {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
+    let peer = client_ip(peer);
     let prior: Vec<&str> = headers.get_all(&X_FORWARDED_FOR).iter().filter_map(|v| v.to_str().ok()).collect();
     let chain = if prior.is_empty() { peer.to_string() } else { format!("{}, {peer}", prior.join(", ")) };
     if let Ok(value) = HeaderValue::try_from(chain) {
@@ -68,6 +65,14 @@ pub fn add_forwarded(headers: &mut HeaderMap, peer: IpAddr, host: Option<&str>) 
         Some(value) => headers.insert(X_FORWARDED_HOST, value),
         None => headers.remove(X_FORWARDED_HOST),
     };
+}
+
+/// The client's address as services expect it: IPv4 for a v4-mapped peer.
+pub fn client_ip(peer: IpAddr) -> IpAddr {
+    match peer {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
 }
 
 /// HTTP/2 may split `Cookie` into several fields; HTTP/1.1 wants one

@@ -29,6 +29,7 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::server::Accepted;
+use strait_proto::Prefixed;
 use tokio::net::TcpStream;
 use tokio_rustls::StartHandshake;
 
@@ -37,6 +38,7 @@ use super::activity::{Activity, Tracked};
 use super::body::{Busy, Returning};
 use super::errors::Refusal;
 use super::headers;
+use super::relay::{self, Outcome};
 use super::tls;
 use super::upstream::{Lease, Pool, Sender};
 use crate::Shared;
@@ -116,6 +118,7 @@ pub async fn serve(
             return;
         }
     };
+    let mut tls = tls;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let idle = Duration::from_secs(shared.config.timeouts.http_idle_seconds);
     let edge = Arc::new(Edge {
@@ -126,6 +129,24 @@ pub async fn serve(
         idle,
         pools: Mutex::new(HashMap::new()),
     });
+    // HTTP/1.1 starts in the relay; hyper takes over for what the relay
+    // leaves to it, and serves HTTP/2 from the start.
+    let mut buffered = Bytes::new();
+    if !h2 {
+        let outcome = tokio::select! {
+            outcome = relay::relay(&edge, &mut tls) => outcome,
+            _ = shared.abort.cancelled() => return,
+        };
+        match outcome {
+            Outcome::Closed => return,
+            Outcome::HandOff { buffered: rest, kept } => {
+                buffered = rest;
+                if let Some(kept) = kept {
+                    edge.pool(&kept.tunnel).adopt(kept.io).await;
+                }
+            }
+        }
+    }
     let service = service_fn(move |request| {
         let edge = edge.clone();
         async move { Ok::<_, Infallible>(edge.handle(request).await) }
@@ -142,7 +163,7 @@ pub async fn serve(
         .header_read_timeout(idle);
     builder.http2().enable_connect_protocol().auto_date_header(false).timer(TokioTimer::new());
     let builder = if h2 { builder.http2_only() } else { builder.http1_only() };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(Prefixed::new(buffered, tls)), service);
     tokio::pin!(conn);
     let mut closing = false;
     let mut draining = false;
@@ -171,12 +192,12 @@ pub async fn serve(
 }
 
 /// One public connection's state.
-struct Edge {
-    shared: Arc<Shared>,
+pub struct Edge {
+    pub(super) shared: Arc<Shared>,
     sni: String,
-    peer: SocketAddr,
-    activity: Arc<Activity>,
-    idle: Duration,
+    pub(super) peer: SocketAddr,
+    pub(super) activity: Arc<Activity>,
+    pub(super) idle: Duration,
     /// Agent connections by tunnel id.
     pools: Mutex<HashMap<String, Arc<Pool>>>,
 }
@@ -189,18 +210,22 @@ impl Edge {
         let response = match self.proxy(request).await {
             Ok(response) => response,
             Err((host, refusal)) => {
-                let status = refusal.status().as_u16();
-                match &refusal {
-                    Refusal::Upstream(reason) => {
-                        tracing::warn!(peer = %self.peer, %host, %method, %path, status, %reason, "request refused");
-                    }
-                    _ => tracing::info!(peer = %self.peer, %host, %method, %path, status, "request refused"),
-                }
+                self.log_refusal(&host, method.as_str(), &path, &refusal);
                 refusal.response()
             }
         };
         self.shared.metrics.http_response(response.status().as_u16());
         response.map(|body| Busy { inner: body, guard: Some(busy) }.boxed_unsync())
+    }
+
+    pub(super) fn log_refusal(&self, host: &str, method: &str, path: &str, refusal: &Refusal) {
+        let status = refusal.status().as_u16();
+        match refusal {
+            Refusal::Upstream(reason) => {
+                tracing::warn!(peer = %self.peer, %host, %method, %path, status, %reason, "request refused");
+            }
+            _ => tracing::info!(peer = %self.peer, %host, %method, %path, status, "request refused"),
+        }
     }
 
     /// The published hostname a request is for.
@@ -210,14 +235,24 @@ impl Edge {
             .authority()
             .map(|a| a.as_str().to_string())
             .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
-        let suffix = format!(".t.{}", self.shared.config.engine.host);
-        let name = given.as_deref().map(|g| {
-            let host = g.parse::<Authority>().map(|a| a.host().to_string()).unwrap_or_else(|_| g.to_string());
-            host.trim_end_matches('.').to_ascii_lowercase()
+        (self.published_name(given.as_deref()), given)
+    }
+
+    /// The published hostname for the host a request gave (`:authority` or
+    /// `Host`), or the SNI when that names none.
+    pub(super) fn published_name(&self, given: Option<&str>) -> String {
+        let host = self.shared.config.engine.host.as_str();
+        let name = given.map(|g| {
+            let name = g.parse::<Authority>().map(|a| a.host().to_string()).unwrap_or_else(|_| g.to_string());
+            name.trim_end_matches('.').to_ascii_lowercase()
         });
         match name {
-            Some(name) if name.len() > suffix.len() && name.ends_with(&suffix) => (name, given),
-            _ => (self.sni.clone(), given),
+            Some(name)
+                if name.strip_suffix(host).and_then(|n| n.strip_suffix(".t.")).is_some_and(|l| !l.is_empty()) =>
+            {
+                name
+            }
+            _ => self.sni.clone(),
         }
     }
 

@@ -9,7 +9,9 @@
 //! - an `http` tunnel, or no tunnel at all: [`http`] terminates TLS and
 //!   serves HTTP/1.1 or HTTP/2, forwarding each request over pooled agent
 //!   connections ([`upstream`]) or answering with a status page
-//!   ([`errors`]) when it cannot.
+//!   ([`errors`]) when it cannot. Plain HTTP/1.1 requests take the
+//!   [`relay`], which passes heads and bodies through without hyper and
+//!   leaves everything else to it.
 //!
 //! [`access`] decides `trusted_ips` and `token_auth`; [`activity`] keeps
 //! the idle timer away from busy connections; [`redirect`] is the HTTP
@@ -18,10 +20,12 @@
 pub mod access;
 pub mod activity;
 mod body;
+mod chunked;
 pub mod errors;
 pub mod headers;
 pub mod http;
 pub mod redirect;
+pub mod relay;
 pub mod tls;
 pub mod upstream;
 

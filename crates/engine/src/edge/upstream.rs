@@ -269,6 +269,18 @@ impl Pool {
 
     async fn open_h1(&self) -> Result<http1::SendRequest<UpBody>, Refusal> {
         let io = open(&self.shared, &self.tunnel, self.source, &[b"http/1.1"]).await?;
+        self.h1_over(io).await
+    }
+
+    /// Takes an idle HTTP/1.1 agent stream the relay used, so the requests
+    /// hyper serves next reuse it.
+    pub async fn adopt(&self, io: AgentStream) {
+        if let Ok(sender) = self.h1_over(io).await {
+            self.give_back(sender);
+        }
+    }
+
+    async fn h1_over(&self, io: AgentStream) -> Result<http1::SendRequest<UpBody>, Refusal> {
         let (sender, conn) = http1::Builder::new()
             .preserve_header_case(true)
             .title_case_headers(false)

@@ -243,6 +243,11 @@ impl Edge {
     pub(super) fn published_name(&self, given: Option<&str>) -> String {
         let host = self.shared.config.engine.host.as_str();
         let name = given.map(|g| {
+            // Most clients send a bare lower-case name: no parse needed.
+            let simple = g.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+            if simple {
+                return g.trim_end_matches('.').to_string();
+            }
             let name = g.parse::<Authority>().map(|a| a.host().to_string()).unwrap_or_else(|_| g.to_string());
             name.trim_end_matches('.').to_ascii_lowercase()
         });

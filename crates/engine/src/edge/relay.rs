@@ -63,6 +63,7 @@ pub enum Outcome {
 pub async fn relay(edge: &Edge, public: &mut PublicTls) -> Outcome {
     let mut relay = Relay {
         edge,
+        client: headers::client_ip(edge.peer.ip()).to_string(),
         public,
         inbuf: BytesMut::new(),
         upbuf: BytesMut::new(),
@@ -153,6 +154,8 @@ struct Upstream {
 
 struct Relay<'a> {
     edge: &'a Edge,
+    /// The client's address as `X-Forwarded-For` gives it.
+    client: String,
     public: &'a mut PublicTls,
     /// Bytes read from the client and not yet forwarded.
     inbuf: BytesMut,
@@ -170,7 +173,7 @@ impl Relay<'_> {
     async fn next_request(&mut self, mut deadline: std::pin::Pin<&mut tokio::time::Sleep>) -> Next {
         loop {
             if !self.inbuf.is_empty() {
-                match plan(self.edge, &self.inbuf, &mut self.up_head) {
+                match plan(self.edge, &self.client, &self.inbuf, &mut self.up_head) {
                     Parsed::Relay(plan) => return Next::Relay(plan),
                     Parsed::Other => return Next::HandOff,
                     Parsed::Partial if self.inbuf.len() >= MAX_HEAD => return Next::HandOff,
@@ -415,7 +418,7 @@ fn hop_by_hop(name: &str) -> bool {
 
 /// Reads a request head and decides whether the relay forwards it; if so,
 /// writes the head the service receives into `out`.
-fn plan(edge: &Edge, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
+fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let len = match request.parse(bytes) {
@@ -479,7 +482,6 @@ fn plan(edge: &Edge, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let client = headers::client_ip(edge.peer.ip()).to_string();
     let mut wrote = [false; 3];
     let write = |out: &mut Vec<u8>, name: &str, value: &[u8]| {
         out.extend_from_slice(name.as_bytes());
@@ -585,8 +587,9 @@ fn parse_answer(bytes: &[u8], head_only: bool, out: &mut Vec<u8>) -> Result<Opti
         }
     };
     out.clear();
+    // A status is three digits (httparse checks).
     out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.to_string().as_bytes());
+    out.extend_from_slice(&[b'0' + (status / 100) as u8, b'0' + (status / 10 % 10) as u8, b'0' + (status % 10) as u8]);
     out.push(b' ');
     let reason = response.reason.filter(|r| !r.is_empty());
     let reason = reason.or_else(|| http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()));

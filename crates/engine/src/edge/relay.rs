@@ -39,7 +39,9 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Headers per head, as hyper allows.
 const MAX_HEADERS: usize = 100;
-/// Bytes asked of a socket per read, on both sides.
+/// Bytes asked of the client per read: request heads are small.
+const HEAD_READ: usize = 4 * 1024;
+/// Bytes asked of the agent stream per read: responses carry the bodies.
 const READ_SIZE: usize = 16 * 1024;
 
 /// The public connection, TLS terminated.
@@ -180,8 +182,14 @@ impl Relay<'_> {
                     Parsed::Partial => {}
                 }
             }
-            self.inbuf.reserve(READ_SIZE);
             let idle = self.inbuf.is_empty();
+            if idle {
+                // A keep-alive connection waiting for its next request holds
+                // no buffer: thousands of idle browsers cost little.
+                self.inbuf = BytesMut::new();
+                self.upbuf = BytesMut::new();
+            }
+            self.inbuf.reserve(HEAD_READ);
             tokio::select! {
                 biased;
                 read = self.public.read_buf(&mut self.inbuf) => match read {

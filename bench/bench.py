@@ -383,14 +383,19 @@ class StraitPublished(StraitEngine):
 
 
 class StraitPrivate(StraitEngine):
-    name, label = "strait-private", "strait, private dial (strait agent, strait connect)"
+    name, label = "strait-private", "strait, private dial (strait agent)"
 
     def start(self) -> None:
         self.start_engine()
         s = self.b.services
         self.agent = [self.start_agent(s)]
+        # iperf3 and the held streams reach the tunnel through `strait
+        # connect`; the HTTP and latency loads dial in-process through
+        # strait's agent library, as an SDK client does (the load generator
+        # then does the client's TLS, as on the published path).
         self.iperf = self.connect("iperf")
-        self.http = ["--target", f"127.0.0.1:{self.connect('http')}"]
+        self.http = ["--target", f"localhost:{self.port}", "--dial", "http", "--token", self.b.token,
+                     "--ca", str(self.b.certs / "ca.pem")]
         self.echo = ["--target", f"127.0.0.1:{self.connect('echo')}"]
 
     def start_agent(self, s: dict[str, int]) -> Proc:

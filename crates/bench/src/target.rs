@@ -1,6 +1,8 @@
 //! Where the load goes: a TCP address, optionally through TLS with a given
 //! server name (a published tunnel is reached at 127.0.0.1 with the SNI of
-//! its hostname, since `*.t.localhost` is not in every resolver).
+//! its hostname, since `*.t.localhost` is not in every resolver), or a
+//! private tunnel dialed in-process through strait's agent library, the way
+//! an SDK client dials.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,14 +16,20 @@ use tokio_rustls::TlsConnector;
 
 #[derive(clap::Args)]
 pub struct TargetArgs {
-    /// host:port to connect to.
+    /// host:port to connect to (the engine's, with --dial).
     #[arg(long)]
     target: String,
     /// Speak TLS with this server name (SNI).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "dial")]
     tls: Option<String>,
-    /// CA file that signed the server's certificate (with --tls).
-    #[arg(long, requires = "tls")]
+    /// Dial this private tunnel (id or name) through the engine at --target.
+    #[arg(long, requires = "token")]
+    dial: Option<String>,
+    /// Token for --dial.
+    #[arg(long, requires = "dial")]
+    token: Option<String>,
+    /// CA file that signed the server's certificate (with --tls or --dial).
+    #[arg(long)]
     ca: Option<PathBuf>,
     /// ALPN protocol to offer (with --tls).
     #[arg(long, requires = "tls")]
@@ -38,13 +46,27 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 pub struct Target {
     pub addr: String,
     pub host: String,
-    tls: Option<(ServerName<'static>, TlsConnector)>,
+    way: Way,
+}
+
+#[derive(Clone)]
+enum Way {
+    Tcp,
+    Tls(ServerName<'static>, TlsConnector),
+    Dial(strait_agent::Client, String),
 }
 
 impl TargetArgs {
     pub fn resolve(self) -> anyhow::Result<Target> {
-        let tls = match &self.tls {
-            None => None,
+        if let Some(tunnel) = self.dial {
+            let mut config = strait_agent::ClientConfig::new(self.target.clone(), self.token);
+            config.ca_file = self.ca;
+            let client = strait_agent::Client::new(config)?;
+            let host = self.host.unwrap_or_else(|| tunnel.clone());
+            return Ok(Target { addr: self.target, host, way: Way::Dial(client, tunnel) });
+        }
+        let way = match &self.tls {
+            None => Way::Tcp,
             Some(name) => {
                 let mut roots = rustls::RootCertStore::empty();
                 let ca = self.ca.as_ref().context("--tls needs --ca")?;
@@ -57,21 +79,24 @@ impl TargetArgs {
                 if let Some(alpn) = &self.alpn {
                     config.alpn_protocols = vec![alpn.as_bytes().to_vec()];
                 }
-                Some((ServerName::try_from(name.clone())?, TlsConnector::from(Arc::new(config))))
+                Way::Tls(ServerName::try_from(name.clone())?, TlsConnector::from(Arc::new(config)))
             }
         };
         let host = self.host.or(self.tls.clone()).unwrap_or_else(|| self.target.clone());
-        Ok(Target { addr: self.target, host, tls })
+        Ok(Target { addr: self.target, host, way })
     }
 }
 
 impl Target {
     pub async fn connect(&self) -> std::io::Result<Box<dyn Io>> {
+        if let Way::Dial(client, tunnel) = &self.way {
+            return client.dial(tunnel).await.map(|s| Box::new(s) as Box<dyn Io>).map_err(std::io::Error::other);
+        }
         let tcp = TcpStream::connect(&self.addr).await?;
         tcp.set_nodelay(true)?;
-        match &self.tls {
-            None => Ok(Box::new(tcp)),
-            Some((name, connector)) => Ok(Box::new(connector.connect(name.clone(), tcp).await?)),
+        match &self.way {
+            Way::Tls(name, connector) => Ok(Box::new(connector.connect(name.clone(), tcp).await?)),
+            _ => Ok(Box::new(tcp)),
         }
     }
 }

@@ -17,12 +17,14 @@
 //! page about the request itself therefore comes from one place; the relay
 //! answers only for failures of the agent side (502, 503, 504).
 
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::activity::Tracked;
 use super::chunked;
@@ -74,10 +76,12 @@ pub async fn relay(edge: &Edge, public: &mut PublicTls) -> Outcome {
         upstream: None,
     };
     let deadline = tokio::time::sleep(edge.idle);
-    tokio::pin!(deadline);
+    // Registered once for the connection, not once per request.
+    let shutdown = edge.shared.shutdown.clone().cancelled_owned();
+    tokio::pin!(deadline, shutdown);
     loop {
         deadline.as_mut().reset(Instant::now() + edge.idle);
-        let plan = match relay.next_request(deadline.as_mut()).await {
+        let plan = match relay.next_request(deadline.as_mut(), shutdown.as_mut()).await {
             Next::Relay(plan) => plan,
             Next::Close => return relay.close().await,
             Next::HandOff => return relay.hand_off(),
@@ -172,7 +176,11 @@ struct Relay<'a> {
 
 impl Relay<'_> {
     /// Reads the next request head, within the idle limit.
-    async fn next_request(&mut self, mut deadline: std::pin::Pin<&mut tokio::time::Sleep>) -> Next {
+    async fn next_request(
+        &mut self,
+        mut deadline: Pin<&mut tokio::time::Sleep>,
+        mut shutdown: Pin<&mut WaitForCancellationFutureOwned>,
+    ) -> Next {
         loop {
             if !self.inbuf.is_empty() {
                 match plan(self.edge, &self.client, &self.inbuf, &mut self.up_head) {
@@ -183,10 +191,9 @@ impl Relay<'_> {
                 }
             }
             let idle = self.inbuf.is_empty();
-            if idle {
-                // A keep-alive connection waiting for its next request holds
-                // no buffer: thousands of idle browsers cost little.
-                self.inbuf = BytesMut::new();
+            if idle && self.upbuf.capacity() > HEAD_READ {
+                // A keep-alive connection waiting for its next request keeps
+                // small buffers only; a large body's buffer goes.
                 self.upbuf = BytesMut::new();
             }
             self.inbuf.reserve(HEAD_READ);
@@ -201,7 +208,7 @@ impl Relay<'_> {
                     return Next::Close;
                 }
                 // Engine shutdown closes connections between requests.
-                _ = self.edge.shared.shutdown.cancelled(), if idle => return Next::Close,
+                _ = shutdown.as_mut(), if idle => return Next::Close,
             }
         }
     }
@@ -288,7 +295,7 @@ impl Relay<'_> {
                     Err(reason) => return Err(HeadError::heard(reason)),
                 }
             }
-            self.upbuf.reserve(READ_SIZE);
+            self.upbuf.reserve(HEAD_READ);
             // A service that says nothing on a silent connection gets a
             // 504 instead of holding the client forever.
             let read = tokio::select! {

@@ -19,6 +19,7 @@ import json
 import os
 import pathlib
 import platform
+import random
 import re
 import shutil
 import socket
@@ -139,9 +140,18 @@ def run_json(argv: list[str], cpus: str | None, timeout: float) -> dict:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port for a peer to listen on, chosen below the kernel's ephemeral
+    range: a port the kernel hands out (`bind(0)`) can be taken by any
+    outgoing connection before the peer binds it."""
+    low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def wait_port(port: int, timeout: float = DEADLINE) -> None:
@@ -700,7 +710,7 @@ def machine() -> dict:
     }
 
 
-def report(bench: Bench, data: dict, out: pathlib.Path, command: str) -> None:
+def report(bench: Bench, data: dict, out: pathlib.Path, command: str, failures: list[str]) -> None:
     summary = {setup: {k: summarise(v) for k, v in metrics.items()} for setup, metrics in data.items()}
     doc = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -712,6 +722,7 @@ def report(bench: Bench, data: dict, out: pathlib.Path, command: str) -> None:
         "setups": {name: SETUPS[name].label for name in data},
         "raw": data,
         "summary": summary,
+        "failures": failures,
     }
     (out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
     render(doc, out)
@@ -741,6 +752,10 @@ def render(doc: dict, out: pathlib.Path) -> None:
         f"with the range (min–max) over rounds. Throughput and HTTP runs last {doc['seconds']:g} s.",
         "",
     ]
+    if doc.get("failures"):
+        lines += ["Setup rounds that failed (their cells have fewer rounds):", ""]
+        lines += [f"- {failure}" for failure in doc["failures"]]
+        lines.append("")
     setups = list(summary)
     baseline = "rathole-tls" if "rathole-tls" in summary else None
     for key, title, unit, higher in METRICS:
@@ -822,7 +837,7 @@ def main() -> int:
         bench.stop_all()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report(bench, {k: v for k, v in data.items() if v}, out, args.command)
+    report(bench, {k: v for k, v in data.items() if v}, out, args.command, failures)
     print((out / "RESULTS.md").read_text())
     if failures:
         print("failures:\n  " + "\n  ".join(failures), file=sys.stderr)

@@ -369,13 +369,7 @@ class StraitPublished(StraitEngine):
 
     def start(self) -> None:
         self.start_engine()
-        s = self.b.services
-        agent = self.apply(
-            f'  - {{name: iperf, forward: "127.0.0.1:{s["iperf"]}", tunnel: {{publish: true, protocol: tls, host: b-iperf}}}}\n'
-            f'  - {{name: http, forward: "127.0.0.1:{s["http"]}", tunnel: {{publish: true, protocol: http, host: b-http}}}}\n'
-            f'  - {{name: echo, forward: "127.0.0.1:{s["echo"]}", tunnel: {{publish: true, protocol: tls, host: b-echo}}}}\n'
-        )
-        self.agent = [agent]
+        self.agent = [self.start_agent(self.b.services)]
         ca = str(self.b.certs / "ca.pem")
         tls = lambda host: ["--target", f"127.0.0.1:{self.port}", "--tls", f"{host}.t.localhost", "--ca", ca]
         self.http = [*tls("b-http"), "--alpn", "http/1.1"]
@@ -385,6 +379,13 @@ class StraitPublished(StraitEngine):
         bridge = self.b.spawn(f"{self.name}-bridge", [self.b.tool("strait-bench"), "bridge", *tls("b-iperf")], self.b.load_cpus)
         self.iperf = int(bridge.json_line()["listen"].rsplit(":", 1)[1])
         self.bridge = bridge
+
+    def start_agent(self, s: dict[str, int]) -> Proc:
+        return self.apply(
+            f'  - {{name: iperf, forward: "127.0.0.1:{s["iperf"]}", tunnel: {{publish: true, protocol: tls, host: b-iperf}}}}\n'
+            f'  - {{name: http, forward: "127.0.0.1:{s["http"]}", tunnel: {{publish: true, protocol: http, host: b-http}}}}\n'
+            f'  - {{name: echo, forward: "127.0.0.1:{s["echo"]}", tunnel: {{publish: true, protocol: tls, host: b-echo}}}}\n'
+        )
 
     def stop(self) -> None:
         super().stop()
@@ -414,20 +415,34 @@ class StraitPrivate(StraitEngine):
         )
 
 
+def sdk_agent(setup: StraitEngine, s: dict[str, int], publish: bool) -> Proc:
+    """The rstream Python SDK as the agent (bench/sdk_agent.py)."""
+    b = setup.b
+    proc = b.spawn(
+        f"{setup.name}-agent",
+        [b.args.sdk_python, ROOT / "bench" / "sdk_agent.py", "--engine", f"localhost:{setup.port}",
+         "--token", b.token, "--ca", b.certs / "ca.pem", *(["--publish"] if publish else []),
+         *(f"{k}={s[k]}" for k in ("iperf", "http", "echo"))],
+        b.tunnel_cpus,
+    )
+    proc.json_line()
+    return proc
+
+
 class StraitSdk(StraitPrivate):
     name, label = "strait-sdk", "strait, private dial (rstream Python SDK agent)"
     scenarios = {"throughput", "http", "latency"}
 
     def start_agent(self, s: dict[str, int]) -> Proc:
-        b = self.b
-        proc = b.spawn(
-            f"{self.name}-agent",
-            [b.args.sdk_python, ROOT / "bench" / "sdk_agent.py", "--engine", f"localhost:{self.port}",
-             "--token", b.token, "--ca", b.certs / "ca.pem", *(f"{k}={s[k]}" for k in ("iperf", "http", "echo"))],
-            b.tunnel_cpus,
-        )
-        proc.json_line()
-        return proc
+        return sdk_agent(self, s, publish=False)
+
+
+class StraitSdkPublished(StraitPublished):
+    name, label = "strait-sdk-tls", "strait, published TLS tunnel (rstream Python SDK agent)"
+    scenarios = {"throughput", "http", "latency"}
+
+    def start_agent(self, s: dict[str, int]) -> Proc:
+        return sdk_agent(self, s, publish=True)
 
 
 class Rathole(Setup):
@@ -555,7 +570,7 @@ class Bore(Setup):
                 b.procs.remove(c)
 
 
-SETUPS = {s.name: s for s in (Direct, StraitPublished, StraitPrivate, StraitSdk, RatholeTls, RatholeTcp, Bore)}
+SETUPS = {s.name: s for s in (Direct, StraitPublished, StraitPrivate, StraitSdkPublished, StraitSdk, RatholeTls, RatholeTcp, Bore)}
 
 # ---------------------------------------------------------------- scenarios
 

@@ -1,8 +1,10 @@
 """The rstream Python SDK as strait's agent, for the benchmark.
 
-Opens one private tunnel per NAME=PORT argument and forwards each to
-127.0.0.1:PORT with the SDK's own `forward_to`, prints one JSON line once
-every tunnel is open, and runs until stdin closes.
+Opens one tunnel per NAME=PORT argument (private, or with --publish
+published as b-NAME.t.localhost: an `http` tunnel for NAME "http", a `tls`
+one otherwise) and forwards each to 127.0.0.1:PORT with the SDK's own
+`forward_to`, prints one JSON line once every tunnel is open, and runs until
+stdin closes.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ async def main() -> None:
     parser.add_argument("--engine", required=True)
     parser.add_argument("--token", required=True)
     parser.add_argument("--ca", required=True)
+    parser.add_argument("--publish", action="store_true")
     parser.add_argument("tunnels", nargs="+", metavar="NAME=PORT")
     args = parser.parse_args()
     client = rstream.Client(
@@ -31,7 +34,13 @@ async def main() -> None:
         forwards = []
         for spec in args.tunnels:
             name, port = spec.split("=", 1)
-            tunnel = await control.create_tunnel(name=name, publish=False)
+            if args.publish:
+                protocol = "http" if name == "http" else "tls"
+                tunnel = await control.create_tunnel(
+                    name=name, publish=True, protocol=protocol, hostname=f"b-{name}.t.localhost"
+                )
+            else:
+                tunnel = await control.create_tunnel(name=name, publish=False)
             forwards.append(asyncio.create_task(tunnel.forward_to("127.0.0.1", int(port))))
         print(json.dumps({"tunnels": [t.split("=", 1)[0] for t in args.tunnels]}), flush=True)
         loop = asyncio.get_running_loop()

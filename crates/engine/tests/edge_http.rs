@@ -794,3 +794,43 @@ async fn broken_service_responses_get_a_502_or_a_close() {
     let answer = exchange_raw(&engine, "bad.t.localhost", &get("/cut")).await;
     assert_eq!(answer, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc");
 }
+
+#[tokio::test]
+async fn malformed_request_heads_get_an_error_and_never_reach_the_service() {
+    let engine = TestEngine::start().await;
+    let (service, accepted) = raw_service().await;
+    let (_control, _) = publish(&engine, published("strict"), service).await;
+    // Connection: close, so every answer ends with the connection.
+    let host = "Host: strict.t.localhost\r\nConnection: close\r\n";
+    for (request, status) in [
+        (format!("GET / HTTP/1.1\r\n{host}Bad Header\r\n\r\n"), "400"),
+        (format!("GET / HTTP/1.1\r\n{host}Host: strict.t.localhost\r\n\r\n"), "400"),
+        (format!("GET / HTTP/1.1\r\n{host}Content-Length: x\r\n\r\n"), "400"),
+    ] {
+        let answer = exchange_raw(&engine, "strict.t.localhost", &request).await;
+        assert!(answer.starts_with(&format!("HTTP/1.1 {status} ")), "{request:?}: {answer}");
+    }
+    // A head beyond what the relay reads goes on to hyper, which has the
+    // last word on its size.
+    let mut public = engine.public("strict.t.localhost", &[b"http/1.1"]).await;
+    let huge = format!("GET / HTTP/1.1\r\n{host}X-Big: {}\r\n\r\n", "b".repeat(1024 * 1024));
+    let (mut read, mut write) = tokio::io::split(&mut public);
+    let writing = async { write.write_all(huge.as_bytes()).await.ok() };
+    let mut answer = Vec::new();
+    let reading = tokio::time::timeout(Duration::from_secs(10), read.read_to_end(&mut answer));
+    let (_, read) = tokio::join!(writing, reading);
+    read.expect("the engine answers and closes").ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0, "nothing reached the service");
+
+    // Both framings (RFC 9112 section 6.3): chunked wins and the
+    // Content-Length never reaches the service, so the two cannot disagree
+    // about where the request ends.
+    let smuggle = format!("POST / HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n");
+    let answer = exchange_raw(&engine, "strict.t.localhost", &smuggle).await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    let (_, seen) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(seen.starts_with("POST / HTTP/1.1\r\n"), "{answer}");
+    assert!(!seen.to_ascii_lowercase().contains("content-length"), "{answer}");
+}

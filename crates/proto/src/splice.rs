@@ -212,6 +212,20 @@ mod tests {
         }
     }
 
+    /// Writes `send` then half-closes, while reading to the end, which
+    /// must be `expect`: each end does both at once, as the pipes are tiny.
+    async fn talk(io: tokio::io::DuplexStream, send: Vec<u8>, expect: Vec<u8>) {
+        let (mut r, mut w) = tokio::io::split(io);
+        let writing = async {
+            w.write_all(&send).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let (_, read) = tokio::join!(writing, r.read_to_end(&mut got));
+        read.unwrap();
+        assert_eq!(got, expect);
+    }
+
     async fn copy_through(pipe: usize) {
         let (client, mut near) = tokio::io::duplex(pipe);
         let (mut far, server) = tokio::io::duplex(pipe);
@@ -219,28 +233,8 @@ mod tests {
         // More than the largest buffer.
         let up: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let down: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
-        let (up2, down2) = (up.clone(), down.clone());
-        // Each end writes and reads at once, as the pipes are tiny.
-        let server_side = tokio::spawn(async move {
-            let (mut r, mut w) = tokio::io::split(server);
-            let writing = async {
-                w.write_all(&down2).await.unwrap();
-                w.shutdown().await.unwrap();
-            };
-            let mut got = Vec::new();
-            let (_, read) = tokio::join!(writing, r.read_to_end(&mut got));
-            read.unwrap();
-            assert_eq!(got, up2);
-        });
-        let (mut r, mut w) = tokio::io::split(client);
-        let writing = async {
-            w.write_all(&up).await.unwrap();
-            w.shutdown().await.unwrap();
-        };
-        let mut got = Vec::new();
-        let (_, read) = tokio::join!(writing, r.read_to_end(&mut got));
-        read.unwrap();
-        assert_eq!(got, down);
+        let server_side = tokio::spawn(talk(server, down.clone(), up.clone()));
+        talk(client, up.clone(), down.clone()).await;
         server_side.await.unwrap();
         assert_eq!(spliced.await.unwrap().unwrap(), (up.len() as u64, down.len() as u64));
     }

@@ -19,12 +19,18 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 
 /// Whether a comma-separated header holds `token` (case-insensitive).
 pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    lists_token(headers.get_all(name).iter().filter_map(|v| v.to_str().ok()), token)
+}
+
+/// Whether one of the comma-separated `values` holds `token`
+/// (case-insensitive).
+pub fn lists_token<'a>(values: impl IntoIterator<Item = &'a str>, token: &str) -> bool {
+    values.into_iter().flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether `name` is a hop-by-hop header.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
 }
 
 /// Removes hop-by-hop headers and those the `Connection` header names.

@@ -276,6 +276,11 @@ impl Edge {
         let (mut parts, body) = request.into_parts();
         let (host, given_host) = self.route_host(&parts);
         let fail = |refusal: Refusal| (host.clone(), refusal);
+        // RFC 9112 section 3.2: two Hosts could route one way here and
+        // another at the service.
+        if parts.headers.get_all(header::HOST).iter().nth(1).is_some() {
+            return Err(fail(Refusal::BadRequest("more than one Host")));
+        }
 
         let tunnel =
             self.shared.registry.tunnel_by_hostname(&host).ok_or_else(|| fail(Refusal::UnknownHost(host.clone())))?;

@@ -29,7 +29,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::activity::Tracked;
 use super::chunked;
 use super::errors::Refusal;
-use super::headers;
+use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use super::http::Edge;
 use super::upstream::{self, AgentStream};
 use crate::registry::Tunnel;
@@ -422,13 +422,14 @@ fn eq(a: &str, b: &str) -> bool {
 
 /// Whether one of the comma-separated `lists` holds `token`.
 fn listed(lists: &[&str], token: &str) -> bool {
-    lists.iter().flat_map(|v| v.split(',')).any(|t| eq(t.trim(), token))
+    headers::lists_token(lists.iter().copied(), token)
 }
 
-/// Headers that describe one hop (RFC 9110 section 7.6.1); each side of the
-/// edge writes its own.
-fn hop_by_hop(name: &str) -> bool {
-    ["connection", "keep-alive", "proxy-connection", "te", "transfer-encoding", "upgrade"].iter().any(|h| eq(name, h))
+fn write_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Reads a request head and decides whether the relay forwards it; if so,
@@ -453,7 +454,7 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
     for header in request.headers.iter() {
         let name = header.name;
         let Ok(value) = std::str::from_utf8(header.value) else {
-            if eq(name, "host") || eq(name, "connection") || eq(name, "x-forwarded-for") {
+            if eq(name, "host") || eq(name, "connection") || eq(name, X_FORWARDED_FOR.as_str()) {
                 return Parsed::Other;
             }
             continue;
@@ -470,7 +471,7 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
             return Parsed::Other;
         } else if eq(name, "connection") {
             connection.push(value);
-        } else if eq(name, "x-forwarded-for") {
+        } else if eq(name, X_FORWARDED_FOR.as_str()) {
             forwarded_for.push(value.trim());
         }
     }
@@ -497,56 +498,45 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut wrote = [false; 3];
-    let write = |out: &mut Vec<u8>, name: &str, value: &[u8]| {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    };
-    let chain = |out: &mut Vec<u8>| {
-        for prior in &forwarded_for {
-            out.extend_from_slice(prior.as_bytes());
-            out.extend_from_slice(b", ");
-        }
-        out.extend_from_slice(client.as_bytes());
-    };
-    for header in request.headers.iter() {
-        let name = header.name;
-        if hop_by_hop(name) || listed(&connection, name) {
-            continue;
-        }
-        let slot = ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"].iter().position(|h| eq(name, h));
+    // Each X-Forwarded-* header is written once, where the client first
+    // sent it (keeping its spelling), else at the end.
+    let forwarded = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST];
+    let write_forwarded = |out: &mut Vec<u8>, slot: usize, name: &str| {
         match slot {
-            Some(_) if slot.is_some_and(|i| wrote[i]) => {}
-            Some(0) => {
-                wrote[0] = true;
+            0 => {
+                // Written in place: no allocation for the chain.
                 out.extend_from_slice(name.as_bytes());
                 out.extend_from_slice(b": ");
-                chain(out);
+                for prior in &forwarded_for {
+                    out.extend_from_slice(prior.as_bytes());
+                    out.extend_from_slice(b", ");
+                }
+                out.extend_from_slice(client.as_bytes());
                 out.extend_from_slice(b"\r\n");
             }
-            Some(1) => {
-                wrote[1] = true;
-                write(out, name, b"https");
+            1 => write_header(out, name, b"https"),
+            _ => write_header(out, name, given_host.as_bytes()),
+        }
+    };
+    let mut wrote = [false; 3];
+    for header in request.headers.iter() {
+        let name = header.name;
+        if headers::is_hop_by_hop(name) || listed(&connection, name) {
+            continue;
+        }
+        match forwarded.iter().position(|h| eq(name, h.as_str())) {
+            None => write_header(out, name, header.value),
+            Some(slot) if wrote[slot] => {}
+            Some(slot) => {
+                wrote[slot] = true;
+                write_forwarded(out, slot, name);
             }
-            Some(_) => {
-                wrote[2] = true;
-                write(out, name, given_host.as_bytes());
-            }
-            None => write(out, name, header.value),
         }
     }
-    if !wrote[0] {
-        out.extend_from_slice(b"x-forwarded-for: ");
-        chain(out);
-        out.extend_from_slice(b"\r\n");
-    }
-    if !wrote[1] {
-        write(out, "x-forwarded-proto", b"https");
-    }
-    if !wrote[2] {
-        write(out, "x-forwarded-host", given_host.as_bytes());
+    for (slot, name) in forwarded.iter().enumerate() {
+        if !wrote[slot] {
+            write_forwarded(out, slot, name.as_str());
+        }
     }
     out.extend_from_slice(b"\r\n");
     Parsed::Relay(Plan { tunnel, host: name, len, head_only: method == "HEAD", close: listed(&connection, "close") })
@@ -615,13 +605,10 @@ fn parse_answer(bytes: &[u8], head_only: bool, out: &mut Vec<u8>) -> Result<Opti
         // A chunked body passes through as it is, framing and all.
         let framing_header = eq(name, "transfer-encoding") && encoded.is_some();
         let superseded = eq(name, "content-length") && encoded.is_some();
-        if superseded || (!framing_header && hop_by_hop(name)) || listed(&connection, name) {
+        if superseded || (!framing_header && headers::is_hop_by_hop(name)) || listed(&connection, name) {
             continue;
         }
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(header.value);
-        out.extend_from_slice(b"\r\n");
+        write_header(out, name, header.value);
     }
     if framing == Framing::UntilClose {
         out.extend_from_slice(b"connection: close\r\n");

@@ -106,6 +106,13 @@ class Engine:
         payload = {"sub": sub, "iat": int(time.time()), "exp": int(time.time()) + 3600, **claims}
         return jwt.encode(payload, secret, algorithm="HS256")
 
+    def admin_token(self, sub: str = "ops") -> str:
+        """An operator's token: it sees and acts on every principal's objects."""
+        return self.token(sub, strait_admin=True)
+
+    def admin(self, sub: str = "ops", **options) -> rstream.Client:
+        return self.client(sub, token=self.admin_token(sub), **options)
+
     def client(self, sub: str = "alice", token: str | None = None, **options) -> rstream.Client:
         return rstream.Client(
             engine=self.engine,

@@ -44,7 +44,7 @@ async def test_webhook_deliveries_verify_with_the_sdk(engine):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RSTREAM_")}
     env.update(
         RSTREAM_ENGINE=engine.engine,
-        RSTREAM_AUTHENTICATION_TOKEN=engine.token("ops"),
+        RSTREAM_AUTHENTICATION_TOKEN=engine.admin_token("ops"),
         SSL_CERT_FILE=str(engine.ca),
         HOME=str(engine.tmp),
         STRAIT_WEBHOOK_SECRET=secret,

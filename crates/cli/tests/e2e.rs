@@ -111,7 +111,7 @@ async fn minted_tokens_are_accepted_by_the_engine() {
     assert!(out.status.success());
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let principal = engine.engine.as_ref().unwrap().shared.verifier.verify(Some(&token)).unwrap();
-    assert_eq!(principal.0, "minted");
+    assert_eq!(principal.id, "minted");
 
     let weak = engine.strait("a").args(["token", "--secret", "short", "--sub", "x"]).output().await.unwrap();
     assert!(!weak.status.success());

@@ -146,7 +146,7 @@ async fn tunnels_and_clients_tables() {
     let (running, _) =
         forward(&engine, &[&echo.to_string(), "--private", "--name", "db", "--label", "team=core"]).await;
 
-    let out = engine.strait("ops").arg("tunnels").output().await.unwrap();
+    let out = engine.strait_admin("ops").arg("tunnels").output().await.unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
@@ -155,7 +155,7 @@ async fn tunnels_and_clients_tables() {
     assert!(lines[1].contains(" db ") && lines[1].contains("online") && lines[1].contains("team=core"), "{text}");
 
     let filtered = engine
-        .strait("ops")
+        .strait_admin("ops")
         .args(["tunnels", "--json", "--params", r#"{"filters":{"labels":{"team":"other"}}}"#])
         .output()
         .await
@@ -163,12 +163,12 @@ async fn tunnels_and_clients_tables() {
     let items: serde_json::Value = serde_json::from_slice(&filtered.stdout).unwrap();
     assert_eq!(items.as_array().unwrap().len(), 0);
 
-    let out = engine.strait("ops").arg("clients").output().await.unwrap();
+    let out = engine.strait_admin("ops").arg("clients").output().await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().nth(1).is_some_and(|l| l.contains("alice") && l.contains("strait")), "{text}");
 
     let refused =
-        engine.strait("ops").env("RSTREAM_AUTHENTICATION_TOKEN", "bad").arg("tunnels").output().await.unwrap();
+        engine.strait_admin("ops").env("RSTREAM_AUTHENTICATION_TOKEN", "bad").arg("tunnels").output().await.unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("401"), "{refused:?}");
     running.interrupt().await;
@@ -176,7 +176,7 @@ async fn tunnels_and_clients_tables() {
 
 async fn events_see_lifecycle(transport: &str) {
     let engine = TestEngine::start().await;
-    let mut cmd = engine.strait("ops");
+    let mut cmd = engine.strait_admin("ops");
     cmd.args(["events", "--transport", transport]);
     let mut events = Running::spawn(cmd);
     let initial: serde_json::Value = serde_json::from_str(&events.line().await).unwrap();
@@ -216,7 +216,7 @@ async fn events_over_websocket() {
 #[tokio::test]
 async fn events_filtered_by_type() {
     let engine = TestEngine::start().await;
-    let mut cmd = engine.strait("ops");
+    let mut cmd = engine.strait_admin("ops");
     cmd.args(["events", "--events", "state.initial,tunnel.deleted"]);
     let mut events = Running::spawn(cmd);
     // The snapshot proves the feed is up before anything happens.

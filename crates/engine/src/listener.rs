@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::StartHandshake;
 
+use crate::admission::{HandshakeSlot, Refusal};
 use crate::{Shared, control, edge, streams};
 
 /// The largest ClientHello we wait for. Post-quantum key shares make them
@@ -51,8 +52,10 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 /// The accept loop every listener uses: each connection holds a permit, so
-/// at most `limits.max_connections` are in flight per listener, and runs
-/// `serve` as a task the shutdown drain waits for.
+/// at most `limits.max_connections` are open per listener, and runs `serve`
+/// as a task the shutdown drain waits for. A connection beyond the limit is
+/// closed at once rather than left waiting in the kernel's backlog, where it
+/// would stall everyone behind it.
 pub async fn accept_loop<F, Fut>(shared: Arc<Shared>, listener: TcpListener, what: &'static str, serve: F)
 where
     F: Fn(Arc<Shared>, TcpStream, SocketAddr) -> Fut,
@@ -61,10 +64,6 @@ where
     let permits = Arc::new(Semaphore::new(shared.config.limits.max_connections));
     let mut backoff = Duration::from_millis(5);
     loop {
-        let permit = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            permit = permits.clone().acquire_owned() => permit.expect("never closed"),
-        };
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
@@ -72,6 +71,10 @@ where
         match accepted {
             Ok((tcp, peer)) => {
                 backoff = Duration::from_millis(5);
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    refuse(&shared, tcp, peer, Refusal::Capacity);
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let connection = serve(shared.clone(), tcp, peer);
                 shared.tasks.spawn(async move {
@@ -88,6 +91,14 @@ where
             }
         }
     }
+}
+
+/// Closes a connection the limits refuse: counted, and logged at most once
+/// per few seconds (a flood must not become a flood of log lines).
+fn refuse(shared: &Shared, tcp: TcpStream, peer: SocketAddr, refusal: Refusal) {
+    shared.metrics.connection_refused(refusal.label());
+    shared.admission.log_refusal(peer.ip(), refusal);
+    drop(tcp);
 }
 
 /// Reads the ClientHello into a rustls `Acceptor`, keeping the raw bytes so
@@ -125,6 +136,12 @@ pub async fn read_client_hello(tcp: &mut TcpStream) -> io::Result<(Accepted, Byt
 /// of its largest state, so an unboxed HTTP/2-capable API branch would make
 /// every spliced stream and idle agent pay for it.
 async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
+    // Admitted before a byte is read: the slot is this connection's place
+    // among its source's handshakes, given back once the handshake is over.
+    let slot = match shared.admission.admit(peer.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => return refuse(&shared, tcp, peer, refusal),
+    };
     let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
     let (accepted, raw_hello) = match tokio::time::timeout(deadline, Box::pin(read_client_hello(&mut tcp))).await {
         Ok(Ok(hello)) => hello,
@@ -146,34 +163,53 @@ async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
         Route::Agent => {
             // Only passthrough tunnels replay the raw ClientHello.
             drop(raw_hello);
-            Box::pin(agent_route(shared, accepted, tcp, peer)).await;
+            Box::pin(agent_route(shared, accepted, tcp, peer, slot)).await;
         }
         Route::Api => {
             drop(raw_hello);
-            Box::pin(api_route(shared, accepted, tcp, peer)).await;
+            Box::pin(api_route(shared, accepted, tcp, peer, slot)).await;
         }
-        Route::Tunnel(hostname) => Box::pin(edge::serve(shared, accepted, tcp, raw_hello, hostname, peer)).await,
+        Route::Tunnel(hostname) => {
+            let connection = edge::Connection { accepted, tcp, raw_hello, hostname, peer, slot };
+            Box::pin(edge::serve(shared, connection)).await
+        }
     }
 }
 
-/// A server handshake in its own allocation: its state (a whole TLS
-/// connection in the middle of its handshake) is freed when it completes
-/// rather than staying inside the connection's task for its lifetime.
+/// The server TLS handshake, under `limits.handshake_seconds`, in its own
+/// allocation: its state (a whole TLS connection in the middle of its
+/// handshake) is freed when it completes rather than staying inside the
+/// connection's task for its lifetime. A failure is counted and logged here,
+/// once; `what` names the route in that line.
 pub async fn handshake<IO>(
+    shared: &Shared,
     start: StartHandshake<IO>,
     config: Arc<rustls::ServerConfig>,
-) -> io::Result<tokio_rustls::server::TlsStream<IO>>
+    peer: SocketAddr,
+    what: &'static str,
+) -> Option<tokio_rustls::server::TlsStream<IO>>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    Box::pin(start.into_stream(config)).await
+    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
+    let error = match tokio::time::timeout(deadline, Box::pin(start.into_stream(config))).await {
+        Ok(Ok(tls)) => return Some(tls),
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("no handshake within {}s", deadline.as_secs()),
+    };
+    shared.metrics.tls_handshake_failed();
+    tracing::debug!(%peer, route = what, %error, "TLS handshake failed");
+    None
 }
 
 /// An agent-protocol connection: its first frame says what it is. The
 /// handshake and the first read run in their own allocation, so the
 /// connection's long-lived state is only what its kind needs.
-async fn agent_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr) {
-    let Some((tls, rest, first)) = Box::pin(first_frame(&shared, accepted, tcp, peer)).await else { return };
+async fn agent_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr, slot: HandshakeSlot) {
+    let first = Box::pin(first_frame(&shared, accepted, tcp, peer)).await;
+    // An agent connection is past its handshake once its first frame is in.
+    drop(slot);
+    let Some((tls, rest, first)) = first else { return };
     match first.payload {
         Some(Payload::OpenControlChannelReq(req)) => Box::pin(control::serve(shared, tls, rest, req, peer)).await,
         Some(Payload::ProxyReq(req)) => Box::pin(streams::accept_agent_stream(&shared, tls, rest, req, peer)).await,
@@ -191,21 +227,8 @@ async fn first_frame(
     tcp: TcpStream,
     peer: SocketAddr,
 ) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Bytes, strait_proto::Message)> {
-    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
     let start = StartHandshake::from_parts(accepted, tcp);
-    let tls = match tokio::time::timeout(deadline, start.into_stream(shared.tls.agent.clone())).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, %error, "agent TLS handshake failed");
-            return None;
-        }
-        Err(_) => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, "agent TLS handshake timed out");
-            return None;
-        }
-    };
+    let tls = handshake(shared, start, shared.tls.agent.clone(), peer, "agent").await?;
     let mut reader = FrameReader::new(tls, shared.config.limits.max_frame_bytes);
     let deadline = Duration::from_secs(shared.config.limits.first_frame_seconds);
     let first = match tokio::time::timeout(deadline, reader.read_message()).await {
@@ -227,16 +250,12 @@ async fn first_frame(
     Some((tls, rest, first))
 }
 
-async fn api_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr) {
-    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
-    let config = shared.tls.api.clone();
+async fn api_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr, slot: HandshakeSlot) {
     let start = StartHandshake::from_parts(accepted, tcp);
-    match tokio::time::timeout(deadline, handshake(start, config)).await {
-        Ok(Ok(tls)) => crate::api::serve_connection(shared, tls, peer).await,
-        _ => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, "API TLS handshake failed");
-        }
+    let tls = handshake(&shared, start, shared.tls.api.clone(), peer, "api").await;
+    drop(slot);
+    if let Some(tls) = tls {
+        crate::api::serve_connection(shared, tls, peer).await;
     }
 }
 

@@ -26,7 +26,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::Shared;
 use crate::ids;
-use crate::registry::Tunnel;
+use crate::registry::{Dial, Tunnel};
 use strait_proto::splice::splice;
 
 /// An agent's reverse-dialled connection, ready to carry raw bytes.
@@ -255,16 +255,20 @@ pub async fn private_dial(
     let outcome = Box::pin(async {
         let token = req.client_details.as_ref().and_then(|d| d.token.as_deref());
         let principal = shared.verifier.verify(token).map_err(|e| {
-            shared.metrics.auth_failed();
+            shared.auth_failed(peer.ip());
             Error::new(ErrorCode::Unauthorized, e.to_string())
         })?;
         if req.datagram_channel == Some(true) {
             return Err(Error::new(ErrorCode::FeatureNotAvailable, "datagram channels need the QUIC transport"));
         }
-        let tunnel = shared
-            .registry
-            .resolve_dial(&principal, &target)
-            .ok_or_else(|| Error::new(ErrorCode::TunnelNotFound, format!("no tunnel {target:?}")))?;
+        let tunnel = match shared.registry.resolve_dial(&principal, &target) {
+            Dial::Live(tunnel) => tunnel,
+            Dial::Held(_) => {
+                let message = format!("tunnel {target:?} is offline; its name is held until its agent opens it again");
+                return Err(Error::new(ErrorCode::ServiceUnavailable, message));
+            }
+            Dial::NotFound => return Err(Error::new(ErrorCode::TunnelNotFound, format!("no tunnel {target:?}"))),
+        };
         if !ip_allowed(&tunnel.properties.trusted_ips, peer.ip()) {
             return Err(Error::new(ErrorCode::Unauthorized, "source address is not in the tunnel's trusted_ips"));
         }

@@ -366,7 +366,7 @@ async fn failures_have_their_own_status_and_body() {
         drop(leaving);
     };
     let ((status, body), ()) = tokio::join!(public, agent);
-    assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "tunnel offline\n"));
+    assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "agent offline\n"));
 
     // The agent never dials back: 504 after stream_request_seconds.
     let _lazy = raw_agent(&engine, "lazy").await;

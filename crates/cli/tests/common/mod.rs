@@ -75,6 +75,16 @@ impl TestEngine {
         self.tunnels().into_iter().map(|(name, t)| (name, t.id.clone())).collect()
     }
 
+    /// `strait` with an operator's token, which sees every principal.
+    pub fn strait_admin(&self, sub: &str) -> Command {
+        let mut cmd = self.strait(sub);
+        cmd.env(
+            "RSTREAM_AUTHENTICATION_TOKEN",
+            strait_engine::auth::mint_with(SECRET.as_bytes(), sub, Some(3600), true),
+        );
+        cmd
+    }
+
     pub fn strait(&self, sub: &str) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strait"));
         cmd.env_clear()

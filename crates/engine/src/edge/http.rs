@@ -42,6 +42,7 @@ use super::relay::{self, Outcome};
 use super::tls;
 use super::upstream::{Lease, Pool, Sender};
 use crate::Shared;
+use crate::admission::HandshakeSlot;
 use crate::registry::Tunnel;
 
 /// Response bodies towards the public.
@@ -89,6 +90,7 @@ pub async fn serve(
     tcp: TcpStream,
     sni: String,
     peer: SocketAddr,
+    slot: HandshakeSlot,
 ) {
     let config = match sni_tunnel.as_deref() {
         Some(tunnel) if tls::has_options(&tunnel.properties) => {
@@ -103,22 +105,10 @@ pub async fn serve(
         _ => shared.tls.api.clone(),
     };
     let activity = Activity::new();
-    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
     let start = StartHandshake::from_parts(accepted, Tracked::new(tcp, activity.clone()));
-    let tls = match tokio::time::timeout(deadline, crate::listener::handshake(start, config)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, %sni, %error, "published TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, %sni, "published TLS handshake timed out");
-            return;
-        }
-    };
-    let mut tls = tls;
+    let tls = crate::listener::handshake(&shared, start, config, peer, "http tunnel").await;
+    drop(slot);
+    let Some(mut tls) = tls else { return };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let idle = Duration::from_secs(shared.config.timeouts.http_idle_seconds);
     let edge = Arc::new(Edge {
@@ -282,8 +272,11 @@ impl Edge {
             return Err(fail(Refusal::BadRequest("more than one Host")));
         }
 
-        let tunnel =
-            self.shared.registry.tunnel_by_hostname(&host).ok_or_else(|| fail(Refusal::UnknownHost(host.clone())))?;
+        let tunnel = self
+            .shared
+            .registry
+            .tunnel_by_hostname(&host)
+            .ok_or_else(|| fail(Refusal::unrouted(&self.shared, &host)))?;
         if tunnel.protocol() != Some("http") {
             return Err(fail(Refusal::NotHttp(host.clone())));
         }
@@ -291,7 +284,7 @@ impl Edge {
             return Err(fail(Refusal::Forbidden));
         }
         if tunnel.properties.token_auth == Some(true) {
-            access::check_token(&self.shared, &mut parts).map_err(fail)?;
+            access::check_token(&self.shared, &mut parts, self.peer.ip()).map_err(fail)?;
         }
         let pool = self.pool(&tunnel);
         let h2c = matches!(tunnel.properties.http_version.as_deref(), Some("h2c") | Some("h2")) && kind == Kind::Plain;

@@ -12,7 +12,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use rustls::server::Accepted;
@@ -25,6 +24,7 @@ use tokio_rustls::StartHandshake;
 use super::access;
 use super::upstream;
 use crate::Shared;
+use crate::admission::HandshakeSlot;
 use crate::registry::Tunnel;
 
 /// Whether the tunnel narrows the engine's default TLS settings.
@@ -79,16 +79,19 @@ pub async fn serve(
     tcp: TcpStream,
     raw_hello: Bytes,
     peer: SocketAddr,
+    slot: HandshakeSlot,
 ) {
     if !access::ip_allowed(&tunnel, peer.ip()) {
         tracing::info!(%peer, tunnel_id = %tunnel.id, "connection refused: source address not in trusted_ips");
         return;
     }
     if tunnel.properties.tls_mode.as_deref() == Some("passthrough") {
+        // The engine's part of the handshake is over: the rest is the agent's.
+        drop(slot);
         passthrough(shared, tunnel, tcp, raw_hello, peer).await;
     } else {
         drop(raw_hello);
-        terminated(shared, tunnel, accepted, tcp, peer).await;
+        terminated(shared, tunnel, accepted, tcp, peer, slot).await;
     }
 }
 
@@ -115,7 +118,14 @@ async fn passthrough(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut tcp: TcpStrea
     }
 }
 
-async fn terminated(shared: Arc<Shared>, tunnel: Arc<Tunnel>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr) {
+async fn terminated(
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    accepted: Accepted,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: HandshakeSlot,
+) {
     let alpns = tunnel.properties.tls_alpns.iter().map(|a| a.as_bytes().to_vec()).collect();
     let config = match tunnel_config(&shared, &tunnel, alpns) {
         Ok(config) => config,
@@ -124,20 +134,10 @@ async fn terminated(shared: Arc<Shared>, tunnel: Arc<Tunnel>, accepted: Accepted
             return;
         }
     };
-    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
-    let mut public = match tokio::time::timeout(
-        deadline,
-        crate::listener::handshake(StartHandshake::from_parts(accepted, tcp), config),
-    )
-    .await
-    {
-        Ok(Ok(tls)) => tls,
-        _ => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, tunnel_id = %tunnel.id, "TLS handshake failed");
-            return;
-        }
-    };
+    let start = StartHandshake::from_parts(accepted, tcp);
+    let public = crate::listener::handshake(&shared, start, config, peer, "tls tunnel").await;
+    drop(slot);
+    let Some(mut public) = public else { return };
     // The negotiated protocol, offered again to a TLS upstream.
     let alpn = public.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let offer: Vec<&[u8]> = alpn.as_deref().into_iter().collect();

@@ -645,31 +645,85 @@ async fn shutdown_lets_a_published_download_in_flight_finish() {
     stopping.await.unwrap();
 }
 
-/// A hand-written HTTP/1.1 service: answers each request head by its
-/// path, with framings and failures hyper-made services never show.
-/// Counts the connections it accepted.
-async fn raw_service() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+/// A hand-written HTTP/1.1 service: answers each request by its path,
+/// with framings and failures hyper-made services never show. A body
+/// framed by `Content-Length` is read before the answer; a chunked one is
+/// answered only once its last chunk (`0\r\n\r\n`) arrived, so a body
+/// cut short is never answered.
+struct RawService {
+    addr: std::net::SocketAddr,
+    /// Connections accepted.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// Every byte each connection carried, sent when the engine closed it.
+    transcripts: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+async fn raw_service() -> RawService {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = accepted.clone();
+    let (transcript_tx, transcripts) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             let Ok((mut tcp, _)) = listener.accept().await else { return };
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let transcript_tx = transcript_tx.clone();
             tokio::spawn(async move {
+                let mut transcript = Vec::new();
                 let mut seen = Vec::new();
                 let mut chunk = [0u8; 4096];
-                loop {
-                    let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match tcp.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                // Reads more; false at the end of the connection.
+                async fn more(
+                    tcp: &mut tokio::net::TcpStream,
+                    chunk: &mut [u8],
+                    seen: &mut Vec<u8>,
+                    transcript: &mut Vec<u8>,
+                ) -> bool {
+                    match tcp.read(chunk).await {
+                        Ok(0) | Err(_) => false,
+                        Ok(n) => {
+                            seen.extend_from_slice(&chunk[..n]);
+                            transcript.extend_from_slice(&chunk[..n]);
+                            true
+                        }
+                    }
+                }
+                'requests: loop {
+                    let Some(end) = find(&seen, b"\r\n\r\n") else {
+                        if !more(&mut tcp, &mut chunk, &mut seen, &mut transcript).await {
+                            break;
                         }
                         continue;
                     };
                     let head = String::from_utf8_lossy(&seen[..end]).into_owned();
                     seen.drain(..end + 4);
+                    let lower = head.to_ascii_lowercase();
+                    if lower.contains("\r\ntransfer-encoding: chunked") {
+                        let end = loop {
+                            match find(&seen, b"0\r\n\r\n") {
+                                Some(end) => break end,
+                                None if more(&mut tcp, &mut chunk, &mut seen, &mut transcript).await => {}
+                                None => break 'requests,
+                            }
+                        };
+                        seen.drain(..end + 5);
+                    } else if let Some(length) = lower
+                        .split("\r\n")
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|n| n.parse().ok())
+                    {
+                        while seen.len() < length {
+                            if !more(&mut tcp, &mut chunk, &mut seen, &mut transcript).await {
+                                break 'requests;
+                            }
+                        }
+                        seen.drain(..length);
+                    }
                     let path = head.split(' ').nth(1).unwrap_or_default().to_string();
                     let (answer, close): (Vec<u8>, bool) = match path.as_str() {
                         "/chunked" => {
@@ -695,32 +749,33 @@ async fn raw_service() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUs
                         _ => (format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{head}", head.len()).into_bytes(), false),
                     };
                     if tcp.write_all(&answer).await.is_err() || close {
-                        return;
+                        break;
                     }
                 }
+                let _ = transcript_tx.send(String::from_utf8_lossy(&transcript).into_owned());
             });
         }
     });
-    (addr, accepted)
+    RawService { addr, accepted, transcripts }
 }
 
 /// Sends `requests` in one write on a fresh public HTTP/1.1 connection and
 /// returns everything the engine answered until it closed.
-async fn exchange_raw(engine: &TestEngine, host: &str, requests: &str) -> String {
+async fn exchange_raw(engine: &TestEngine, host: &str, requests: impl AsRef<[u8]>) -> String {
     let mut public = engine.public(host, &[b"http/1.1"]).await;
-    public.write_all(requests.as_bytes()).await.unwrap();
+    public.write_all(requests.as_ref()).await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), public.read_to_end(&mut answer))
         .await
         .expect("the engine closes")
         .ok();
-    String::from_utf8(answer).unwrap()
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test]
 async fn plain_requests_pass_with_every_response_framing() {
     let engine = TestEngine::start().await;
-    let (service, accepted) = raw_service().await;
+    let RawService { addr: service, accepted, .. } = raw_service().await;
     let (_control, _) = publish(&engine, published("raw"), service).await;
     let get = |path: &str, last: bool| {
         format!(
@@ -769,7 +824,7 @@ async fn plain_requests_pass_with_every_response_framing() {
 #[tokio::test]
 async fn broken_service_responses_get_a_502_or_a_close() {
     let engine = TestEngine::start().await;
-    let (service, _) = raw_service().await;
+    let RawService { addr: service, .. } = raw_service().await;
     let (_control, _) = publish(&engine, published("bad"), service).await;
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: bad.t.localhost\r\n\r\n");
 
@@ -798,7 +853,7 @@ async fn broken_service_responses_get_a_502_or_a_close() {
 #[tokio::test]
 async fn malformed_request_heads_get_an_error_and_never_reach_the_service() {
     let engine = TestEngine::start().await;
-    let (service, accepted) = raw_service().await;
+    let RawService { addr: service, accepted, .. } = raw_service().await;
     let (_control, _) = publish(&engine, published("strict"), service).await;
     // Connection: close, so every answer ends with the connection.
     let host = "Host: strict.t.localhost\r\nConnection: close\r\n";
@@ -833,4 +888,81 @@ async fn malformed_request_heads_get_an_error_and_never_reach_the_service() {
     let (_, seen) = answer.split_once("\r\n\r\n").unwrap();
     assert!(seen.starts_with("POST / HTTP/1.1\r\n"), "{answer}");
     assert!(!seen.to_ascii_lowercase().contains("content-length"), "{answer}");
+}
+
+// ---- Request framing, absolute-form targets, failure pages, idle WebSockets. ----
+
+/// Every test below ends within this, pass or fail.
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn within<F: Future>(test: F) -> F::Output {
+    tokio::time::timeout(TEST_TIMEOUT, test).await.expect("the test finishes in time")
+}
+
+/// What comes before the request under test on one public HTTP/1.1
+/// connection, so that each of the edge's readers meets it: nothing (the
+/// relay reads it), a relayed request (the relay hands the connection to
+/// hyper with its kept agent stream), or a request with a body (hyper
+/// already serves the connection).
+fn leads(host: &str) -> [(&'static str, String); 3] {
+    [
+        ("first on a connection", String::new()),
+        ("after a relayed request", format!("GET /warm HTTP/1.1\r\nHost: {host}\r\n\r\n")),
+        ("after a request hyper served", format!("POST /warm HTTP/1.1\r\nHost: {host}\r\nContent-Length: 2\r\n\r\nok")),
+    ]
+}
+
+/// Asserts that `answer` holds one `200` per lead request, then `status`
+/// with `body` as the last response.
+fn assert_last_answer(what: &str, lead: &str, answer: &str, status: &str, body: &str) {
+    let warm = usize::from(!lead.is_empty());
+    assert_eq!(answer.matches("HTTP/1.1 200 OK\r\n").count(), warm, "{what}: {answer}");
+    let last = &answer[answer.rfind("HTTP/1.1 ").unwrap_or_default()..];
+    assert!(last.starts_with(&format!("HTTP/1.1 {status}\r\n")), "{what}: {answer}");
+    assert!(last.ends_with(&format!("\r\n\r\n{body}")), "{what}: {answer}");
+}
+
+/// Waits for the transcript of every agent stream the engine opened.
+async fn transcripts(engine: &TestEngine, service: &mut RawService) -> Vec<String> {
+    let mut all = Vec::new();
+    for _ in 0..engine.published_streams() {
+        all.push(service.transcripts.recv().await.expect("the service is up"));
+    }
+    all
+}
+
+#[tokio::test]
+async fn an_invalid_content_length_gets_a_400_and_never_reaches_the_service() {
+    within(async {
+        let engine = TestEngine::start().await;
+        let mut service = raw_service().await;
+        let (_control, _) = publish(&engine, published("lengths"), service.addr).await;
+        let host = "lengths.t.localhost";
+        let framings: [&[u8]; 9] = [
+            b"Content-Length: 5\xff",
+            b"Content-Length: 0\xff",
+            b"Content-Length: \x80",
+            b"Content-Length: 12, 13",
+            b"Content-Length: +5",
+            b"Content-Length: -1",
+            b"Content-Length: 0x5",
+            b"Content-Length: 0\r\nContent-Length: 5",
+            b"Transfer-Encoding: chunked\xff",
+        ];
+        for (what, lead) in leads(host) {
+            for framing in framings {
+                let mut request = lead.clone().into_bytes();
+                request.extend_from_slice(format!("GET /bad HTTP/1.1\r\nHost: {host}\r\n").as_bytes());
+                request.extend_from_slice(framing);
+                request.extend_from_slice(b"\r\nConnection: close\r\n\r\nhello");
+                let answer = exchange_raw(&engine, host, &request).await;
+                let what = format!("{what}, {}", String::from_utf8_lossy(framing));
+                assert_last_answer(&what, &lead, &answer, "400 Bad Request", "");
+            }
+        }
+        for transcript in transcripts(&engine, &mut service).await {
+            assert!(!transcript.contains("/bad"), "{transcript}");
+        }
+    })
+    .await
 }

@@ -932,6 +932,55 @@ async fn transcripts(engine: &TestEngine, service: &mut RawService) -> Vec<Strin
 }
 
 #[tokio::test]
+async fn a_malformed_chunked_body_gets_a_400_and_never_reaches_the_service_whole() {
+    within(async {
+        let engine = TestEngine::start().await;
+        let mut service = raw_service().await;
+        let (_control, _) = publish(&engine, published("chunky"), service.addr).await;
+        let host = "chunky.t.localhost";
+        // Not a chunk size; more data than the size says.
+        for body in ["zz\r\nhello\r\n0\r\n\r\n", "5\r\nhello!!\r\n0\r\n\r\n"] {
+            for (what, lead) in leads(host) {
+                let request =
+                    format!("{lead}POST /bad HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n{body}");
+                let answer = exchange_raw(&engine, host, &request).await;
+                assert_last_answer(what, &lead, &answer, "400 Bad Request", "bad request: malformed request body\n");
+            }
+        }
+        // The service never saw a body it could take for complete: it
+        // answers a chunked one only after its last chunk.
+        for transcript in transcripts(&engine, &mut service).await {
+            for request in transcript.split("POST /bad ").skip(1) {
+                let (_, body) = request.split_once("\r\n\r\n").unwrap_or_default();
+                assert!(!body.contains("0\r\n\r\n"), "{transcript}");
+            }
+        }
+
+        // An h2c tunnel: hyper's HTTP/2 client towards the agent.
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let handler: Handler = Arc::new(move |req: Request<Incoming>| {
+            let seen_tx = seen_tx.clone();
+            Box::pin(async move {
+                let whole = req.into_body().collect().await.is_ok();
+                seen_tx.send(whole).unwrap();
+                http::Response::builder().body(full("taken")).unwrap()
+            })
+        });
+        let local = http_service(handler).await;
+        let props = strait_agent::TunnelProperties { http_version: Some("h2c".into()), ..published("chunky2c") };
+        let (_h2c, _) = publish(&engine, props, local).await;
+        let host = "chunky2c.t.localhost";
+        let request = format!("POST /bad HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
+        let answer = exchange_raw(&engine, host, &request).await;
+        assert_last_answer("h2c", "", &answer, "400 Bad Request", "bad request: malformed request body\n");
+        while let Ok(whole) = seen.try_recv() {
+            assert!(!whole, "the h2c service took a cut body for complete");
+        }
+    })
+    .await
+}
+
+#[tokio::test]
 async fn an_invalid_content_length_gets_a_400_and_never_reaches_the_service() {
     within(async {
         let engine = TestEngine::start().await;

@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,7 +36,7 @@ use tokio_rustls::StartHandshake;
 
 use super::access;
 use super::activity::{Activity, Tracked};
-use super::body::{Busy, Returning};
+use super::body::{Busy, Returning, Watched};
 use super::errors::Refusal;
 use super::headers;
 use super::relay::{self, Outcome};
@@ -222,7 +223,10 @@ impl Edge {
         let status = refusal.status().as_u16();
         match refusal {
             Refusal::Upstream(reason) => {
-                tracing::warn!(peer = %self.peer, %host, %method, %path, status, %reason, "request refused");
+                tracing::warn!(peer = %self.peer, %host, %method, %path, status, %reason, "request refused: the agent or its service failed");
+            }
+            Refusal::BadRequest(reason) => {
+                tracing::info!(peer = %self.peer, %host, %method, %path, status, %reason, "request refused: the client sent a bad request");
             }
             _ => tracing::info!(peer = %self.peer, %host, %method, %path, status, "request refused"),
         }
@@ -300,6 +304,14 @@ impl Edge {
         // A body-less request may be sent again on a fresh stream if a
         // reused connection turns out closed: nothing was consumed.
         let retry = body.is_end_stream().then(|| parts.clone());
+        let failed = Arc::new(AtomicBool::new(false));
+        let body = Watched { inner: body, failed: failed.clone() };
+        // When the client's body failed, so does the request towards the
+        // agent: that is the client's doing, not the service's.
+        let broken = |error: hyper::Error| match failed.load(Ordering::Relaxed) {
+            true => fail(Refusal::BadRequest("malformed request body")),
+            false => fail(Refusal::Upstream(error.to_string())),
+        };
         let request = Request::from_parts(parts, body.boxed_unsync());
         let mut lease = pool.lease(kind != Kind::Plain).await.map_err(fail)?;
         let response = match self.answer(lease.sender.send(request)).await.map_err(fail)? {
@@ -311,9 +323,9 @@ impl Edge {
                         tracing::debug!(%host, %error, "reused agent connection failed; retrying on a fresh stream");
                         lease = pool.fresh().await.map_err(fail)?;
                         let answer = self.answer(lease.sender.send(request)).await.map_err(fail)?;
-                        answer.map_err(|(e, _)| fail(Refusal::Upstream(e.to_string())))?
+                        answer.map_err(|(e, _)| broken(e))?
                     }
-                    _ => return Err(fail(Refusal::Upstream(error.to_string()))),
+                    _ => return Err(broken(error)),
                 }
             }
         };

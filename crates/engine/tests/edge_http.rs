@@ -1015,3 +1015,64 @@ async fn an_invalid_content_length_gets_a_400_and_never_reaches_the_service() {
     })
     .await
 }
+
+/// `echo_handler`, answering with an `x-service` header that names it.
+fn tagged_echo(tag: &'static str, paths: Arc<std::sync::Mutex<Vec<String>>>) -> Handler {
+    let echo = echo_handler();
+    Arc::new(move |req: Request<Incoming>| {
+        paths.lock().unwrap().push(req.uri().to_string());
+        let answer = echo(req);
+        Box::pin(async move {
+            let mut response = answer.await;
+            response.headers_mut().insert("x-service", http::HeaderValue::from_static(tag));
+            response
+        })
+    })
+}
+
+#[tokio::test]
+async fn an_absolute_form_target_is_routed_by_its_authority_which_becomes_the_host() {
+    within(async {
+        let engine = TestEngine::start().await;
+        let paths_a = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = http_service(tagged_echo("a", paths_a.clone())).await;
+        let b = http_service(tagged_echo("b", Default::default())).await;
+        let (_a, _) = publish(&engine, published("a"), a).await;
+        let (_b, _) = publish(&engine, published("b"), b).await;
+        let host = "a.t.localhost";
+        for (what, lead) in leads(host) {
+            let request = format!(
+                "{lead}GET https://b.t.localhost/x/%2F?y=1 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            );
+            let answer = exchange_raw(&engine, host, &request).await;
+            let last = &answer[answer.rfind("HTTP/1.1 200 OK\r\n").unwrap_or_default()..];
+            assert!(last.contains("\r\nx-service: b\r\n"), "{what}: {answer}");
+            let (_, seen) = last.split_once("\r\n\r\n").unwrap();
+            assert!(seen.starts_with("GET /x/%2F?y=1 HTTP/1.1 0\n"), "{what}: {answer}");
+            assert!(seen.contains("\nhost: b.t.localhost\n"), "{what}: {answer}");
+            assert!(seen.contains("\nx-forwarded-host: b.t.localhost\n"), "{what}: {answer}");
+            assert!(!seen.contains("a.t.localhost"), "{what}: {answer}");
+
+            // A target naming no published host goes nowhere.
+            for (target, status, body) in [
+                ("http://evil.example/", "404 Not Found", "no tunnel for evil.example\n"),
+                ("https://localhost/api/tunnels", "404 Not Found", "no tunnel for localhost\n"),
+                ("https://u@b.t.localhost/", "400 Bad Request", "bad request: userinfo in the request target\n"),
+            ] {
+                let request = format!("{lead}GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+                let answer = exchange_raw(&engine, host, &request).await;
+                assert_last_answer(&format!("{what}, {target}"), &lead, &answer, status, body);
+            }
+        }
+        assert!(paths_a.lock().unwrap().iter().all(|p| p == "/warm"), "{:?}", paths_a.lock().unwrap());
+
+        // HTTP/2: `:authority` routes, and is the Host the service sees.
+        let mut h2 = engine.h2(host).await;
+        let request = Request::get("https://b.t.localhost/h2").header(header::HOST, host).body(full("")).unwrap();
+        let response = h2.send_request(request).await.unwrap();
+        assert_eq!(response.headers()["x-service"], "b");
+        let seen = text(response).await;
+        assert!(seen.contains("\nhost: b.t.localhost\n") && !seen.contains("a.t.localhost"), "{seen}");
+    })
+    .await
+}

@@ -44,6 +44,7 @@ use super::tls;
 use super::upstream::{Lease, Pool, Sender};
 use crate::Shared;
 use crate::registry::Tunnel;
+use crate::tunnel::Namespace;
 
 /// Response bodies towards the public.
 pub type PublicBody = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -232,37 +233,45 @@ impl Edge {
         }
     }
 
-    /// The published hostname a request is for.
-    fn route_host(&self, parts: &Parts) -> (String, Option<String>) {
-        let given = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
-        (self.published_name(given.as_deref()), given)
+    /// The published hostname a request is for, and the host it gave.
+    ///
+    /// An HTTP/1.1 target in absolute form names its host itself and
+    /// overrides `Host` (RFC 9112 section 3.2.2), so it must name a
+    /// published host: anything else would make the edge a proxy to
+    /// wherever the client points. `:authority` and `Host` route when they
+    /// name a published host, else the SNI does.
+    fn route_host(&self, parts: &Parts) -> Result<(String, Option<String>), (String, Refusal)> {
+        let authority = parts.uri.authority().map(Authority::as_str);
+        let absolute = parts.version <= Version::HTTP_11 && parts.method != Method::CONNECT;
+        if let Some(authority) = authority.filter(|_| absolute) {
+            let name = name_of(authority);
+            if authority.contains('@') {
+                // RFC 9110 section 4.2.4.
+                return Err((name, Refusal::BadRequest("userinfo in the request target")));
+            }
+            if !self.is_published(&name) {
+                return Err((name.clone(), Refusal::UnknownHost(name)));
+            }
+            return Ok((name, Some(authority.to_string())));
+        }
+        let given = authority.or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()));
+        Ok((self.published_name(given), given.map(str::to_string)))
     }
 
     /// The published hostname for the host a request gave (`:authority` or
     /// `Host`), or the SNI when that names none.
     pub(super) fn published_name(&self, given: Option<&str>) -> String {
-        let host = self.shared.config.engine.host.as_str();
-        let name = given.map(|g| {
-            // Most clients send a bare lower-case name: no parse needed.
-            let simple = g.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
-            if simple {
-                return g.trim_end_matches('.').to_string();
-            }
-            let name = g.parse::<Authority>().map(|a| a.host().to_string()).unwrap_or_else(|_| g.to_string());
-            name.trim_end_matches('.').to_ascii_lowercase()
-        });
-        match name {
-            Some(name)
-                if name.strip_suffix(host).and_then(|n| n.strip_suffix(".t.")).is_some_and(|l| !l.is_empty()) =>
-            {
-                name
-            }
+        match given.map(name_of) {
+            Some(name) if self.is_published(&name) => name,
             _ => self.sni.clone(),
         }
+    }
+
+    /// Whether `name` is under `.t.<engine.host>`.
+    fn is_published(&self, name: &str) -> bool {
+        let namespace =
+            Namespace { engine_host: &self.shared.config.engine.host, public_port: self.shared.public_port };
+        namespace.label_of(name).is_some()
     }
 
     fn pool(&self, tunnel: &Arc<Tunnel>) -> Arc<Pool> {
@@ -278,7 +287,7 @@ impl Edge {
         let public_upgrade = (kind != Kind::Plain).then(|| hyper::upgrade::on(&mut request));
         let public_version = request.version();
         let (mut parts, body) = request.into_parts();
-        let (host, given_host) = self.route_host(&parts);
+        let (host, given_host) = self.route_host(&parts)?;
         let fail = |refusal: Refusal| (host.clone(), refusal);
         // RFC 9112 section 3.2: two Hosts could route one way here and
         // another at the service.
@@ -432,6 +441,18 @@ fn empty<E: 'static>() -> UnsyncBoxBody<Bytes, E> {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
+/// The host name of an authority (`Host`, `:authority`, an absolute
+/// target): no port, no userinfo, no trailing dot, lower case.
+fn name_of(authority: &str) -> String {
+    // Most clients send a bare lower-case name: no parse needed.
+    let simple = authority.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    if simple {
+        return authority.trim_end_matches('.').to_string();
+    }
+    let name = authority.parse::<Authority>().map(|a| a.host().to_string()).unwrap_or_else(|_| authority.to_string());
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
 /// Rewrites a public request into the one the agent's service receives.
 fn to_upstream(
     parts: &mut Parts,
@@ -476,11 +497,14 @@ fn to_upstream(
     }
     parts.version = Version::HTTP_11;
     headers::join_cookies(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST) {
+    // A target with an authority (absolute form, HTTP/2's `:authority`)
+    // names the host, whatever `Host` says (RFC 9112 section 3.2.2).
+    let from_target = parts.method != Method::CONNECT && parts.uri.authority().is_some();
+    if from_target || !parts.headers.contains_key(header::HOST) {
         let host = HeaderValue::try_from(authority).map_err(|_| Refusal::BadRequest("bad Host"))?;
         parts.headers.insert(header::HOST, host);
     }
-    if parts.method != Method::CONNECT && (parts.uri.scheme().is_some() || parts.uri.authority().is_some()) {
+    if from_target {
         // Origin form for HTTP/1.1: the path and query exactly as sent.
         let target = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::from(target);

@@ -1076,3 +1076,57 @@ async fn an_absolute_form_target_is_routed_by_its_authority_which_becomes_the_ho
     })
     .await
 }
+
+#[tokio::test]
+async fn a_refused_local_service_gets_a_502_that_names_nothing_behind_the_agent() {
+    within(async {
+        let engine = TestEngine::start().await;
+        // A port nothing listens on: the real agent cannot reach its service.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let (_control, _) = publish(&engine, published("gone"), closed).await;
+        let host = "gone.t.localhost";
+        let generic = |what: &str, answer: &str| {
+            assert!(answer.ends_with("\r\n\r\nupstream refused the stream\n"), "{what}: {answer}");
+            for detail in [closed.port().to_string().as_str(), "127.0.0.1", "onnection refused", "os error"] {
+                assert!(!answer.contains(detail), "{what}: {detail:?} in {answer}");
+            }
+        };
+        // The relay, then hyper on the same connection (a body hands over).
+        let answer = exchange_raw(
+            &engine,
+            host,
+            format!(
+                "GET / HTTP/1.1\r\nHost: {host}\r\n\r\n\
+                 POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            ),
+        )
+        .await;
+        assert_eq!(answer.matches("HTTP/1.1 502 Bad Gateway\r\n").count(), 2, "{answer}");
+        for page in answer.split("HTTP/1.1 502").skip(1) {
+            generic("HTTP/1.1", page);
+        }
+        // HTTP/2.
+        let mut h2 = engine.h2(host).await;
+        let response = h2.send_request(get(host, "https://gone.t.localhost/")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        generic("HTTP/2", &format!("\r\n\r\n{}", text(response).await));
+
+        // An agent that reports the failure in its ProxyConnRsp, as the
+        // rstream agents do: the reason stays in the engine's log.
+        let mut agent = raw_agent(&engine, "reporting").await;
+        let public = async { status_and_body(&engine, "reporting.t.localhost", "/").await };
+        let report = async {
+            let req = next_proxy_conn_req(&mut agent).await;
+            let error = strait_proto::Error::new(
+                strait_proto::ErrorCode::InvalidStream,
+                format!("dial tcp {closed}: connect: connection refused"),
+            );
+            let rsp = ProxyConnRsp { stream_id: req.stream_id, error: Some(error) };
+            write_message(&mut agent, &Payload::ProxyConnRsp(rsp).into()).await.unwrap();
+        };
+        let ((status, body), ()) = tokio::join!(public, report);
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        generic("ProxyConnRsp", &format!("\r\n\r\n{body}"));
+    })
+    .await
+}

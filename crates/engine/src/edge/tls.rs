@@ -96,7 +96,7 @@ async fn passthrough(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut tcp: TcpStrea
     let mut agent = match upstream::open(&shared, &tunnel, peer.ip(), &[]).await {
         Ok(agent) => agent,
         Err(refusal) => {
-            tracing::warn!(%peer, tunnel_id = %tunnel.id, status = refusal.status().as_u16(), reason = %refusal.body().trim_end(), "passthrough connection refused");
+            tracing::warn!(%peer, tunnel_id = %tunnel.id, status = refusal.status().as_u16(), reason = %refusal.detail(), "passthrough connection refused");
             return;
         }
     };
@@ -144,7 +144,7 @@ async fn terminated(shared: Arc<Shared>, tunnel: Arc<Tunnel>, accepted: Accepted
     let mut agent = match upstream::open(&shared, &tunnel, peer.ip(), &offer).await {
         Ok(agent) => agent,
         Err(refusal) => {
-            tracing::warn!(%peer, tunnel_id = %tunnel.id, status = refusal.status().as_u16(), reason = %refusal.body().trim_end(), "TLS connection refused");
+            tracing::warn!(%peer, tunnel_id = %tunnel.id, status = refusal.status().as_u16(), reason = %refusal.detail(), "TLS connection refused");
             let _ = public.shutdown().await;
             return;
         }

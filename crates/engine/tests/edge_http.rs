@@ -189,7 +189,8 @@ fn upgrade_echo_handler() -> Handler {
             if !req.headers().contains_key(header::UPGRADE) {
                 return response.body(full("plain")).unwrap();
             }
-            response = response.status(101).header("Connection", "Upgrade").header("Upgrade", "websocket");
+            let asked = req.headers()[header::UPGRADE].clone();
+            response = response.status(101).header("Connection", "Upgrade").header("Upgrade", asked);
             if let Some(p) = protocol {
                 let first = p.to_str().unwrap().split(',').next().unwrap().trim().to_string();
                 response = response.header("Sec-WebSocket-Protocol", first);
@@ -199,12 +200,22 @@ fn upgrade_echo_handler() -> Handler {
     })
 }
 
-async fn echo_through(io: hyper::upgrade::Upgraded, payload: &[u8]) -> Vec<u8> {
-    let mut io = TokioIo::new(io);
+async fn echo_through<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(io: &mut S, payload: &[u8]) -> Vec<u8> {
     io.write_all(payload).await.unwrap();
     let mut back = vec![0u8; payload.len()];
     io.read_exact(&mut back).await.unwrap();
     back
+}
+
+/// An HTTP/2 extended CONNECT opening a WebSocket (RFC 8441).
+fn websocket_connect(uri: &str, subprotocol: Option<&str>) -> Request<TestBody> {
+    let mut request = Request::connect(uri).header("sec-websocket-version", "13");
+    if let Some(subprotocol) = subprotocol {
+        request = request.header("sec-websocket-protocol", subprotocol);
+    }
+    let mut request = request.body(full("")).unwrap();
+    request.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    request
 }
 
 #[tokio::test]
@@ -230,23 +241,18 @@ async fn websocket_upgrades_over_http1_and_http2_and_connect() {
     assert_eq!(response.headers()["sec-websocket-protocol"], "rivet_token.abc");
     assert_eq!(response.headers()["x-target"], "/gateway/a@b/ws");
     let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
-    assert_eq!(echo_through(upgraded, &binary).await, binary);
+    assert_eq!(echo_through(&mut TokioIo::new(upgraded), &binary).await, binary);
 
     // HTTP/2 extended CONNECT becomes an HTTP/1.1 upgrade at the service.
     let mut h2 = engine.h2("ws.t.localhost").await;
     text(h2.send_request(get("ws.t.localhost", "https://ws.t.localhost/warmup")).await.unwrap()).await;
-    let mut request = Request::connect("https://ws.t.localhost/gateway/a@b/ws")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-protocol", "rivet")
-        .body(full(""))
-        .unwrap();
-    request.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    let request = websocket_connect("https://ws.t.localhost/gateway/a@b/ws", Some("rivet"));
     let mut response = h2.send_request(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["sec-websocket-protocol"], "rivet");
     assert!(response.headers().get("sec-websocket-accept").is_none());
     let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
-    assert_eq!(echo_through(upgraded, &binary).await, binary);
+    assert_eq!(echo_through(&mut TokioIo::new(upgraded), &binary).await, binary);
 
     // CONNECT is relayed to the service, which decides.
     let mut h1 = engine.h1("ws.t.localhost").await;
@@ -255,7 +261,7 @@ async fn websocket_upgrades_over_http1_and_http2_and_connect() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["x-target"], "db.internal:5432");
     let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
-    assert_eq!(echo_through(upgraded, b"SELECT 1").await, b"SELECT 1");
+    assert_eq!(echo_through(&mut TokioIo::new(upgraded), b"SELECT 1").await, b"SELECT 1");
 }
 
 #[tokio::test]
@@ -1127,6 +1133,129 @@ async fn a_refused_local_service_gets_a_502_that_names_nothing_behind_the_agent(
         let ((status, body), ()) = tokio::join!(public, report);
         assert_eq!(status, StatusCode::BAD_GATEWAY);
         generic("ProxyConnRsp", &format!("\r\n\r\n{body}"));
+    })
+    .await
+}
+
+type CloseFrame = tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+/// A WebSocket service: echoes messages (pings are answered by the
+/// library) and reports the close frame each connection receives.
+async fn websocket_service() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Option<CloseFrame>>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closes_tx, closes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let closes_tx = closes_tx.clone();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
+                while let Some(Ok(message)) = ws.next().await {
+                    if let Message::Close(frame) = message {
+                        let _ = closes_tx.send(frame);
+                    } else if message.is_text() || message.is_binary() {
+                        let _ = ws.send(message).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, closes)
+}
+
+/// Talks on a WebSocket kept up by pings for longer than the idle timeout
+/// (one second), then stays silent: the engine closes it with 1001 on
+/// both sides.
+async fn idle_websocket_is_closed_going_away<S>(
+    what: &str,
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    closes: &mut tokio::sync::mpsc::UnboundedReceiver<Option<CloseFrame>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"), "{what}");
+    let mut ticks = tokio::time::interval(Duration::from_millis(400));
+    for _ in 0..5 {
+        ticks.tick().await;
+        ws.send(Message::Ping("keep".into())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::Pong("keep".into()), "{what}");
+    }
+    let silent = tokio::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("closed after the idle time");
+    assert!(silent.elapsed() >= Duration::from_millis(900), "{what}: closed after {:?}", silent.elapsed());
+    match closed {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!((frame.code, frame.reason.as_str()), (CloseCode::Away, "idle timeout"), "{what}");
+        }
+        other => panic!("{what}: expected a close frame, got {other:?}"),
+    }
+    let frame = tokio::time::timeout(Duration::from_secs(10), closes.recv()).await.expect("the service hears");
+    let frame = frame.unwrap().expect("with a close frame");
+    assert_eq!((frame.code, frame.reason.as_str()), (CloseCode::Away, "idle timeout"), "{what}");
+    // The client answered the close; the connection ends.
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("the connection ends");
+    assert!(!matches!(end, Some(Ok(_))), "{what}: {end:?}");
+}
+
+#[tokio::test]
+async fn an_idle_websocket_is_closed_with_1001_on_both_sides() {
+    within(async {
+        let engine = TestEngine::start_with("timeouts: {http_idle_seconds: 1}\n").await;
+        let (service, mut closes) = websocket_service().await;
+        let (_control, _) = publish(&engine, published("wsidle"), service).await;
+        let host = "wsidle.t.localhost";
+
+        // HTTP/1.1 Upgrade, through the relay's hand-over to hyper.
+        let tls = engine.public(host, &[b"http/1.1"]).await;
+        let (mut ws, response) = tokio_tungstenite::client_async(format!("wss://{host}/chat"), tls).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        idle_websocket_is_closed_going_away("HTTP/1.1", &mut ws, &mut closes).await;
+
+        // HTTP/2 extended CONNECT.
+        let mut h2 = engine.h2(host).await;
+        let mut response = h2.send_request(websocket_connect(&format!("https://{host}/chat"), None)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let upgraded = TokioIo::new(hyper::upgrade::on(&mut response).await.unwrap());
+        let role = tokio_tungstenite::tungstenite::protocol::Role::Client;
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(upgraded, role, None).await;
+        idle_websocket_is_closed_going_away("HTTP/2", &mut ws, &mut closes).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn other_idle_upgrades_and_connect_are_closed_without_a_frame() {
+    within(async {
+        let engine = TestEngine::start_with("timeouts: {http_idle_seconds: 1}\n").await;
+        let local = http_service(upgrade_echo_handler()).await;
+        let (_control, _) = publish(&engine, published("rawidle"), local).await;
+        let host = "rawidle.t.localhost";
+        let upgrade = Request::get("/raw")
+            .header(header::HOST, host)
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, "x-raw")
+            .body(full(""))
+            .unwrap();
+        let connect =
+            Request::connect("db.internal:5432").header(header::HOST, "db.internal:5432").body(full("")).unwrap();
+        for request in [upgrade, connect] {
+            let what = request.method().to_string();
+            let mut h1 = engine.h1(host).await;
+            let mut response = h1.send_request(request).await.unwrap();
+            assert!(response.status() == StatusCode::SWITCHING_PROTOCOLS || response.status() == StatusCode::OK);
+            let mut io = TokioIo::new(hyper::upgrade::on(&mut response).await.unwrap());
+            assert_eq!(echo_through(&mut io, b"bytes").await, b"bytes", "{what}");
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut rest)).await.expect("closed").ok();
+            assert!(rest.is_empty(), "{what}: {rest:?}");
+        }
     })
     .await
 }

@@ -42,6 +42,7 @@ use super::headers;
 use super::relay::{self, Outcome};
 use super::tls;
 use super::upstream::{Lease, Pool, Sender};
+use super::websocket;
 use crate::Shared;
 use crate::registry::Tunnel;
 use crate::tunnel::Namespace;
@@ -367,8 +368,12 @@ impl Edge {
             Kind::Connect => response.status().is_success(),
         };
         if switched && let Some(public) = public_upgrade {
+            // A WebSocket (RFC 6455, or RFC 8441 translated) is told why
+            // the idle timer ends it; other protocols are just closed.
+            let websocket =
+                kind != Kind::Connect && headers::has_token(response.headers(), &header::UPGRADE, "websocket");
             let upstream = hyper::upgrade::on(&mut response);
-            self.splice_upgraded(public, upstream);
+            self.splice_upgraded(public, upstream, websocket);
             let (mut parts, _) = response.into_parts();
             parts.version = public_version;
             if kind == Kind::ExtendedConnect {
@@ -404,8 +409,9 @@ impl Edge {
     }
 
     /// Carries an upgraded connection's bytes until either side ends or no
-    /// byte moves for the idle timeout (pings count).
-    fn splice_upgraded(&self, public: OnUpgrade, upstream: OnUpgrade) {
+    /// byte moves for the idle timeout (pings count). An idle WebSocket
+    /// gets a close frame each way before the close.
+    fn splice_upgraded(&self, public: OnUpgrade, upstream: OnUpgrade, websocket: bool) {
         let activity = self.activity.clone();
         let idle = self.idle;
         // Upgraded connections are streams in flight: the drain lets them
@@ -422,16 +428,24 @@ impl Edge {
             };
             let mut public = TokioIo::new(public);
             let mut upstream = TokioIo::new(upstream);
-            tokio::select! {
+            let idled = tokio::select! {
                 result = strait_proto::splice::splice(&mut public, &mut upstream) => {
                     if let Err(error) = result {
                         tracing::debug!(%peer, %error, "upgraded connection ended with an error");
                     }
+                    false
                 }
                 _ = activity.idle(idle) => {
-                    tracing::debug!(%peer, "upgraded connection idle for {}s; closing", idle.as_secs());
+                    tracing::debug!(%peer, websocket, "upgraded connection idle for {}s; closing", idle.as_secs());
+                    true
                 }
-                _ = abort.cancelled() => {}
+                _ = abort.cancelled() => false,
+            };
+            if idled && websocket {
+                tokio::select! {
+                    () = websocket::close_idle(&mut public, &mut upstream) => {}
+                    _ = abort.cancelled() => {}
+                }
             }
         });
     }

@@ -41,7 +41,7 @@ use super::errors::Refusal;
 use super::headers;
 use super::relay::{self, Outcome};
 use super::tls;
-use super::upstream::{Lease, Pool, Sender};
+use super::upstream::{self, Lease, Pool, Sender};
 use super::websocket;
 use crate::Shared;
 use crate::registry::Tunnel;
@@ -106,22 +106,8 @@ pub async fn serve(
         _ => shared.tls.api.clone(),
     };
     let activity = Activity::new();
-    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
     let start = StartHandshake::from_parts(accepted, Tracked::new(tcp, activity.clone()));
-    let tls = match tokio::time::timeout(deadline, crate::listener::handshake(start, config)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, %sni, %error, "published TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, %sni, "published TLS handshake timed out");
-            return;
-        }
-    };
-    let mut tls = tls;
+    let Some(mut tls) = tls::handshake(&shared, start, config, peer, &sni).await else { return };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let idle = Duration::from_secs(shared.config.timeouts.http_idle_seconds);
     let edge = Arc::new(Edge {
@@ -308,7 +294,7 @@ impl Edge {
             access::check_token(&self.shared, &mut parts).map_err(fail)?;
         }
         let pool = self.pool(&tunnel);
-        let h2c = matches!(tunnel.properties.http_version.as_deref(), Some("h2c") | Some("h2")) && kind == Kind::Plain;
+        let h2c = upstream::h2c(&tunnel) && kind == Kind::Plain;
         to_upstream(&mut parts, kind, h2c, self.peer, given_host.as_deref()).map_err(fail)?;
 
         // A body-less request may be sent again on a fresh stream if a

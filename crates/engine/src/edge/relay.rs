@@ -492,7 +492,7 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
     let properties = &tunnel.properties;
     if tunnel.protocol() != Some("http")
         || properties.token_auth == Some(true)
-        || matches!(properties.http_version.as_deref(), Some("h2c") | Some("h2"))
+        || upstream::h2c(&tunnel)
         || !super::access::ip_allowed(&tunnel, edge.peer.ip())
     {
         return Parsed::Other;

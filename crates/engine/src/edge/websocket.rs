@@ -3,7 +3,9 @@
 //!
 //! The edge never parses the frames it carries. When the idle timer fires,
 //! no byte moved on the public connection for the whole period, so no
-//! frame is half sent and one of the edge's own fits between frames:
+//! frame is half sent (unless a peer stopped reading in the middle of one,
+//! and then it reads nothing more anyway) and one of the edge's own fits
+//! between frames:
 //! `1001` (going away) to the public client, unmasked as a server's frames
 //! are, and to the service, masked as a client's frames must be (RFC 6455
 //! section 5.3). Then each side is closed once it answered or

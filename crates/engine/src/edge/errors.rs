@@ -82,6 +82,15 @@ impl Refusal {
         }
     }
 
+    /// What the log says: the detail behind the page (an agent's or a
+    /// service's own words), which the public never sees.
+    pub fn detail(&self) -> String {
+        match self {
+            Refusal::Upstream(reason) => reason.clone(),
+            other => other.body().trim_end().to_string(),
+        }
+    }
+
     pub fn response(&self) -> Response<PublicBody> {
         page(self.status(), self.body(), matches!(self, Refusal::Unauthorized))
     }
@@ -133,6 +142,10 @@ mod tests {
             assert_eq!(refusal.response().status().as_u16(), status);
         }
         assert_eq!(Refusal::UnknownHost("a.t.h".into()).body(), "no tunnel for a.t.h\n");
+        // What an agent reports stays in the log.
+        let refused = Refusal::from_stream(StreamFailure::Refused("127.0.0.1:3999: Connection refused".into()));
+        assert_eq!(refused.body(), "upstream refused the stream\n");
+        assert_eq!(refused.detail(), "127.0.0.1:3999: Connection refused");
         let page = String::from_utf8(Refusal::Offline.http1()).unwrap();
         assert!(page.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{page}");
         assert!(page.contains("retry-after: 1\r\n"), "{page}");

@@ -14,7 +14,8 @@
 //!   leaves everything else to it.
 //!
 //! [`access`] decides `trusted_ips` and `token_auth`; [`activity`] keeps
-//! the idle timer away from busy connections; [`redirect`] is the HTTP
+//! the idle timer away from busy connections, and [`websocket`] writes the
+//! close frame of a WebSocket the timer ends; [`redirect`] is the HTTP
 //! listener.
 
 pub mod access;
@@ -28,6 +29,7 @@ pub mod redirect;
 pub mod relay;
 pub mod tls;
 pub mod upstream;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -17,12 +17,12 @@ use bytes::Bytes;
 use rustls::server::Accepted;
 use rustls::{ServerConfig, SupportedProtocolVersion};
 use strait_proto::TunnelProperties;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::StartHandshake;
 
 use super::access;
-use super::upstream;
+use super::upstream::{self, AgentStream};
 use crate::Shared;
 use crate::admission::HandshakeSlot;
 use crate::registry::Tunnel;
@@ -96,26 +96,13 @@ pub async fn serve(
 }
 
 async fn passthrough(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut tcp: TcpStream, raw_hello: Bytes, peer: SocketAddr) {
-    let mut agent = match upstream::open(&shared, &tunnel, peer.ip(), &[]).await {
-        Ok(agent) => agent,
-        Err(refusal) => {
-            tracing::warn!(%peer, tunnel_id = %tunnel.id, status = refusal.status().as_u16(), reason = %refusal.body().trim_end(), "passthrough connection refused");
-            return;
-        }
-    };
+    let Some(mut agent) = open_agent(&shared, &tunnel, peer, &[]).await else { return };
     if let Err(error) = agent.write_all(&raw_hello).await {
         tracing::debug!(%peer, %error, "agent stream closed before the ClientHello was replayed");
         return;
     }
     drop(raw_hello);
-    tokio::select! {
-        result = strait_proto::splice::splice(&mut tcp, &mut agent) => {
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "passthrough connection ended with an error");
-            }
-        }
-        _ = shared.abort.cancelled() => {}
-    }
+    splice_to_agent(&shared, &mut tcp, &mut agent, peer).await;
 }
 
 async fn terminated(
@@ -141,16 +128,34 @@ async fn terminated(
     // The negotiated protocol, offered again to a TLS upstream.
     let alpn = public.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let offer: Vec<&[u8]> = alpn.as_deref().into_iter().collect();
-    let mut agent = match upstream::open(&shared, &tunnel, peer.ip(), &offer).await {
-        Ok(agent) => agent,
-        Err(refusal) => {
-            tracing::warn!(%peer, tunnel_id = %tunnel.id, status = refusal.status().as_u16(), reason = %refusal.body().trim_end(), "TLS connection refused");
-            let _ = public.shutdown().await;
-            return;
-        }
+    let Some(mut agent) = open_agent(&shared, &tunnel, peer, &offer).await else {
+        let _ = public.shutdown().await;
+        return;
     };
+    splice_to_agent(&shared, &mut public, &mut agent, peer).await;
+}
+
+/// A stream to the tunnel's agent; a refusal is logged with its detail,
+/// which the public side never sees (it gets a closed connection).
+async fn open_agent(shared: &Arc<Shared>, tunnel: &Tunnel, peer: SocketAddr, alpns: &[&[u8]]) -> Option<AgentStream> {
+    match upstream::open(shared, tunnel, peer.ip(), alpns).await {
+        Ok(agent) => Some(agent),
+        Err(refusal) => {
+            let status = refusal.status().as_u16();
+            tracing::warn!(%peer, tunnel_id = %tunnel.id, status, reason = %refusal.detail(), "TLS connection refused");
+            None
+        }
+    }
+}
+
+/// Carries a `tls` tunnel's bytes until either side ends or the engine's
+/// drain is over.
+async fn splice_to_agent<P>(shared: &Shared, public: &mut P, agent: &mut AgentStream, peer: SocketAddr)
+where
+    P: AsyncRead + AsyncWrite + Unpin,
+{
     tokio::select! {
-        result = strait_proto::splice::splice(&mut public, &mut agent) => {
+        result = strait_proto::splice::splice(public, agent) => {
             if let Err(error) = result {
                 tracing::debug!(%peer, %error, "TLS tunnel connection ended with an error");
             }

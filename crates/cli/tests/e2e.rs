@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Running, SECRET, TestEngine, dial, echo_server, echo_through};
+use common::{Running, SECRET, TestEngine, dial, echo_server, echo_through, output};
 use tokio::process::Command;
 
 async fn dial_alice(engine: &TestEngine, tunnel: &str, input: &[u8]) -> Vec<u8> {
@@ -73,12 +73,7 @@ async fn a_refused_tunnel_exits_with_the_engines_reason() {
     let engine = TestEngine::start().await;
     let echo = echo_server().await;
     let _first = forward_private(&engine, "taken", echo).await;
-    let out = engine
-        .strait("alice")
-        .args(["forward", &echo.to_string(), "--private", "--name", "taken"])
-        .output()
-        .await
-        .unwrap();
+    let out = output(engine.strait("alice").args(["forward", &echo.to_string(), "--private", "--name", "taken"])).await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("taken"), "{stderr}");
@@ -87,13 +82,12 @@ async fn a_refused_tunnel_exits_with_the_engines_reason() {
 #[tokio::test]
 async fn a_bad_token_is_reported_not_retried() {
     let engine = TestEngine::start().await;
-    let out = engine
-        .strait("alice")
-        .env("RSTREAM_AUTHENTICATION_TOKEN", "not-a-token")
-        .args(["forward", "9", "--private"])
-        .output()
-        .await
-        .unwrap();
+    let out = output(engine.strait("alice").env("RSTREAM_AUTHENTICATION_TOKEN", "not-a-token").args([
+        "forward",
+        "9",
+        "--private",
+    ]))
+    .await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.to_lowercase().contains("unauthorized"), "{stderr}");
@@ -102,21 +96,16 @@ async fn a_bad_token_is_reported_not_retried() {
 #[tokio::test]
 async fn minted_tokens_are_accepted_by_the_engine() {
     let engine = TestEngine::start().await;
-    let out = engine
-        .strait("alice")
-        .args(["token", "--secret", SECRET, "--sub", "minted", "--ttl", "10m"])
-        .output()
-        .await
-        .unwrap();
+    let out =
+        output(engine.strait("alice").args(["token", "--secret", SECRET, "--sub", "minted", "--ttl", "10m"])).await;
     assert!(out.status.success());
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let principal = engine.engine.as_ref().unwrap().shared.verifier.verify(Some(&token)).unwrap();
     assert_eq!(principal.0, "minted");
 
-    let weak = engine.strait("a").args(["token", "--secret", "short", "--sub", "x"]).output().await.unwrap();
+    let weak = output(engine.strait("a").args(["token", "--secret", "short", "--sub", "x"])).await;
     assert!(!weak.status.success());
-    let zero =
-        engine.strait("a").args(["token", "--secret", SECRET, "--sub", "x", "--ttl", "0s"]).output().await.unwrap();
+    let zero = output(engine.strait("a").args(["token", "--secret", SECRET, "--sub", "x", "--ttl", "0s"])).await;
     assert!(!zero.status.success());
 }
 
@@ -129,18 +118,18 @@ async fn a_context_carries_engine_token_and_ca() {
         cmd.env_clear().env("HOME", engine.dir.path()).arg("--config").arg(&config).kill_on_drop(true);
         cmd
     };
-    let created = bare()
-        .args(["context", "create", "lab", "--use", "--engine"])
-        .arg(format!("localhost:{}", engine.addr.port()))
-        .arg("--token")
-        .arg(engine.token("carol"))
-        .arg("--ca-file")
-        .arg(engine.ca())
-        .output()
-        .await
-        .unwrap();
+    let created = output(
+        bare()
+            .args(["context", "create", "lab", "--use", "--engine"])
+            .arg(format!("localhost:{}", engine.addr.port()))
+            .arg("--token")
+            .arg(engine.token("carol"))
+            .arg("--ca-file")
+            .arg(engine.ca()),
+    )
+    .await;
     assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
-    let listed = bare().args(["context", "list"]).output().await.unwrap();
+    let listed = output(bare().args(["context", "list"])).await;
     assert!(String::from_utf8_lossy(&listed.stdout).contains("* lab"));
 
     let echo = echo_server().await;

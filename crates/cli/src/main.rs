@@ -104,7 +104,8 @@ enum Command {
         zero_rtt: bool,
     },
     /// Mint an HS256 token for a self-hosted engine.
-    #[command(after_help = "Example:\n  strait token --secret \"$SECRET\" --sub ci-runner --ttl 12h")]
+    #[command(after_help = "Examples:\n  strait token --secret \"$SECRET\" --sub ci-runner --ttl 12h\n  \
+                            strait token --secret \"$SECRET\" --sub ops --ttl 1h --admin")]
     Token {
         /// The engine's auth.jwt.token_jwt_secret.
         #[arg(long, env = "STRAIT_TOKEN_SECRET", hide_env_values = true)]
@@ -118,6 +119,12 @@ enum Command {
         /// Accept a secret shorter than 32 bytes.
         #[arg(long)]
         allow_weak_secret: bool,
+        /// Mint an operator token (claim `strait_admin: true`): the engine
+        /// shows it every principal's clients, tunnels and events and lets
+        /// it act on them. Anyone holding the engine's secret can mint one,
+        /// so guard the token as you guard the secret, and keep its TTL short.
+        #[arg(long)]
+        admin: bool,
     },
     /// Stream the engine's events as JSON lines, or POST them (webhooks).
     #[command(
@@ -288,8 +295,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let show = inventory::show(&api, inventory::Kind::Clients, params.as_ref(), *json);
             shutdown::or_interrupted(&shutdown, show).await
         }
-        Command::Token { secret, sub, ttl, allow_weak_secret } => {
-            println!("{}", token::mint(secret, sub, token::parse_ttl(ttl)?, *allow_weak_secret)?);
+        Command::Token { secret, sub, ttl, allow_weak_secret, admin } => {
+            let claims = token::Claims { sub, ttl_seconds: token::parse_ttl(ttl)?, admin: *admin };
+            println!("{}", token::mint(secret, &claims, *allow_weak_secret)?);
             Ok(())
         }
         Command::Context(command) => context_command(&cli, command),

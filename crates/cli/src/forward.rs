@@ -15,8 +15,9 @@ pub struct TunnelOptions {
     /// Tunnel name (unique among your tunnels; dialers use it).
     #[arg(long)]
     pub name: Option<String>,
-    /// Keep the tunnel private: reachable only by authenticated dialers.
-    #[arg(long, conflicts_with = "publish")]
+    /// Keep the tunnel private: reachable only by authenticated dialers
+    /// (rstream's `--no-publish`).
+    #[arg(long, visible_alias = "no-publish", conflicts_with = "publish")]
     pub private: bool,
     /// Publish the tunnel (the default).
     #[arg(long)]

@@ -16,6 +16,7 @@ mod request_log;
 mod retry;
 mod run;
 mod shutdown;
+mod suggest;
 mod token;
 
 use context::{ConfigFile, Context, Overrides, TokenSource};
@@ -207,7 +208,10 @@ enum ContextCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => suggest::without_opposites(error, &Cli::command()).exit(),
+    };
     let _ = strait_agent::rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(

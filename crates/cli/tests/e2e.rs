@@ -168,3 +168,28 @@ async fn dial_to_a_missing_or_foreign_tunnel_fails_cleanly() {
     let out = dial_holding_stdin(engine.strait("alice").args(["dial", "nowhere", "--zero-rtt"])).await;
     assert!(out.stdout.is_empty());
 }
+
+#[tokio::test]
+async fn no_publish_is_private_and_no_hint_turns_a_flag_around() {
+    let engine = TestEngine::start().await;
+    let echo = echo_server().await;
+    // rstream's spelling of a private tunnel.
+    let mut cmd = engine.strait("alice");
+    cmd.args(["forward", &echo.to_string(), "--no-publish", "--name", "quiet"]);
+    let mut forward = Running::spawn(cmd);
+    assert_eq!(forward.line().await, format!("Forwarding rstrm://quiet (private) -> {echo}"));
+    assert_eq!(engine.tunnels()["quiet"].properties.publish, Some(false));
+    forward.interrupt().await;
+
+    // Near misses of a negated flag get the negated flag, never `--publish`.
+    for typo in ["--no-publsh", "--publish-no", "--nopublish"] {
+        let out = output(engine.strait("alice").args(["forward", "9", typo])).await;
+        assert_eq!(out.status.code(), Some(2), "{typo}");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains("a similar argument exists: '--no-publish'"), "{typo}: {text}");
+        assert!(!text.contains("'--publish'") && !text.contains(" --publish "), "{typo}: {text}");
+    }
+    // A near miss of a plain flag still gets it.
+    let out = output(engine.strait("alice").args(["forward", "9", "--publsh"])).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'--publish'"));
+}

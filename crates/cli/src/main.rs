@@ -154,8 +154,9 @@ enum Command {
         /// The `rstream-webhook-id` header value.
         #[arg(long, default_value = "strait-cli")]
         webhook_id: String,
-        /// Print a new webhook signing secret and exit.
-        #[arg(long, exclusive = true)]
+        /// Print a new webhook signing secret and exit (it reads no context,
+        /// so `RSTREAM_*` variables do not matter).
+        #[arg(long, conflicts_with_all = ["events", "params", "forward_to", "webhook", "webhook_id"])]
         new_webhook_secret: bool,
     },
     /// List tunnels (Engine API).
@@ -259,6 +260,7 @@ impl Cli {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Before anything reads the context or the environment.
     if let Command::Events { new_webhook_secret: true, .. } = &cli.command {
         println!("{}", events::generate_secret());
         return Ok(());

@@ -193,3 +193,33 @@ async fn no_publish_is_private_and_no_hint_turns_a_flag_around() {
     let out = output(engine.strait("alice").args(["forward", "9", "--publsh"])).await;
     assert!(String::from_utf8_lossy(&out.stderr).contains("'--publish'"));
 }
+
+#[tokio::test]
+async fn a_new_webhook_secret_reads_no_context_or_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    // As `strait-engine dev` tells users to set them, then odder values.
+    let environments = [
+        ("localhost:8443", "eyJhbGciOiJIUzI1NiJ9.e30.x"),
+        ("", ""),
+        ("not an address", "\u{1}control"),
+        ("https://edge.example.com:443/path", "two words"),
+    ];
+    for (engine, token) in environments {
+        let out = output(
+            Command::new(env!("CARGO_BIN_EXE_strait"))
+                .env_clear()
+                .env("HOME", dir.path())
+                .env("RSTREAM_ENGINE", engine)
+                .env("RSTREAM_AUTHENTICATION_TOKEN", token)
+                .env("RSTREAM_CONTEXT", "nowhere")
+                .env("RSTREAM_CONFIG", dir.path().join("missing/config.yaml"))
+                .env("STRAIT_WEBHOOK_SECRET", "whsec_old")
+                .args(["events", "--new-webhook-secret"]),
+        )
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{engine:?}/{token:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let secret = stdout.trim();
+        assert!(secret.starts_with("whsec_") && secret.len() == 49, "{secret}");
+    }
+}

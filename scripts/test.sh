@@ -6,16 +6,37 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
-# Every stage runs under a time limit (coreutils timeout, which stops the
-# stage's whole process group), so a hang fails fast and names its stage
-# instead of stalling CI. The limits are several times what a stage takes
-# on 2 cores from a cold cache, and all of them together are capped by
-# BUDGET, so the whole run ends well within 40 minutes whatever hangs.
+# Every stage runs under a time limit (coreutils timeout), so a hang fails
+# fast and names its stage instead of stalling CI. The limits are several
+# times what a stage takes on 2 cores from a cold cache, and all of them
+# together are capped by BUDGET, so the whole run ends well within 40
+# minutes whatever hangs.
 BUDGET=${STRAIT_TEST_BUDGET:-2100}
 started=$SECONDS
 
-# stage NAME SECONDS COMMAND...
+# A stage runs as a job of its own (set -m: its own process group, so a
+# timeout stops every process of it, cargo's and pytest's children too).
+# Ctrl-C reaches only this script, which stops the stage in flight.
+running=""
+interrupted() {
+    if [ -n "$running" ]; then
+        kill -TERM -- "-$running" 2>/dev/null || true
+        wait "$running" || true
+    fi
+    printf '\n== interrupted\n' >&2
+    exit 130
+}
+trap interrupted INT TERM
+
+# stage [--tty] NAME SECONDS COMMAND...
+# --tty: the stage may ask on the terminal (sudo's password), so it stays in
+# the foreground; a timeout then stops its first process only.
 stage() {
+    local tty=""
+    if [ "$1" = --tty ]; then
+        tty=1
+        shift
+    fi
     local name=$1 limit=$2
     shift 2
     local left=$((BUDGET - (SECONDS - started)))
@@ -26,7 +47,16 @@ stage() {
     fi
     log "$name"
     local status=0
-    timeout --kill-after=30 "$limit" "$@" || status=$?
+    if [ -n "$tty" ]; then
+        timeout --foreground --kill-after=30 "$limit" "$@" || status=$?
+    else
+        set -m
+        timeout --kill-after=30 "$limit" "$@" &
+        running=$!
+        set +m
+        wait "$running" || status=$?
+        running=""
+    fi
     if ((status == 124 || status == 137)); then
         printf '\n== TIMED OUT: stage "%s" did not finish in %ss\n' "$name" "$limit" >&2
     fi
@@ -35,7 +65,7 @@ stage() {
 
 # System tools the tests drive (openssl s_client, curl, jq; iperf3 for the
 # benchmark smoke run).
-stage "tools (openssl, curl, jq, iperf3)" 900 bash scripts/need.sh openssl curl jq iperf3
+stage --tty "tools (openssl, curl, jq, iperf3)" 900 bash scripts/need.sh openssl curl jq iperf3
 stage "Python venv" 600 bash scripts/venv.sh
 
 stage "building" 1200 cargo build --workspace --all-targets

@@ -192,6 +192,11 @@ pub async fn run(
             return Ok(());
         };
         close_quietly(&control).await;
+        // Let go of the dead connection now, not after the backoff: held
+        // open (CLOSE-WAIT) it keeps the engine's end from going away, and
+        // a restarting engine may not be able to bind its port again.
+        drop(tunnel);
+        drop(control);
         let delay = backoff.next_delay();
         eprintln!("strait: connection lost ({reason}); reconnecting in {:.1}s", delay.as_secs_f32());
         if shutdown.run_until_cancelled(tokio::time::sleep(delay)).await.is_none() {

@@ -34,12 +34,29 @@ impl TestEngine {
         strait_engine::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         strait_engine::dev::generate_certs("localhost", dir.path()).unwrap();
-        let engine = Self::boot(dir.path(), "127.0.0.1:0", SECRET).await;
+        let engine = Engine::start(Self::config(dir.path(), "127.0.0.1:0", SECRET)).await.unwrap();
         let addr = engine.tls_addr;
         Self { engine: Some(engine), dir, addr }
     }
 
+    /// Starts an engine again on the address of one just stopped. The old
+    /// engine's side of a connection its peer has not closed yet can keep
+    /// the port from being bound for a moment (seen as AddrInUse in about
+    /// one restart in ten), so the bind is retried until it succeeds.
     pub async fn boot(dir: &Path, listen: &str, secret: &str) -> Engine {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match Engine::start(Self::config(dir, listen, secret)).await {
+                Ok(engine) => return engine,
+                Err(strait_engine::StartError::Bind { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(error) => panic!("the engine does not start again on {listen}: {error}"),
+            }
+        }
+    }
+
+    fn config(dir: &Path, listen: &str, secret: &str) -> Config {
         let yaml = format!(
             "engine: {{host: localhost, log_level: info}}\n\
              tls: {{enabled: true, listen_addr: \"{listen}\"}}\n\
@@ -48,7 +65,7 @@ impl TestEngine {
             dir.join("cert.pem").display(),
             dir.join("key.pem").display()
         );
-        Engine::start(Config::from_yaml_str(&yaml, Vec::new()).unwrap().config).await.unwrap()
+        Config::from_yaml_str(&yaml, Vec::new()).unwrap().config
     }
 
     /// Stops the engine and starts a new one on the same address.

@@ -101,6 +101,21 @@ async fn forward_publishes_http_reached_by_curl_with_a_request_log() {
 }
 
 #[tokio::test]
+async fn a_dead_local_service_is_a_generic_502_outside_and_a_reason_on_the_agents_screen() {
+    let engine = TestEngine::start().await;
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let (mut running, url) = forward(&engine, &[&closed.to_string(), "--request-log", "on"]).await;
+    let out = curl(&engine, &format!("{url}/x"), &["-i"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 502") || text.starts_with("HTTP/2 502"), "{text}");
+    let port = closed.port().to_string();
+    assert!(!text.contains(&port) && !text.contains("127.0.0.1") && !text.contains("refused"), "{text}");
+    let line = running.line().await;
+    assert!(line.starts_with("GET /x 502 ") && line.contains(&format!("cannot reach {closed}")), "{line}");
+    running.interrupt().await;
+}
+
+#[tokio::test]
 async fn forward_keeps_its_hostname_across_an_engine_restart() {
     let mut engine = TestEngine::start().await;
     let service = http_service().await;

@@ -508,6 +508,7 @@ class Soak:
             Forward(self, "blob", sv["blob"], stable, ["--private", "--name", "soak-blob"], "blob"),
         ]
         for f in self.stable:
+            self.forwards.append(f)  # before it starts: a failure from here on still stops it
             f.start()
             f.probe()
         churn = self.tokens["churn"]
@@ -517,10 +518,10 @@ class Soak:
                 f = Forward(self, f"churn-web-{i}", sv["http"], churn, ["--host", f"soak-churn-{i}"], "http")
             else:
                 f = Forward(self, f"churn-echo-{i}", sv["echo"], churn, ["--private", "--name", f"soak-churn-{i}"], "echo")
+            self.forwards.append(f)
+            self.churned.append(f)
             f.start()
             f.probe()
-            self.churned.append(f)
-        self.forwards = self.stable + self.churned
         log(f"{len(self.stable)} stable and {len(self.churned)} churned strait forward agents up")
 
     def settle(self, what: str) -> dict:
@@ -845,6 +846,24 @@ def growth_check(values: list[float], tolerance: tuple[float, float], minimum: i
     }
 
 
+def render(doc: dict) -> str:
+    """The per-sample and per-pause tables of a soak.json, in Markdown (for
+    bench/SOAK.md)."""
+    lines = ["| t (min) | engine RSS (KiB) | open fds | clients | tunnels | streams active | web requests | dials | transfers | unexpected |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in doc["samples"]:
+        lines.append(f"| {s['t_s'] / 60:.1f} | {s['rss_kib']:,} | {s['fds']} | {s['clients']:.0f} | {s['tunnels']:.0f} | "
+                     f"{s['streams_active']:.0f} | {s['web_ok']:,} | {s['dial_ok']:,} | {s['transfers_ok']} | {s['unexpected']} |")
+    lines += ["", "| pause at (min) | engine RSS (KiB) | open fds | clients | tunnels | streams active | back at baseline after (s) |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    b = doc["baseline"]
+    lines.append(f"| baseline, before the load | {b['rss_kib']:,} | {b['fds']} | {b['clients']:.0f} | {b['tunnels']:.0f} | {b['streams_active']:.0f} | |")
+    for p in doc["pauses"]:
+        lines.append(f"| {p['t_s'] / 60:.1f} | {p['rss_kib']:,} | {p['fds']} | {p['clients']:.0f} | {p['tunnels']:.0f} | "
+                     f"{p['streams_active']:.0f} | {p['settle_s']} |")
+    return "\n".join(lines) + "\n"
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -877,10 +896,14 @@ def main() -> int:
     p.add_argument("--churn-rate", type=float, default=4.0)
     p.add_argument("--transfer-mib", type=int, default=1024)
     p.add_argument("--transfer-every", type=float, default=30.0)
+    p.add_argument("--render", metavar="SOAK_JSON", help="only print the Markdown tables of a finished run's soak.json")
     p.add_argument("--inject", default="", help="faults on purpose, to see the soak fail, comma-separated: "
                    "held-streams (50 streams opened after each sample and never closed), "
                    "corrupt (the transfer service flips a bit of every download over 1 MiB)")
     args = p.parse_args()
+    if args.render:
+        print(render(json.loads(pathlib.Path(args.render).read_text())), end="")
+        return 0
     args.inject = [f for f in args.inject.split(",") if f]
     for fault in args.inject:
         if fault not in ("held-streams", "corrupt"):

@@ -32,8 +32,8 @@ pub struct ScaleArgs {
     engine: String,
     #[arg(long)]
     ca: PathBuf,
-    /// A file of tokens, one a line: agent i uses line i mod their count
-    /// (one principal each).
+    /// A file of tokens, one a line (one principal each): agent i uses
+    /// line (i / --sources) mod their count.
     #[arg(long)]
     tokens: PathBuf,
     #[arg(long, default_value_t = 10_000)]
@@ -124,7 +124,9 @@ pub async fn run(args: ScaleArgs) -> anyhow::Result<()> {
     let progress = Arc::new(Progress::default());
     let mut agents = Vec::with_capacity(args.count);
     for i in 0..args.count {
-        let key = (i % tokens.len(), i as u32 % sources);
+        // Every source carries agents of every principal, and every
+        // principal's agents come from every source.
+        let key = ((i / sources as usize) % tokens.len(), i as u32 % sources);
         let client = match clients.get(&key) {
             Some(client) => strait_agent::Client::clone(client),
             None => {

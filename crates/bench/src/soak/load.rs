@@ -87,7 +87,24 @@ fn ticker(rate: f64) -> tokio::time::Interval {
     ticker
 }
 
-/// `fut`, or an error naming `what` after `limit`.
+/// A wait that reached its deadline: never a way a request may fail,
+/// even to a dying agent (the engine must end the stream instead).
+#[derive(Debug)]
+struct Hung(String);
+
+impl std::fmt::Display for Hung {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Hung {}
+
+fn hung(error: &anyhow::Error) -> bool {
+    error.chain().any(|e| e.is::<Hung>())
+}
+
+/// `fut`, or an error naming `what` ([`Hung`] after `limit`).
 async fn within<T, E: std::fmt::Display>(
     limit: Duration,
     what: &str,
@@ -96,7 +113,7 @@ async fn within<T, E: std::fmt::Display>(
     match tokio::time::timeout(limit, fut).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => Err(anyhow::anyhow!("{what}: {error}")),
-        Err(_) => Err(anyhow::anyhow!("{what}: no answer in {}s", limit.as_secs())),
+        Err(_) => Err(Hung(format!("{what}: no answer in {}s", limit.as_secs())).into()),
     }
 }
 
@@ -153,7 +170,7 @@ async fn read_body<R: AsyncRead + Unpin>(io: &mut R, already: usize, limit: usiz
         }
         got
     };
-    tokio::time::timeout(OP, read).await.map_err(|_| anyhow::anyhow!("the body stalled for {}s", OP.as_secs()))
+    tokio::time::timeout(OP, read).await.map_err(|_| Hung(format!("the body stalled for {}s", OP.as_secs())).into())
 }
 
 fn get(path: &str, host: &str) -> Vec<u8> {
@@ -245,7 +262,7 @@ async fn echo_dials(ctx: Ctx, rate: f64, churned: bool) {
         match echo_once(&ctx, principal, name, &payload).await {
             Ok(back) if back == payload => ctx.stats.add(ok),
             Ok(back) if churned && payload.starts_with(&back) => ctx.stats.add("churn_dial_failed"),
-            Err(_) if churned => ctx.stats.add("churn_dial_failed"),
+            Err(error) if churned && !hung(&error) => ctx.stats.add("churn_dial_failed"),
             Ok(back) => ctx
                 .stats
                 .unexpected(key, format!("{name}: {} bytes sent, {} other bytes came back", payload.len(), back.len())),
@@ -415,8 +432,10 @@ async fn churn_web(ctx: Ctx, rate: f64) {
 }
 
 async fn churn_request(ctx: &Ctx, host: &str) -> anyhow::Result<&'static str> {
-    let Ok(mut tls) = within(OP, "connecting", ctx.net.tls(host, true)).await else {
-        return Ok("churn_web_no_connection");
+    let mut tls = match within(OP, "connecting", ctx.net.tls(host, true)).await {
+        Ok(tls) => tls,
+        Err(error) if hung(&error) => return Err(error),
+        Err(_) => return Ok("churn_web_no_connection"),
     };
     if tls.write_all(&get("/slow", host)).await.is_err() {
         return Ok("churn_web_no_connection");

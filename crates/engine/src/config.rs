@@ -725,7 +725,9 @@ mod tests {
         assert_eq!(c.limits.handshakes_per_source, 128);
         assert_eq!(c.limits.control_channels_per_principal, 1000);
         assert_eq!(c.edge.hostname_hold_seconds, 300);
-        let yaml = format!("{MINIMAL}limits: {{handshakes_per_source: 0, tunnels_per_principal: -3}}\nedge: {{hostname_hold_seconds: x}}\n");
+        let yaml = format!(
+            "{MINIMAL}limits: {{handshakes_per_source: 0, tunnels_per_principal: -3}}\nedge: {{hostname_hold_seconds: x}}\n"
+        );
         let error = Config::from_yaml_str(&yaml, Vec::new()).unwrap_err();
         for field in ["limits.handshakes_per_source", "limits.tunnels_per_principal", "edge.hostname_hold_seconds"] {
             assert!(error.names(field), "{field} missing from {error}");

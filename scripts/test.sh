@@ -29,3 +29,6 @@ STRAIT_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest tests/compat -q -p
 
 log "benchmark smoke run (bench/run.sh --smoke: every scenario, briefly, no peers)"
 bash bench/run.sh --smoke
+
+log "fuzz smoke run (scripts/fuzz.sh: every target for 10s on a debug build; the long runs are in fuzz/RESULTS.md)"
+bash scripts/fuzz.sh --smoke-build --seconds 10

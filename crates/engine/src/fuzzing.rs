@@ -62,6 +62,8 @@ const TUNNELS: &[(&str, &str)] = &[
     ("tls", r#"{"protocol": "tls"}"#),
 ];
 const RELAYABLE: &[&str] = &["app", "open"];
+/// Headers per head the relay parses (`edge::relay`), as hyper allows.
+const MAX_HEADERS: usize = 100;
 
 /// One engine per fuzzing process, and an edge for a connection whose SNI
 /// names the `app` tunnel.
@@ -298,8 +300,9 @@ pub fn relay_request(data: &[u8]) {
     let short = usize::from(cut) * *len / 256;
     assert!(!matches!(request(&harness.edge, &client, &bytes[..short], &mut again), Request::Relay { .. }));
     // The rewritten head relays again, as through a second engine (unless
-    // the client's Connection header named its Host, which then goes).
-    if headers::lists_token(connection.iter().map(String::as_str), "host") {
+    // the client's Connection header named its Host, which then goes, or the
+    // three X-Forwarded-* took it past the relay's 100-header limit).
+    if headers::lists_token(connection.iter().map(String::as_str), "host") || up_pairs.len() > MAX_HEADERS {
         return;
     }
     let relayed = request(&harness.edge, &client, &out, &mut again);
@@ -357,14 +360,23 @@ pub fn relay_response(data: &[u8]) {
         assert!(allowed || !headers::is_hop_by_hop(name), "{name} passed on");
     }
 
-    // The rewritten head reads back the same and rewrites to itself.
-    let mut again = Vec::new();
-    let reread = response(&out, head_only, &mut again).expect("the rewritten head is accepted").expect("whole");
-    assert_eq!((reread.len, reread.status, reread.framing), (out.len(), status, framing));
-    assert_eq!(String::from_utf8_lossy(&again), String::from_utf8_lossy(&out));
     // Bytes past the head change nothing; a head cut short is not complete.
+    let mut again = Vec::new();
     assert_eq!(response(&bytes[..len], head_only, &mut again), Ok(Some(Response { len, status, framing, reusable })));
     assert!(!matches!(response(&bytes[..len - 1], head_only, &mut again), Ok(Some(_))));
+
+    // The rewritten head reads back the same and rewrites to itself, but
+    // for a header named `close`: the `connection: close` the relay adds
+    // names it, so the next hop drops it (RFC 9110, 7.6.1). A head at the
+    // relay's 100-header limit may leave with 101.
+    if down_pairs.len() > MAX_HEADERS {
+        return;
+    }
+    let reread = response(&out, head_only, &mut again).expect("the rewritten head is accepted").expect("whole");
+    assert_eq!((reread.len, reread.status, reread.framing), (out.len(), status, framing));
+    if framing != Framing::UntilClose || named("close").is_empty() {
+        assert_eq!(String::from_utf8_lossy(&again), String::from_utf8_lossy(&out));
+    }
 }
 
 // ---------------------------------------------------------------------------

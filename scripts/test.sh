@@ -85,4 +85,7 @@ stage "compatibility suite (rstream Python SDK)" 1200 \
 stage "benchmark smoke run (bench/run.sh --smoke: every scenario, briefly, no peers)" 600 \
     bash bench/run.sh --smoke
 
+stage "fuzz smoke run (scripts/fuzz.sh: every target for 10s on a debug build; the long runs are in fuzz/RESULTS.md)" 900 \
+    bash scripts/fuzz.sh --smoke-build --seconds 10
+
 log "all stages passed in $((SECONDS - started))s"

@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rustls::server::{Accepted, Acceptor};
 use strait_proto::{FrameError, FrameReader, Payload};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::StartHandshake;
@@ -120,8 +120,9 @@ fn refuse(shared: &Shared, tcp: TcpStream, peer: SocketAddr, refusal: Refusal) {
 }
 
 /// Reads the ClientHello into a rustls `Acceptor`, keeping the raw bytes so
-/// a passthrough tunnel can replay them to its agent.
-pub async fn read_client_hello(tcp: &mut TcpStream) -> io::Result<(Accepted, Bytes)> {
+/// a passthrough tunnel can replay them to its agent. Generic over the
+/// reader so the fuzz targets feed it from memory.
+pub async fn read_client_hello<IO: AsyncRead + Unpin>(tcp: &mut IO) -> io::Result<(Accepted, Bytes)> {
     let mut acceptor = Acceptor::default();
     // Read straight into the heap: a buffer on this future's stack would
     // stay in the connection task's memory for as long as it lives.

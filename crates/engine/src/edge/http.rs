@@ -201,6 +201,24 @@ pub struct Edge {
 }
 
 impl Edge {
+    /// An edge that serves no connection, so the relay's head parser can be
+    /// driven without a socket (`crate::fuzzing`).
+    #[doc(hidden)]
+    pub fn detached(shared: Arc<Shared>, sni: String, peer: SocketAddr) -> Self {
+        let idle = Duration::from_secs(shared.config.timeouts.http_idle_seconds);
+        Edge {
+            shared,
+            sni,
+            peer,
+            activity: Activity::new(),
+            idle,
+            pools: Mutex::new(HashMap::new()),
+            span: tracing::Span::none(),
+        }
+    }
+}
+
+impl Edge {
     async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<PublicBody> {
         let busy = self.activity.busy();
         let method = request.method().clone();

@@ -75,8 +75,8 @@ stage "style (clippy)" 900 cargo clippy --workspace --all-targets --quiet -- -D 
 
 stage "Rust tests" 900 cargo test --workspace
 
-stage "release build (the quickstart test runs README's command on it)" 1200 \
-    cargo build --release -p strait-engine
+stage "release build (the quickstart test runs README's command on it; the soak and scale smokes too)" 1200 \
+    cargo build --release -p strait-engine -p strait -p strait-bench
 
 # pytest-timeout bounds each test too (tests/compat/pytest.ini).
 stage "compatibility suite (rstream Python SDK)" 1200 \
@@ -84,6 +84,12 @@ stage "compatibility suite (rstream Python SDK)" 1200 \
 
 stage "benchmark smoke run (bench/run.sh --smoke: every scenario, briefly, no peers)" 600 \
     bash bench/run.sh --smoke
+
+# bench/SOAK.md: the hour-long soak and the 10,000-agent run, briefly.
+stage "soak smoke (bench/soak.py --seconds 60: churn, kill -9, cuts, 1 GiB transfers, back to baseline)" 300 \
+    python3 bench/soak.py --seconds 60 --out target/soak-smoke
+stage "scale smoke (bench/scale.py --agents 300: connect, engine restart, reconnect storm)" 180 \
+    python3 bench/scale.py --agents 300 --forwards 10 --settle 2 --out target/scale-smoke
 
 stage "fuzz smoke run (scripts/fuzz.sh: every target for 10s on a debug build; the long runs are in fuzz/RESULTS.md)" 900 \
     bash scripts/fuzz.sh --smoke-build --seconds 10

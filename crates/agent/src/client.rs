@@ -1,7 +1,7 @@
 //! Reaching an engine: one TLS connection per control channel, stream or
 //! private dial.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,6 +37,9 @@ pub struct ClientConfig {
     pub heartbeat_interval: Option<Duration>,
     pub connect_timeout: Duration,
     pub operation_timeout: Duration,
+    /// Leave from this local address (bound before connecting), for a
+    /// host with several addresses; `None` lets the system choose.
+    pub local_addr: Option<IpAddr>,
 }
 
 impl ClientConfig {
@@ -50,6 +53,7 @@ impl ClientConfig {
             heartbeat_interval: Some(Duration::from_secs(5)),
             connect_timeout: Duration::from_secs(15),
             operation_timeout: Duration::from_secs(30),
+            local_addr: None,
         }
     }
 }
@@ -138,7 +142,7 @@ impl Client {
                 let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no address for this name");
                 return Err(AgentError::Resolve { host: self.host.clone(), source });
             }
-            let tcp = TcpStream::connect(&addrs[..])
+            let tcp = connect_from(self.config.local_addr, &addrs)
                 .await
                 .map_err(|source| AgentError::Connect { addr: addr.clone(), source })?;
             tcp.set_nodelay(true)?;
@@ -195,9 +199,27 @@ impl Client {
     }
 }
 
+/// Connects to the first of `addrs` that answers, from `local` when given
+/// (only to addresses of its family).
+async fn connect_from(local: Option<IpAddr>, addrs: &[SocketAddr]) -> std::io::Result<TcpStream> {
+    let Some(local) = local else { return TcpStream::connect(addrs).await };
+    let mut last = None;
+    for addr in addrs.iter().filter(|a| a.is_ipv4() == local.is_ipv4()) {
+        let socket = if local.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.bind(SocketAddr::new(local, 0))?;
+        match socket.connect(*addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, format!("no engine address of the family of {local}"))
+    }))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::split_engine;
+    use super::{connect_from, split_engine};
 
     #[test]
     fn engine_addresses() {
@@ -207,5 +229,18 @@ mod tests {
         assert!(split_engine("https://x").is_err());
         assert!(split_engine("x:0").is_err());
         assert!(split_engine("x:http").is_err());
+    }
+
+    #[tokio::test]
+    async fn leaves_from_the_local_address_asked_for() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let local: std::net::IpAddr = "127.0.0.7".parse().unwrap();
+        let addrs = [addr];
+        let (tcp, accepted) = tokio::join!(connect_from(Some(local), &addrs), listener.accept());
+        assert_eq!(tcp.unwrap().local_addr().unwrap().ip(), local);
+        assert_eq!(accepted.unwrap().1.ip(), local);
+        let v6: std::net::IpAddr = "::1".parse().unwrap();
+        assert!(connect_from(Some(v6), &addrs).await.is_err(), "no IPv4 address is dialled from an IPv6 one");
     }
 }

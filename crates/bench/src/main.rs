@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+mod blob;
 mod hold;
 mod load;
+mod scale;
 mod serve;
+mod soak;
 mod target;
 
 use target::TargetArgs;
@@ -87,6 +90,20 @@ enum Command {
         #[arg(long)]
         tunnel: bool,
     },
+    /// The soak's services (HTTP with streaming, slow, upload and cut
+    /// paths; echo; an echo that resets; checksummed transfers) on
+    /// 127.0.0.1:0; prints their addresses as one JSON line.
+    SoakServices {
+        /// Flip one bit of every download over 1 MiB of the transfer service
+        /// (a fault on purpose: the soak must report the checksum mismatch).
+        #[arg(long)]
+        corrupt: bool,
+    },
+    /// The soak's client load, paused, resumed and stopped by lines on
+    /// stdin (see bench/soak.py).
+    SoakLoad(Box<soak::LoadArgs>),
+    /// Reconnecting agents for the scale run, held until stdin closes.
+    Scale(scale::ScaleArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -106,6 +123,9 @@ fn main() -> anyhow::Result<()> {
             Command::Agents { engine, token, ca, count, tunnel } => {
                 hold::agents(engine, token, ca, count, tunnel).await
             }
+            Command::SoakServices { corrupt } => soak::services::run(corrupt).await,
+            Command::SoakLoad(args) => soak::run(*args).await,
+            Command::Scale(args) => scale::run(args).await,
         }
     })
 }

@@ -36,7 +36,11 @@ pub async fn http(listen: &str) -> anyhow::Result<()> {
 }
 
 pub async fn echo(listen: &str) -> anyhow::Result<()> {
-    let listener = bind(listen).await?;
+    echo_on(bind(listen).await?).await
+}
+
+/// Every connection gets back what it sends, until it half-closes.
+pub async fn echo_on(listener: TcpListener) -> anyhow::Result<()> {
     loop {
         let (mut tcp, _) = listener.accept().await?;
         let _ = tcp.set_nodelay(true);

@@ -302,6 +302,12 @@ class StraitEngine(Setup):
             'tls: {enabled: true, listen_addr: "127.0.0.1:0"}\n'
             f'certs: {{static: {{enabled: true, cert_file: "{b.certs / "cert.pem"}", key_file: "{b.certs / "key.pem"}"}}}}\n'
             f'auth: {{jwt: {{enabled: true, token_jwt_secret: "{SECRET}"}}}}\n'
+            # Every load comes from 127.0.0.1 and one principal: the
+            # per-source and per-principal limits would refuse the 1,000
+            # idle agents and held streams by design.
+            "limits: {handshakes_per_source: 100000, handshake_rate_per_source: 100000, "
+            "handshake_burst_per_source: 100000, control_channels_per_principal: 100000, "
+            "tunnels_per_principal: 100000}\n"
         )
         engine = b.spawn(f"{self.name}-engine", [b.tool("strait-engine"), "--config", config, "--print-ready", "run"], b.tunnel_cpus)
         self.port = int(engine.json_line()["tls"].rsplit(":", 1)[1])

@@ -6,29 +6,86 @@ cd "$(dirname "$0")/.."
 
 log() { printf '\n== %s\n' "$*"; }
 
+# Every stage runs under a time limit (coreutils timeout), so a hang fails
+# fast and names its stage instead of stalling CI. The limits are several
+# times what a stage takes on 2 cores from a cold cache, and all of them
+# together are capped by BUDGET, so the whole run ends well within 40
+# minutes whatever hangs.
+BUDGET=${STRAIT_TEST_BUDGET:-2100}
+started=$SECONDS
+
+# A stage runs as a job of its own (set -m: its own process group, so a
+# timeout stops every process of it, cargo's and pytest's children too).
+# Ctrl-C reaches only this script, which stops the stage in flight.
+running=""
+interrupted() {
+    if [ -n "$running" ]; then
+        kill -TERM -- "-$running" 2>/dev/null || true
+        wait "$running" || true
+    fi
+    printf '\n== interrupted\n' >&2
+    exit 130
+}
+trap interrupted INT TERM
+
+# stage [--tty] NAME SECONDS COMMAND...
+# --tty: the stage may ask on the terminal (sudo's password), so it stays in
+# the foreground; a timeout then stops its first process only.
+stage() {
+    local tty=""
+    if [ "$1" = --tty ]; then
+        tty=1
+        shift
+    fi
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - (SECONDS - started)))
+    ((left < limit)) && limit=$left
+    if ((limit <= 0)); then
+        printf '\n== TIMED OUT: no time left of the %ss budget for stage "%s"\n' "$BUDGET" "$name" >&2
+        return 124
+    fi
+    log "$name"
+    local status=0
+    if [ -n "$tty" ]; then
+        timeout --foreground --kill-after=30 "$limit" "$@" || status=$?
+    else
+        set -m
+        timeout --kill-after=30 "$limit" "$@" &
+        running=$!
+        set +m
+        wait "$running" || status=$?
+        running=""
+    fi
+    if ((status == 124 || status == 137)); then
+        printf '\n== TIMED OUT: stage "%s" did not finish in %ss\n' "$name" "$limit" >&2
+    fi
+    return "$status"
+}
+
 # System tools the tests drive (openssl s_client, curl, jq; iperf3 for the
 # benchmark smoke run).
-bash scripts/need.sh openssl curl jq iperf3
-bash scripts/venv.sh
+stage --tty "tools (openssl, curl, jq, iperf3)" 900 bash scripts/need.sh openssl curl jq iperf3
+stage "Python venv" 600 bash scripts/venv.sh
 
-log "building"
-cargo build --workspace --all-targets
+stage "building" 1200 cargo build --workspace --all-targets
 
-log "style (rustfmt, clippy)"
-cargo fmt --all --check
-cargo clippy --workspace --all-targets --quiet -- -D warnings
+stage "style (rustfmt)" 120 cargo fmt --all --check
+stage "style (clippy)" 900 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-log "Rust tests"
-cargo test --workspace
+stage "Rust tests" 900 cargo test --workspace
 
-log "release build (the quickstart test runs README's command on it)"
-cargo build --release -p strait-engine
+stage "release build (the quickstart test runs README's command on it)" 1200 \
+    cargo build --release -p strait-engine
 
-log "compatibility suite (rstream Python SDK)"
-STRAIT_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest tests/compat -q -p no:cacheprovider
+# pytest-timeout bounds each test too (tests/compat/pytest.ini).
+stage "compatibility suite (rstream Python SDK)" 1200 \
+    env STRAIT_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest tests/compat -q -p no:cacheprovider
 
-log "benchmark smoke run (bench/run.sh --smoke: every scenario, briefly, no peers)"
-bash bench/run.sh --smoke
+stage "benchmark smoke run (bench/run.sh --smoke: every scenario, briefly, no peers)" 600 \
+    bash bench/run.sh --smoke
 
-log "fuzz smoke run (scripts/fuzz.sh: every target for 10s on a debug build; the long runs are in fuzz/RESULTS.md)"
-bash scripts/fuzz.sh --smoke-build --seconds 10
+stage "fuzz smoke run (scripts/fuzz.sh: every target for 10s on a debug build; the long runs are in fuzz/RESULTS.md)" 900 \
+    bash scripts/fuzz.sh --smoke-build --seconds 10
+
+log "all stages passed in $((SECONDS - started))s"

@@ -31,6 +31,10 @@ SECRET = "compat-secret-compat-secret-compat-secret"
 # build ever reaches it.
 READY_DEADLINE = 30.0
 
+# The most a short command (gen-certs, openssl, curl, strait) or a process
+# told to stop may take: every wait on a process is bounded.
+PROCESS_DEADLINE = 60.0
+
 
 class _Loopback(httpcore.AsyncNetworkBackend):
     """Resolves every name to 127.0.0.1: `*.t.localhost` has no DNS here."""
@@ -60,6 +64,7 @@ class Engine:
             [BIN / "strait-engine", "gen-certs", "--host", "localhost", "--out", tmp],
             check=True,
             capture_output=True,
+            timeout=PROCESS_DEADLINE,
         )
         self.ca = tmp / "ca.pem"
         config = tmp / "engine.yaml"
@@ -94,7 +99,7 @@ class Engine:
             raise RuntimeError(f"engine not ready in {READY_DEADLINE}s:\n{self.log()}")
         line = self.proc.stdout.readline()
         if not line:
-            self.proc.wait()
+            self.proc.wait(timeout=PROCESS_DEADLINE)
             raise RuntimeError(f"engine exited ({self.proc.returncode}):\n{self.log()}")
         return json.loads(line)
 
@@ -105,6 +110,13 @@ class Engine:
     def token(self, sub: str = "alice", secret: str = SECRET, **claims) -> str:
         payload = {"sub": sub, "iat": int(time.time()), "exp": int(time.time()) + 3600, **claims}
         return jwt.encode(payload, secret, algorithm="HS256")
+
+    def admin_token(self, sub: str = "ops") -> str:
+        """An operator's token: it sees and acts on every principal's objects."""
+        return self.token(sub, strait_admin=True)
+
+    def admin(self, sub: str = "ops", **options) -> rstream.Client:
+        return self.client(sub, token=self.admin_token(sub), **options)
 
     def client(self, sub: str = "alice", token: str | None = None, **options) -> rstream.Client:
         return rstream.Client(
@@ -146,7 +158,7 @@ class Engine:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait()
+                self.proc.wait(timeout=PROCESS_DEADLINE)
         self._log.close()
 
 

@@ -21,7 +21,7 @@ async def next_event(stream, wanted: str):
 
 
 async def test_list_clients_and_tunnels_with_filters(engine):
-    async with engine.client("alice") as alice, engine.client("bob") as bob, engine.client("ops") as ops:
+    async with engine.client("alice") as alice, engine.client("bob") as bob, engine.admin("ops") as ops:
         a = await alice.connect()
         b = await bob.connect()
         await a.create_tunnel(name="a-core", publish=False, labels={"team": "core", "env": "prod"})
@@ -57,7 +57,7 @@ async def test_list_clients_and_tunnels_with_filters(engine):
 
 @pytest.mark.parametrize("transport", ["sse", "websocket"])
 async def test_watch_sees_snapshot_and_each_lifecycle_event(engine, transport):
-    async with engine.client("alice") as alice, engine.client("carol") as carol, engine.client("ops") as ops:
+    async with engine.client("alice") as alice, engine.client("carol") as carol, engine.admin("ops") as ops:
         first = await alice.connect()
         existing = await first.create_tunnel(name="existing", publish=False, labels={"team": "core"})
         async with ops.watch(transport=transport) as events:
@@ -94,7 +94,7 @@ async def test_watch_sees_snapshot_and_each_lifecycle_event(engine, transport):
 
 @pytest.mark.parametrize("transport", ["sse", "websocket"])
 async def test_watch_filters_apply_server_side(engine, transport):
-    async with engine.client("alice") as alice, engine.client("ops") as ops:
+    async with engine.client("alice") as alice, engine.admin("ops") as ops:
         control = await alice.connect()
         await control.create_tunnel(name="edge-1", publish=False, labels={"team": "edge"})
         await control.create_tunnel(name="core-1", publish=False, labels={"team": "core"})

@@ -39,7 +39,7 @@ def title_of(document: str) -> str:
     """`jq -r .info.title`, with Python standing in where jq is missing."""
     if shutil.which("jq"):
         return subprocess.run(
-            ["jq", "-r", ".info.title"], input=document, capture_output=True, text=True, check=True
+            ["jq", "-r", ".info.title"], input=document, capture_output=True, text=True, check=True, timeout=30
         ).stdout.strip()
     return json.loads(document)["info"]["title"]
 
@@ -68,7 +68,7 @@ def test_runbook_curl_on_the_api_and_the_metrics(make_engine):
 
 
 def test_non_loopback_metrics_without_a_token_stop_start_up(tmp_path: pathlib.Path):
-    subprocess.run([BIN / "strait-engine", "gen-certs", "--out", tmp_path], check=True, capture_output=True)
+    subprocess.run([BIN / "strait-engine", "gen-certs", "--out", tmp_path], check=True, capture_output=True, timeout=60)
     config = tmp_path / "engine.yaml"
     config.write_text(
         "engine: {host: localhost, log_level: info}\n"
@@ -97,6 +97,8 @@ def test_openapi_document_validates(engine):
     assert document["openapi"].startswith("3.1")
 
 
+# Its own 600 s bound on schemathesis comes first.
+@pytest.mark.timeout(660)
 async def test_schemathesis_finds_no_server_error_and_no_schema_break(engine, echo_port):
     st = pathlib.Path(sys.executable).parent / "st"
     assert st.exists(), "schemathesis is missing: run scripts/test.sh"
@@ -128,7 +130,12 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_break(engine, ec
 
 def fingerprint(pem: str) -> str:
     return subprocess.run(
-        ["openssl", "x509", "-noout", "-fingerprint", "-sha256"], input=pem, capture_output=True, text=True, check=True
+        ["openssl", "x509", "-noout", "-fingerprint", "-sha256"],
+        input=pem,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     ).stdout.strip()
 
 
@@ -154,7 +161,7 @@ def test_certificate_rotation_seen_by_openssl(make_engine):
     staging.mkdir()
     for name in ("ca.pem", "ca-key.pem"):
         shutil.copy(folder / name, staging / name)
-    subprocess.run([BIN / "strait-engine", "gen-certs", "--out", staging], check=True, capture_output=True)
+    subprocess.run([BIN / "strait-engine", "gen-certs", "--out", staging], check=True, capture_output=True, timeout=60)
     os.replace(staging / "key.pem", folder / "key.pem")
     os.replace(staging / "cert.pem", folder / "cert.pem")
     after = served_fingerprint(engine)
@@ -184,7 +191,7 @@ def make_ca_signed_pair(folder: pathlib.Path, host: str) -> tuple[pathlib.Path, 
     """A CA that is not the development one, and a leaf for host and *.t.host."""
 
     def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder, timeout=60)
 
     openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
             "-keyout", "root-key.pem", "-out", "root.pem", "-days", "30", "-subj", "/CN=Example Root")
@@ -198,7 +205,7 @@ def make_ca_signed_pair(folder: pathlib.Path, host: str) -> tuple[pathlib.Path, 
 
 
 def test_check_config_development_and_production(tmp_path: pathlib.Path):
-    subprocess.run([BIN / "strait-engine", "gen-certs", "--out", tmp_path], check=True, capture_output=True)
+    subprocess.run([BIN / "strait-engine", "gen-certs", "--out", tmp_path], check=True, capture_output=True, timeout=60)
     config = tmp_path / "dev.yaml"
     config.write_text(
         "engine: {host: localhost, log_level: info}\n"

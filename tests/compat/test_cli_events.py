@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 
 from rstream.webhooks import WEBHOOK_DELIVERABLE_EVENT_TYPES, generate_signing_secret, verify_event
 
@@ -44,7 +45,7 @@ async def test_webhook_deliveries_verify_with_the_sdk(engine):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RSTREAM_")}
     env.update(
         RSTREAM_ENGINE=engine.engine,
-        RSTREAM_AUTHENTICATION_TOKEN=engine.token("ops"),
+        RSTREAM_AUTHENTICATION_TOKEN=engine.admin_token("ops"),
         SSL_CERT_FILE=str(engine.ca),
         HOME=str(engine.tmp),
         STRAIT_WEBHOOK_SECRET=secret,
@@ -54,7 +55,7 @@ async def test_webhook_deliveries_verify_with_the_sdk(engine):
         stderr=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     try:
-        line = (await events.stderr.readline()).decode()
+        line = (await asyncio.wait_for(events.stderr.readline(), 30)).decode()
         assert "watching events" in line, line
         async with engine.client("alice") as agent:
             control = await agent.connect()
@@ -82,6 +83,14 @@ async def test_webhook_deliveries_verify_with_the_sdk(engine):
         else:
             raise AssertionError("a wrong secret verified")
     finally:
-        events.send_signal(2)
-        assert await events.wait() == 0
+        # One shutdown signal, never lost: Ctrl-C ends the command even
+        # while a delivery is in flight.
+        events.send_signal(signal.SIGINT)
+        try:
+            code = await asyncio.wait_for(events.wait(), 10)
+        except TimeoutError:
+            events.kill()
+            await events.wait()
+            raise AssertionError("strait events was still running 10 s after SIGINT") from None
         server.close()
+    assert code == 0

@@ -41,9 +41,9 @@ async def test_sdk_publishes_and_strait_dial_connects(engine, echo_port):
         # stdin first would cut the echo short.
         dial.stdin.write(payload)
         await dial.stdin.drain()
-        out = await dial.stdout.readexactly(len(payload))
+        out = await asyncio.wait_for(dial.stdout.readexactly(len(payload)), 60)
         dial.stdin.close()
-        assert await dial.wait() == 0, (await dial.stderr.read()).decode()
+        assert await asyncio.wait_for(dial.wait(), 30) == 0, (await dial.stderr.read()).decode()
         assert out == payload
         forward.cancel()
         await control.close()
@@ -62,7 +62,7 @@ async def test_strait_forward_publishes_and_the_sdk_dials(engine, echo_port):
         env=strait_env(engine),
     )
     try:
-        line = (await forward.stdout.readline()).decode()
+        line = (await asyncio.wait_for(forward.stdout.readline(), 30)).decode()
         assert line.startswith("Forwarding rstrm://rust-side"), line
         for zero_rtt in (True, False):
             async with engine.client(zero_rtt=zero_rtt) as dialer:
@@ -72,4 +72,4 @@ async def test_strait_forward_publishes_and_the_sdk_dials(engine, echo_port):
                 stream.close()
     finally:
         forward.send_signal(2)
-        assert await forward.wait() == 0
+        assert await asyncio.wait_for(forward.wait(), 30) == 0

@@ -107,13 +107,20 @@ async def test_sixteen_mib_each_way_with_checksum(engine, echo_port):
 
 
 async def test_second_client_dials_first_clients_tunnel(engine, echo_port):
-    async with engine.client("alice") as alice, engine.client("bob") as bob:
+    # A second client of the same principal dials by id; another principal
+    # hears what a missing tunnel gets, by id and by name.
+    async with engine.client("alice") as alice, engine.client("alice") as laptop, \
+            engine.client("bob", zero_rtt=False) as bob:
         control = await alice.connect()
         tunnel = await control.create_tunnel(name="shared", publish=False)
         forward = await serve(tunnel, echo_port)
-        stream = await bob.dial(tunnel.id)
-        assert await roundtrip(stream, b"from bob") == b"from bob"
+        stream = await laptop.dial(tunnel.id)
+        assert await roundtrip(stream, b"from alice's laptop") == b"from alice's laptop"
         stream.close()
+        for target in (tunnel.id, "shared"):
+            with pytest.raises(EngineError) as refused:
+                await bob.dial(target)
+            assert refused.value.engine_code == TUNNEL_NOT_FOUND
         forward.cancel()
         await control.close()
 

@@ -291,7 +291,7 @@ async def s_client(engine, host: str, *extra: str, send: bytes) -> bytes:
             out += chunk
     finally:
         proc.kill()
-        await proc.wait()
+        await asyncio.wait_for(proc.wait(), 30)
     return out
 
 
@@ -610,7 +610,12 @@ async def test_tls_passthrough_serves_the_agents_certificate(engine, tmp_path):
 
     agent_dir = tmp_path / "agent-certs"
     agent_dir.mkdir()
-    subprocess.run([BIN / "strait-engine", "gen-certs", "--host", "localhost", "--out", agent_dir], check=True, capture_output=True)
+    subprocess.run(
+        [BIN / "strait-engine", "gen-certs", "--host", "localhost", "--out", agent_dir],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(agent_dir / "cert.pem", agent_dir / "key.pem")
 

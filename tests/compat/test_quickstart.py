@@ -9,6 +9,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from conftest import ROOT
 
 # The release build is done by scripts/test.sh before this suite runs, so
@@ -52,6 +54,8 @@ def _lines_until(proc: subprocess.Popen, wanted: str, seen: list[str]) -> str:
     raise AssertionError(f"no line starting with {wanted!r}; output was:\n{''.join(seen)}")
 
 
+# Its own deadlines (the ready line, curl, the exit) come first.
+@pytest.mark.timeout(DEADLINE + 180)
 def test_the_first_command_serves_a_demo_a_printed_curl_reaches(tmp_path):
     command = quickstart_commands()[0]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RSTREAM_", "XDG_STATE_HOME", "STRAIT_"))}

@@ -1,6 +1,7 @@
 //! Reaching an engine: one TLS connection per control channel, stream or
 //! private dial.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,13 +128,30 @@ impl Client {
     async fn connect_with(&self, connector: &TlsConnector) -> Result<TlsStream<TcpStream>, AgentError> {
         let addr = format!("{}:{}", self.host, self.port);
         let connect = async {
-            let tcp = TcpStream::connect((self.host.as_str(), self.port)).await?;
+            // Resolved apart from connecting, so a name that does not
+            // resolve is told from an engine that does not answer.
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+                .await
+                .map_err(|source| AgentError::Resolve { host: self.host.clone(), source })?
+                .collect();
+            if addrs.is_empty() {
+                let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no address for this name");
+                return Err(AgentError::Resolve { host: self.host.clone(), source });
+            }
+            let tcp = TcpStream::connect(&addrs[..])
+                .await
+                .map_err(|source| AgentError::Connect { addr: addr.clone(), source })?;
             tcp.set_nodelay(true)?;
-            connector.connect(self.server_name.clone(), tcp).await
+            connector.connect(self.server_name.clone(), tcp).await.map_err(|source| {
+                // tokio-rustls carries rustls' own error inside the io::Error.
+                match source.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                    Some(tls) => AgentError::Tls { addr: addr.clone(), source: tls.clone() },
+                    None => AgentError::Connect { addr: addr.clone(), source },
+                }
+            })
         };
         match tokio::time::timeout(self.config.connect_timeout, connect).await {
-            Ok(Ok(tls)) => Ok(tls),
-            Ok(Err(source)) => Err(AgentError::Connect { addr, source }),
+            Ok(result) => result,
             Err(_) => Err(AgentError::Timeout("connecting to the engine")),
         }
     }

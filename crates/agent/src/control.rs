@@ -34,7 +34,8 @@ type OpenReply = oneshot::Sender<Result<TunnelProperties, Error>>;
 struct State {
     opening: HashMap<String, (OpenReply, mpsc::Sender<Stream>)>,
     tunnels: HashMap<String, mpsc::Sender<Stream>>,
-    closing: HashMap<String, Vec<oneshot::Sender<()>>>,
+    /// Waiters for `CloseTunnelRsp`, with the engine's refusal if any.
+    closing: HashMap<String, Vec<oneshot::Sender<Option<strait_proto::Error>>>>,
 }
 
 pub(crate) struct Inner {
@@ -87,10 +88,11 @@ impl Inner {
             state.closing.entry(tunnel_id.to_string()).or_default().push(tx);
         }
         self.send(Payload::CloseTunnelReq(CloseTunnelReq { tunnel_id: tunnel_id.to_string() })).await?;
-        tokio::time::timeout(self.client.config.operation_timeout, rx)
+        let refused = tokio::time::timeout(self.client.config.operation_timeout, rx)
             .await
             .map_err(|_| AgentError::Timeout("waiting for CloseTunnelRsp"))?
-            .map_err(|_| AgentError::Closed(self.closed_reason().unwrap_or_default()))
+            .map_err(|_| AgentError::Closed(self.closed_reason().unwrap_or_default()))?;
+        refused.map_or(Ok(()), |e| Err(AgentError::Engine(e)))
     }
 }
 
@@ -326,7 +328,7 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
                 let mut state = inner.lock();
                 state.tunnels.remove(&rsp.tunnel_id);
                 for waiter in state.closing.remove(&rsp.tunnel_id).unwrap_or_default() {
-                    let _ = waiter.send(());
+                    let _ = waiter.send(rsp.error.clone());
                 }
             }
             Some(Payload::ProxyConnReq(req)) => {

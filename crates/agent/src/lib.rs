@@ -33,8 +33,12 @@ pub enum AgentError {
     BadEngineAddress(String),
     #[error("cannot read CA file {path}: {reason}")]
     CaFile { path: std::path::PathBuf, reason: String },
+    #[error("cannot resolve the engine's name {host}: {source}")]
+    Resolve { host: String, source: std::io::Error },
     #[error("cannot connect to the engine at {addr}: {source}")]
     Connect { addr: String, source: std::io::Error },
+    #[error("TLS with the engine at {addr} failed: {source}")]
+    Tls { addr: String, source: rustls::Error },
     #[error("timed out {0}")]
     Timeout(&'static str),
     #[error("the engine refused: {0}")]
@@ -55,6 +59,43 @@ impl AgentError {
         match self {
             AgentError::Engine(e) => Some(e.code()),
             _ => None,
+        }
+    }
+
+    /// Whether trying again cannot help until the user changes something
+    /// (the token, the CA, the address), as opposed to what may heal by
+    /// itself: the engine restarting, the network dropping, a timeout.
+    ///
+    /// `reached_before`: the engine was reached earlier with the same
+    /// settings. Then a name that stops resolving, an expired certificate
+    /// (the operator renews it, the engine reloads it) or a refusal of a
+    /// tunnel (its hostname still held by the old connection) may be a
+    /// passing state; on a first attempt each is a mistake to report.
+    pub fn is_permanent(&self, reached_before: bool) -> bool {
+        use rustls::CertificateError as Cert;
+        use strait_proto::ErrorCode as Code;
+        match self {
+            AgentError::BadEngineAddress(_) | AgentError::CaFile { .. } => true,
+            AgentError::Tls { source: rustls::Error::InvalidCertificate(error), .. } => match error {
+                Cert::Expired | Cert::ExpiredContext { .. } | Cert::NotValidYet | Cert::NotValidYetContext { .. } => {
+                    !reached_before
+                }
+                _ => true,
+            },
+            AgentError::Engine(error) => match error.code() {
+                Code::Unauthorized
+                | Code::ProtocolVersionMissing
+                | Code::ProtocolVersionInvalid
+                | Code::ProtocolVersionIncompatible => true,
+                Code::ServiceUnavailable | Code::CapacityExhausted | Code::Internal => false,
+                _ => !reached_before,
+            },
+            AgentError::Resolve { .. } | AgentError::Tls { .. } | AgentError::Protocol(_) => !reached_before,
+            AgentError::Connect { .. }
+            | AgentError::Timeout(_)
+            | AgentError::Closed(_)
+            | AgentError::Frame(_)
+            | AgentError::Io(_) => false,
         }
     }
 }

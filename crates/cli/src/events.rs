@@ -2,6 +2,7 @@
 //! newline-delimited JSON on stdout, or POSTed to a URL, optionally as
 //! signed webhooks in the shape the rstream SDK's `verify_event` checks.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::StreamExt;
@@ -14,11 +15,12 @@ use rand::RngExt;
 use serde_json::Value;
 use sha2::Sha256;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
+use tokio_util::sync::CancellationToken;
 
-use crate::engine_api::{EngineApi, failure, with_params};
-use crate::forward::Backoff;
+use crate::engine_api::{ApiError, EngineApi, with_params};
+use crate::retry::Backoff;
 
 /// Event types a webhook may carry (the SDK refuses any other).
 pub const DELIVERABLE: [&str; 4] = ["client.created", "client.deleted", "tunnel.created", "tunnel.deleted"];
@@ -49,8 +51,15 @@ pub struct Options {
     pub sink: Sink,
 }
 
-/// Streams events until Ctrl-C, reconnecting when the feed ends.
-pub async fn run(api: EngineApi, options: Options) -> anyhow::Result<()> {
+/// A feed that sends nothing for this long, not even the keep-alive strait
+/// engines send every 15 s, is taken for dead and reconnected: a network
+/// that drops without a reset would otherwise hold the command forever.
+const FEED_SILENCE: Duration = Duration::from_secs(60);
+
+/// Streams events until the shutdown signal, reconnecting when the feed
+/// ends; stops on an error that will not heal (a refused token, an
+/// untrusted certificate, a receiver that cannot be reached at all).
+pub async fn run(api: EngineApi, options: Options, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let poster = match &options.sink {
         Sink::Post { url, .. } => Some(Poster::new(url.clone())?),
         Sink::Stdout => None,
@@ -62,52 +71,64 @@ pub async fn run(api: EngineApi, options: Options) -> anyhow::Result<()> {
         let feed = feed(&api, &options, tx);
         tokio::pin!(feed);
         let ended = loop {
-            tokio::select! {
+            // Biased: the feed's end is seen before its channel closes.
+            let event = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return Ok(()),
                 ended = &mut feed => break ended,
-                event = rx.recv() => match event {
-                    Some(text) => {
-                        ever_connected = true;
-                        backoff.reset();
-                        announce(&text);
-                        deliver(&options, poster.as_ref(), &text).await;
-                    }
-                    None => break Ok(()),
-                },
-                _ = tokio::signal::ctrl_c() => return Ok(()),
+                event = rx.recv() => event,
+            };
+            let Some(text) = event else { break Ok(()) };
+            ever_connected = true;
+            backoff.reset();
+            announce(&text);
+            match shutdown.run_until_cancelled(deliver(&options, poster.as_ref(), &text)).await {
+                None => return Ok(()),
+                Some(delivered) => delivered?,
             }
         };
-        // Drain what arrived before the feed ended.
+        // Deliver what arrived before the feed ended.
         while let Ok(text) = rx.try_recv() {
-            deliver(&options, poster.as_ref(), &text).await;
+            match shutdown.run_until_cancelled(deliver(&options, poster.as_ref(), &text)).await {
+                None => return Ok(()),
+                Some(delivered) => delivered?,
+            }
         }
         match ended {
-            Err(error) if !ever_connected => return Err(error),
-            Err(error) => eprintln!("strait: event feed ended: {error:#}"),
+            Err(error) if error.is_permanent(ever_connected) => return Err(error.into()),
+            Err(error) => eprintln!("strait: event feed ended: {error}"),
             Ok(()) => eprintln!("strait: event feed ended"),
         }
         let delay = backoff.next_delay();
         eprintln!("strait: reconnecting in {:.1}s", delay.as_secs_f32());
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+        if shutdown.run_until_cancelled(tokio::time::sleep(delay)).await.is_none() {
+            return Ok(());
         }
     }
 }
 
+fn feed_silent() -> ApiError {
+    ApiError::Exchange(anyhow::anyhow!(
+        "the engine sent nothing for {}s, not even a keep-alive",
+        FEED_SILENCE.as_secs()
+    ))
+}
+
 /// Reads one feed connection, sending each event's JSON text to `tx`.
-async fn feed(api: &EngineApi, options: &Options, tx: tokio::sync::mpsc::Sender<String>) -> anyhow::Result<()> {
+async fn feed(api: &EngineApi, options: &Options, tx: tokio::sync::mpsc::Sender<String>) -> Result<(), ApiError> {
+    let exchange = |e: anyhow::Error| ApiError::Exchange(e);
     match options.transport {
         Transport::Sse => {
             let response = api.get(&with_params("/api/sse", options.params.as_ref()), "text/event-stream").await?;
-            let status = response.status();
-            if !status.is_success() {
-                let body = response.into_body().collect().await?.to_bytes();
-                anyhow::bail!("/api/sse: {}", failure(status, &body));
-            }
             let mut body = response.into_body();
             let mut parser = SseParser::default();
-            while let Some(frame) = body.frame().await {
-                if let Ok(data) = frame?.into_data() {
+            loop {
+                let frame = match tokio::time::timeout(FEED_SILENCE, body.frame()).await {
+                    Err(_) => return Err(feed_silent()),
+                    Ok(None) => break,
+                    Ok(Some(frame)) => frame.map_err(|e| exchange(e.into()))?,
+                };
+                if let Ok(data) = frame.into_data() {
                     for event in parser.push(&data) {
                         if tx.send(event).await.is_err() {
                             return Ok(());
@@ -115,30 +136,47 @@ async fn feed(api: &EngineApi, options: &Options, tx: tokio::sync::mpsc::Sender<
                     }
                 }
             }
-            if let Some(reason) = parser.last_comment {
-                anyhow::bail!("{reason}");
+            match parser.last_comment {
+                Some(reason) => Err(exchange(anyhow::anyhow!("{reason}"))),
+                None => Ok(()),
             }
-            Ok(())
         }
         Transport::Websocket => {
-            let tls = api.client().connect_api().await?;
+            let tls = api.client().connect_api().await.map_err(ApiError::Connect)?;
             let path = with_params("/api/websocket", options.params.as_ref());
-            let mut request = format!("wss://{}{path}", api.client().api_authority()).into_client_request()?;
+            let url = format!("wss://{}{path}", api.client().api_authority());
+            let mut request = url.into_client_request().map_err(|e| exchange(e.into()))?;
             if let Some(token) = &api.client().config().token {
-                request.headers_mut().insert(header::AUTHORIZATION, format!("Bearer {token}").parse()?);
+                let value = format!("Bearer {token}").parse().map_err(|_| {
+                    exchange(anyhow::anyhow!("the token cannot be sent in a header (it has control characters)"))
+                })?;
+                request.headers_mut().insert(header::AUTHORIZATION, value);
             }
-            let (mut socket, _) = tokio_tungstenite::client_async(request, tls).await?;
-            while let Some(message) = socket.next().await {
-                match message? {
-                    WsMessage::Text(text) if tx.send(text.to_string()).await.is_err() => {
-                        return Ok(());
+            let limit = api.client().config().operation_timeout;
+            let mut socket = match tokio::time::timeout(limit, tokio_tungstenite::client_async(request, tls)).await {
+                Err(_) => return Err(exchange(anyhow::anyhow!("{path}: no answer in {}s", limit.as_secs()))),
+                Ok(Err(WsError::Http(response))) => {
+                    let body = response.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+                    return Err(ApiError::Status { path, status: response.status(), body: body.into_owned() });
+                }
+                Ok(Err(error)) => return Err(exchange(error.into())),
+                Ok(Ok((socket, _))) => socket,
+            };
+            loop {
+                let message = match tokio::time::timeout(FEED_SILENCE, socket.next()).await {
+                    Err(_) => return Err(feed_silent()),
+                    Ok(None) => return Ok(()),
+                    Ok(Some(message)) => message.map_err(|e| exchange(e.into()))?,
+                };
+                match message {
+                    WsMessage::Text(text) if tx.send(text.to_string()).await.is_err() => return Ok(()),
+                    WsMessage::Close(Some(frame)) => {
+                        return Err(exchange(anyhow::anyhow!("closed by the engine: {}", frame.reason)));
                     }
-                    WsMessage::Close(Some(frame)) => anyhow::bail!("closed by the engine: {}", frame.reason),
                     WsMessage::Close(None) => return Ok(()),
                     _ => {}
                 }
             }
-            Ok(())
         }
     }
 }
@@ -157,27 +195,31 @@ fn announce(text: &str) {
     }
 }
 
-async fn deliver(options: &Options, poster: Option<&Poster>, text: &str) {
+/// Prints or POSTs one event; an error is one that ends the command.
+async fn deliver(options: &Options, poster: Option<&Poster>, text: &str) -> anyhow::Result<()> {
     let Ok(event) = serde_json::from_str::<Value>(text) else {
         eprintln!("strait: ignoring an event that is not JSON");
-        return;
+        return Ok(());
     };
     let kind = event.get("type").and_then(Value::as_str).unwrap_or_default();
     if !options.types.is_empty() && !options.types.iter().any(|t| t == kind) {
-        return;
+        return Ok(());
     }
     match (&options.sink, poster) {
         (Sink::Post { webhook: Some(webhook), .. }, Some(poster)) => {
             if !DELIVERABLE.contains(&kind) {
-                return;
+                return Ok(());
             }
             let body = webhook_body(&event);
             let delivery = format!("dlv_{}", hex_id());
             let headers = webhook_headers(&body, &event, webhook, &delivery, unix_now());
-            poster.post(body, headers).await;
+            poster.post(body, headers).await
         }
         (Sink::Post { .. }, Some(poster)) => poster.post(text.as_bytes().to_vec(), Vec::new()).await,
-        _ => println!("{text}"),
+        _ => {
+            println!("{text}");
+            Ok(())
+        }
     }
 }
 
@@ -273,10 +315,27 @@ impl SseParser {
     }
 }
 
+/// How long one delivery attempt may take, from the connect to the end of
+/// the answer.
+const POST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Attempts per event before it is dropped.
+const POST_ATTEMPTS: u32 = 5;
+
 /// POSTs bodies to one URL, retrying what may succeed later.
 struct Poster {
     url: http::Uri,
     tls: Option<tokio_rustls::TlsConnector>,
+    /// Whether a delivery ever got an answer: then a name that stops
+    /// resolving may be a passing DNS failure rather than a typo.
+    answered: AtomicBool,
+}
+
+/// Why a delivery attempt failed.
+enum PostError {
+    /// No attempt can succeed until the user changes something.
+    Permanent(anyhow::Error),
+    Transient(anyhow::Error),
 }
 
 impl Poster {
@@ -290,33 +349,58 @@ impl Poster {
             _ => anyhow::bail!("--forward-to {url}: only http:// and https:// URLs"),
         };
         anyhow::ensure!(url.host().is_some(), "--forward-to {url}: no host");
-        Ok(Self { url, tls })
+        Ok(Self { url, tls, answered: AtomicBool::new(false) })
     }
 
-    async fn post(&self, body: Vec<u8>, headers: Vec<(&'static str, String)>) {
+    /// Delivers one body, with retries; a receiver that refuses it or stays
+    /// down drops it with a message. An error ends the command.
+    async fn post(&self, body: Vec<u8>, headers: Vec<(&'static str, String)>) -> anyhow::Result<()> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-        for attempt in 1..=5 {
-            match self.send(&body, &headers).await {
-                Ok(status) if status.is_success() => return,
+        for attempt in 1..=POST_ATTEMPTS {
+            let sent = match tokio::time::timeout(POST_TIMEOUT, self.send(&body, &headers)).await {
+                Ok(sent) => sent,
+                Err(_) => Err(PostError::Transient(anyhow::anyhow!("no answer in {}s", POST_TIMEOUT.as_secs()))),
+            };
+            match sent {
+                Ok(status) if status.is_success() => return Ok(()),
                 Ok(status) if status.is_server_error() || status.as_u16() == 429 => {
                     eprintln!("strait: {} answered {status} (attempt {attempt})", self.url);
                 }
                 Ok(status) => {
                     eprintln!("strait: {} refused the event: {status}", self.url);
-                    return;
+                    return Ok(());
                 }
-                Err(error) => eprintln!("strait: cannot deliver to {}: {error:#} (attempt {attempt})", self.url),
+                Err(PostError::Permanent(error)) => anyhow::bail!("cannot deliver to {}: {error:#}", self.url),
+                Err(PostError::Transient(error)) => {
+                    eprintln!("strait: cannot deliver to {}: {error:#} (attempt {attempt})", self.url);
+                }
             }
-            tokio::time::sleep(backoff.next_delay()).await;
+            if attempt < POST_ATTEMPTS {
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
         }
-        eprintln!("strait: event dropped after 5 attempts");
+        eprintln!("strait: event dropped after {POST_ATTEMPTS} attempts");
+        Ok(())
     }
 
-    async fn send(&self, body: &[u8], headers: &[(&'static str, String)]) -> anyhow::Result<http::StatusCode> {
+    async fn send(&self, body: &[u8], headers: &[(&'static str, String)]) -> Result<http::StatusCode, PostError> {
+        let transient = |e: anyhow::Error| PostError::Transient(e);
         let host = self.url.host().expect("checked in new");
+        let bare_host = host.trim_start_matches('[').trim_end_matches(']');
         let default_port = if self.tls.is_some() { 443 } else { 80 };
         let port = self.url.port_u16().unwrap_or(default_port);
-        let tcp = TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port)).await?;
+        let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((bare_host, port)).await {
+            Ok(addrs) => addrs.collect(),
+            Err(error) => {
+                let error = anyhow::anyhow!("cannot resolve {bare_host}: {error}\n  check the --forward-to URL");
+                return Err(if self.answered.load(Ordering::Relaxed) {
+                    PostError::Transient(error)
+                } else {
+                    PostError::Permanent(error)
+                });
+            }
+        };
+        let tcp = TcpStream::connect(&addrs[..]).await.map_err(|e| transient(e.into()))?;
         let _ = tcp.set_nodelay(true);
         let authority = self.url.authority().map_or(host.to_string(), |a| a.to_string());
         let path = self.url.path_and_query().map_or("/", |p| p.as_str()).to_string();
@@ -327,16 +411,26 @@ impl Poster {
         for (name, value) in headers {
             request = request.header(*name, value);
         }
-        let request = request.body(Full::new(Bytes::copy_from_slice(body)))?;
-        let response = match &self.tls {
+        let request = request.body(Full::new(Bytes::copy_from_slice(body))).map_err(|e| transient(e.into()))?;
+        let status = match &self.tls {
             Some(connector) => {
-                let name = rustls::pki_types::ServerName::try_from(host.to_string())?;
-                let tls = connector.connect(name, tcp).await?;
-                send_on(TokioIo::new(tls), request).await?
+                let name = rustls::pki_types::ServerName::try_from(bare_host.to_string())
+                    .map_err(|e| PostError::Permanent(e.into()))?;
+                let tls = connector.connect(name, tcp).await.map_err(|error| {
+                    match error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                        Some(rustls::Error::InvalidCertificate(reason)) => PostError::Permanent(anyhow::anyhow!(
+                            "the receiver's certificate is refused ({reason})\n  if it is signed by a private CA, \
+                             set SSL_CERT_FILE to that CA's file"
+                        )),
+                        _ => transient(error.into()),
+                    }
+                })?;
+                send_on(TokioIo::new(tls), request).await.map_err(transient)?
             }
-            None => send_on(TokioIo::new(tcp), request).await?,
+            None => send_on(TokioIo::new(tcp), request).await.map_err(transient)?,
         };
-        Ok(response)
+        self.answered.store(true, Ordering::Relaxed);
+        Ok(status)
     }
 }
 
@@ -348,9 +442,7 @@ where
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    let response = tokio::time::timeout(Duration::from_secs(30), sender.send_request(request))
-        .await
-        .map_err(|_| anyhow::anyhow!("no answer in 30s"))??;
+    let response = sender.send_request(request).await?;
     let status = response.status();
     // Read the body so the connection ends cleanly.
     let _ = response.into_body().collect().await;

@@ -4,8 +4,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use rand::RngExt;
 use strait_agent::{Client, ControlChannel, TunnelProperties};
+use tokio_util::sync::CancellationToken;
+
+use crate::retry::{self, Backoff};
 
 /// The options of a tunnel, as `rstream forward` takes them.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -13,8 +15,9 @@ pub struct TunnelOptions {
     /// Tunnel name (unique among your tunnels; dialers use it).
     #[arg(long)]
     pub name: Option<String>,
-    /// Keep the tunnel private: reachable only by authenticated dialers.
-    #[arg(long, conflicts_with = "publish")]
+    /// Keep the tunnel private: reachable only by authenticated dialers
+    /// (rstream's `--no-publish`).
+    #[arg(long, visible_alias = "no-publish", conflicts_with = "publish")]
     pub private: bool,
     /// Publish the tunnel (the default).
     #[arg(long)]
@@ -131,33 +134,17 @@ pub fn local_target(spec: Option<&str>) -> anyhow::Result<String> {
     }
 }
 
-/// Capped exponential backoff with full jitter.
-pub struct Backoff {
-    attempt: u32,
-    base: Duration,
-    cap: Duration,
-}
+/// How long closing the tunnel may take when the command stops.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Self {
-        Self { attempt: 0, base, cap }
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self.base.saturating_mul(1u32 << self.attempt.min(16)).min(self.cap);
-        self.attempt += 1;
-        let millis = ceiling.as_millis().max(1) as u64;
-        Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
-    }
-}
-
-/// Runs until Ctrl-C; reconnects with backoff and recreates the tunnel on
-/// the same hostname.
-pub async fn run(client: Client, options: TunnelOptions, local: String) -> anyhow::Result<()> {
+/// Runs until the shutdown signal; reconnects with backoff and recreates
+/// the tunnel on the same hostname; stops on an error that will not heal.
+pub async fn run(
+    client: Client,
+    options: TunnelOptions,
+    local: String,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     let mut properties = options.properties();
     let log_requests = options.logs_requests();
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
@@ -168,23 +155,18 @@ pub async fn run(client: Client, options: TunnelOptions, local: String) -> anyho
             let tunnel = control.open_tunnel(properties.clone()).await?;
             Ok::<_, strait_agent::AgentError>((control, tunnel))
         };
-        let (control, mut tunnel) = tokio::select! {
-            result = session => match result {
-                Ok(pair) => pair,
-                Err(error) => {
-                    // A refusal by the engine will not fix itself.
-                    if error.engine_code().is_some() && !announced {
-                        anyhow::bail!("{error}");
-                    }
-                    let delay = backoff.next_delay();
-                    eprintln!("strait: {error}; retrying in {:.1}s", delay.as_secs_f32());
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => continue,
-                        _ = tokio::signal::ctrl_c() => return Ok(()),
-                    }
+        let Some(session) = shutdown.run_until_cancelled(session).await else { return Ok(()) };
+        let (control, mut tunnel) = match session {
+            Ok(pair) => pair,
+            Err(error) if error.is_permanent(announced) => return Err(retry::explain(&error)),
+            Err(error) => {
+                let delay = backoff.next_delay();
+                eprintln!("strait: {error}; retrying in {:.1}s", delay.as_secs_f32());
+                if shutdown.run_until_cancelled(tokio::time::sleep(delay)).await.is_none() {
+                    return Ok(());
                 }
-            },
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+                continue;
+            }
         };
         backoff.reset();
         // Pin the served hostname so a reconnect lands on the same address.
@@ -200,21 +182,25 @@ pub async fn run(client: Client, options: TunnelOptions, local: String) -> anyho
             println!("Forwarding {address} -> {local}");
             announced = true;
         }
-        let reason = tokio::select! {
-            _ = serve_streams(&mut tunnel, &local, log_requests) => control.closed().await,
-            reason = control.closed() => reason,
-            _ = tokio::signal::ctrl_c() => {
-                let _ = tunnel.close().await;
-                let _ = control.close().await;
-                return Ok(());
-            }
+        let served = async {
+            serve_streams(&mut tunnel, &local, log_requests).await;
+            control.closed().await
+        };
+        let Some(reason) = shutdown.run_until_cancelled(served).await else {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, tunnel.close()).await;
+            close_quietly(&control).await;
+            return Ok(());
         };
         close_quietly(&control).await;
+        // Let go of the dead connection now, not after the backoff: held
+        // open (CLOSE-WAIT) it keeps the engine's end from going away, and
+        // a restarting engine may not be able to bind its port again.
+        drop(tunnel);
+        drop(control);
         let delay = backoff.next_delay();
         eprintln!("strait: connection lost ({reason}); reconnecting in {:.1}s", delay.as_secs_f32());
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+        if shutdown.run_until_cancelled(tokio::time::sleep(delay)).await.is_none() {
+            return Ok(());
         }
     }
 }
@@ -235,16 +221,5 @@ mod tests {
         assert_eq!(local_target(Some("db.internal:5432")).unwrap(), "db.internal:5432");
         assert!(local_target(Some("0")).is_err());
         assert!(local_target(Some("host:")).is_err());
-    }
-
-    #[test]
-    fn backoff_grows_to_its_cap() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let delays: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
-        assert!(delays[0] <= Duration::from_millis(100));
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
-        assert!(delays[9] >= Duration::from_secs(1));
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

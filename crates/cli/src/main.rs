@@ -7,12 +7,16 @@ use clap::{CommandFactory, Parser, Subcommand};
 
 mod apply;
 mod context;
+mod dial;
 mod engine_api;
 mod events;
 mod forward;
 mod inventory;
 mod request_log;
+mod retry;
 mod run;
+mod shutdown;
+mod suggest;
 mod token;
 
 use context::{ConfigFile, Context, Overrides, TokenSource};
@@ -101,7 +105,8 @@ enum Command {
         zero_rtt: bool,
     },
     /// Mint an HS256 token for a self-hosted engine.
-    #[command(after_help = "Example:\n  strait token --secret \"$SECRET\" --sub ci-runner --ttl 12h")]
+    #[command(after_help = "Examples:\n  strait token --secret \"$SECRET\" --sub ci-runner --ttl 12h\n  \
+                            strait token --secret \"$SECRET\" --sub ops --ttl 1h --admin")]
     Token {
         /// The engine's auth.jwt.token_jwt_secret.
         #[arg(long, env = "STRAIT_TOKEN_SECRET", hide_env_values = true)]
@@ -115,6 +120,12 @@ enum Command {
         /// Accept a secret shorter than 32 bytes.
         #[arg(long)]
         allow_weak_secret: bool,
+        /// Mint an operator token (claim `strait_admin: true`): the engine
+        /// shows it every principal's clients, tunnels and events and lets
+        /// it act on them. Anyone holding the engine's secret can mint one,
+        /// so guard the token as you guard the secret, and keep its TTL short.
+        #[arg(long)]
+        admin: bool,
     },
     /// Stream the engine's events as JSON lines, or POST them (webhooks).
     #[command(
@@ -143,8 +154,9 @@ enum Command {
         /// The `rstream-webhook-id` header value.
         #[arg(long, default_value = "strait-cli")]
         webhook_id: String,
-        /// Print a new webhook signing secret and exit.
-        #[arg(long, exclusive = true)]
+        /// Print a new webhook signing secret and exit (it reads no context,
+        /// so `RSTREAM_*` variables do not matter).
+        #[arg(long, conflicts_with_all = ["events", "params", "forward_to", "webhook", "webhook_id"])]
         new_webhook_secret: bool,
     },
     /// List tunnels (Engine API).
@@ -197,7 +209,10 @@ enum ContextCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => suggest::without_opposites(error, &Cli::command()).exit(),
+    };
     let _ = strait_agent::rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -212,6 +227,7 @@ fn main() -> ExitCode {
     runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<shutdown::Interrupted>() => ExitCode::from(130),
         Err(error) => {
             eprintln!("strait: {error:#}");
             ExitCode::FAILURE
@@ -244,23 +260,22 @@ impl Cli {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Before anything reads the context or the environment.
+    if let Command::Events { new_webhook_secret: true, .. } = &cli.command {
+        println!("{}", events::generate_secret());
+        return Ok(());
+    }
+    let shutdown = shutdown::install()?;
     match &cli.command {
         Command::Forward { target, options } => {
             let local = forward::local_target(target.as_deref())?;
-            forward::run(cli.client()?, options.clone(), local).await
+            forward::run(cli.client()?, options.clone(), local, &shutdown).await
         }
-        Command::Run { apply, watch } => run::run(cli.overrides(), apply.clone(), *watch).await,
-        Command::Connect { tunnel, listen, zero_rtt } => connect(cli.dialer(*zero_rtt)?, tunnel, listen).await,
-        Command::Dial { tunnel, zero_rtt } => dial(cli.dialer(*zero_rtt)?, tunnel).await,
-        Command::Token { secret, sub, ttl, allow_weak_secret } => {
-            println!("{}", token::mint(secret, sub, token::parse_ttl(ttl)?, *allow_weak_secret)?);
-            Ok(())
+        Command::Run { apply, watch } => run::run(cli.overrides(), apply.clone(), *watch, &shutdown).await,
+        Command::Connect { tunnel, listen, zero_rtt } => {
+            dial::connect(cli.dialer(*zero_rtt)?, tunnel, listen, &shutdown).await
         }
-        Command::Context(command) => context_command(&cli, command),
-        Command::Events { new_webhook_secret: true, .. } => {
-            println!("{}", events::generate_secret());
-            Ok(())
-        }
+        Command::Dial { tunnel, zero_rtt } => dial::dial(cli.dialer(*zero_rtt)?, tunnel, &shutdown).await,
         Command::Events { transport, events, params, forward_to, webhook, webhook_secret, webhook_id, .. } => {
             let sink = match forward_to {
                 None => events::Sink::Stdout,
@@ -274,16 +289,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let options =
                 events::Options { transport: *transport, types: events.clone(), params: params.clone(), sink };
-            events::run(engine_api::EngineApi::new(cli.client()?), options).await
+            events::run(engine_api::EngineApi::new(cli.client()?), options, &shutdown).await
         }
         Command::Tunnels { params, json } => {
             let api = engine_api::EngineApi::new(cli.client()?);
-            inventory::show(&api, inventory::Kind::Tunnels, params.as_ref(), *json).await
+            let show = inventory::show(&api, inventory::Kind::Tunnels, params.as_ref(), *json);
+            shutdown::or_interrupted(&shutdown, show).await
         }
         Command::Clients { params, json } => {
             let api = engine_api::EngineApi::new(cli.client()?);
-            inventory::show(&api, inventory::Kind::Clients, params.as_ref(), *json).await
+            let show = inventory::show(&api, inventory::Kind::Clients, params.as_ref(), *json);
+            shutdown::or_interrupted(&shutdown, show).await
         }
+        Command::Token { secret, sub, ttl, allow_weak_secret, admin } => {
+            let claims = token::Claims { sub, ttl_seconds: token::parse_ttl(ttl)?, admin: *admin };
+            println!("{}", token::mint(secret, &claims, *allow_weak_secret)?);
+            Ok(())
+        }
+        Command::Context(command) => context_command(&cli, command),
         Command::Completions { shell } => {
             clap_complete::generate(*shell, &mut Cli::command(), "strait", &mut std::io::stdout());
             Ok(())
@@ -332,45 +355,5 @@ fn context_command(cli: &Cli, command: &ContextCommand) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
-}
-
-async fn connect(client: strait_agent::Client, tunnel: &str, listen: &str) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    println!("Listening on {} -> rstrm://{tunnel}", listener.local_addr()?);
-    loop {
-        let (mut local, peer) = tokio::select! {
-            accepted = listener.accept() => accepted?,
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-        };
-        let _ = local.set_nodelay(true);
-        let client = client.clone();
-        let tunnel = tunnel.to_string();
-        tokio::spawn(async move {
-            match client.dial(&tunnel).await {
-                Ok(mut stream) => {
-                    let _ = strait_proto::splice::splice(&mut local, &mut stream).await;
-                }
-                Err(error) => eprintln!("strait: {peer}: cannot dial {tunnel}: {error}"),
-            }
-        });
-    }
-}
-
-async fn dial(client: strait_agent::Client, tunnel: &str) -> anyhow::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    let stream = client.dial(tunnel).await?;
-    let (mut from_tunnel, mut to_tunnel) = tokio::io::split(stream);
-    // stdin's end half-closes towards the service; the service's end ends
-    // the command, as ssh expects of a ProxyCommand.
-    let upload = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut tokio::io::stdin(), &mut to_tunnel).await;
-        let _ = to_tunnel.shutdown().await;
-    });
-    let mut stdout = tokio::io::stdout();
-    let copied = tokio::io::copy(&mut from_tunnel, &mut stdout).await;
-    let _ = stdout.flush().await;
-    upload.abort();
-    copied?;
     Ok(())
 }

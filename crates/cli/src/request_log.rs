@@ -79,8 +79,8 @@ async fn relay(
             Ok(sender) => *slot = Some(sender),
             Err(error) => {
                 drop(slot);
-                print_line(&method, &target, None, started);
-                return text(StatusCode::BAD_GATEWAY, format!("strait: cannot reach {local}: {error}\n"));
+                print_line(&method, &target, Err(&format!("cannot reach {local}: {error}")), started);
+                return bad_gateway();
             }
         }
     }
@@ -93,11 +93,11 @@ async fn relay(
     let mut response = match sent {
         Ok(response) => response,
         Err(error) => {
-            print_line(&method, &target, None, started);
-            return text(StatusCode::BAD_GATEWAY, format!("strait: {local} failed: {error}\n"));
+            print_line(&method, &target, Err(&format!("{local} failed: {error}")), started);
+            return bad_gateway();
         }
     };
-    print_line(&method, &target, Some(response.status()), started);
+    print_line(&method, &target, Ok(response.status()), started);
     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
         tokio::spawn(async move {
@@ -109,22 +109,28 @@ async fn relay(
     response.map(|body| body.boxed())
 }
 
-fn text(status: StatusCode, body: String) -> Response<Body> {
-    let body = Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed();
+/// The public side learns only that the service did not answer: what
+/// failed (a local address, an OS error) is this machine's business and is
+/// printed on the agent's screen instead.
+fn bad_gateway() -> Response<Body> {
+    let body = Full::new(Bytes::from_static(b"the tunnel's local service did not answer\n"));
     Response::builder()
-        .status(status)
+        .status(StatusCode::BAD_GATEWAY)
         .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(body)
+        .body(body.map_err(|never| match never {}).boxed())
         .expect("static response parts are valid")
 }
 
-/// One line per request: `GET /path 200 12ms` (`502` when the local
-/// service could not answer). Time is to the response head: a long
-/// download or a WebSocket is logged when it starts.
-fn print_line(method: &http::Method, target: &str, status: Option<StatusCode>, started: Instant) {
-    let status = status.map_or_else(|| "502".to_string(), |s| s.as_u16().to_string());
+/// One line per request: `GET /path 200 12ms`, or `GET /path 502 0ms
+/// (cannot reach 127.0.0.1:3000: ...)` when the local service could not
+/// answer. Time is to the response head: a long download or a WebSocket is
+/// logged when it starts.
+fn print_line(method: &http::Method, target: &str, status: Result<StatusCode, &str>, started: Instant) {
     let millis = started.elapsed().as_secs_f64() * 1000.0;
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{method} {target} {status} {millis:.0}ms");
+    let _ = match status {
+        Ok(status) => writeln!(out, "{method} {target} {} {millis:.0}ms", status.as_u16()),
+        Err(why) => writeln!(out, "{method} {target} 502 {millis:.0}ms ({why})"),
+    };
     let _ = out.flush();
 }

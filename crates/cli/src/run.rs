@@ -16,10 +16,12 @@ use strait_agent::{AgentError, Client, ControlChannel, Tunnel, TunnelProperties}
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::apply::{self, Plan, Problem, Problems, TunnelSpec};
 use crate::context::{self, Overrides};
-use crate::forward::{Backoff, close_quietly};
+use crate::forward::close_quietly;
+use crate::retry::{self, Backoff};
 
 /// How often `--watch` looks at the file. Reading a small file twice a
 /// second costs nothing and needs no platform-specific notifier.
@@ -27,6 +29,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
 /// How long closing one tunnel may take before we move on.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long closing everything may take when the command stops.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `None` is the context the command line resolves.
 type ContextKey = Option<String>;
@@ -86,11 +91,15 @@ struct Runner {
     /// During the first apply without `--watch`, a refusal by the engine
     /// ends the command (as `strait forward` does) instead of being retried.
     strict: bool,
+    /// An error no retry can fix (a refused token, an untrusted
+    /// certificate): the command closes everything and ends with it.
+    fatal: Option<anyhow::Error>,
 }
 
-/// Applies the file, then keeps its tunnels up until Ctrl-C; with `watch`,
-/// re-applies it whenever it changes. SIGHUP re-applies it too.
-pub async fn run(overrides: Overrides, file: PathBuf, watch: bool) -> anyhow::Result<()> {
+/// Applies the file, then keeps its tunnels up until the shutdown signal;
+/// with `watch`, re-applies it whenever it changes. SIGHUP re-applies it
+/// too.
+pub async fn run(overrides: Overrides, file: PathBuf, watch: bool, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let text = read(&file).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
     let plan = parse(&file, &text)?;
     // Registered before the first apply, so an early SIGHUP re-applies
@@ -104,43 +113,23 @@ pub async fn run(overrides: Overrides, file: PathBuf, watch: bool) -> anyhow::Re
         tunnels: BTreeMap::new(),
         lost: lost_tx,
         strict: !watch,
+        fatal: None,
     };
-    if let Err(error) = runner.apply(plan).await {
-        runner.shutdown().await;
-        return Err(error);
+    let result = match shutdown.run_until_cancelled(runner.apply(plan)).await {
+        None => Ok(()),
+        Some(Err(error)) => Err(error),
+        Some(Ok(())) => match runner.fatal.take() {
+            Some(error) => Err(error),
+            None => {
+                runner.strict = false;
+                runner.watch(file, text, watch, &mut hangup, &mut lost_rx, shutdown).await
+            }
+        },
+    };
+    if tokio::time::timeout(SHUTDOWN_TIMEOUT, runner.shutdown()).await.is_err() {
+        eprintln!("strait: the engine did not confirm every close in {}s", SHUTDOWN_TIMEOUT.as_secs());
     }
-    runner.strict = false;
-
-    let mut last_seen = Ok(text);
-    let mut poll = tokio::time::interval(POLL_INTERVAL);
-    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    loop {
-        let next_retry = runner.links.values().filter_map(|l| l.retry_at).min();
-        tokio::select! {
-            _ = &mut ctrl_c => break,
-            _ = hangup.recv() => {
-                last_seen = read(&file);
-                runner.reload(&last_seen).await;
-            }
-            // Compare contents, not modification times: two quick writes
-            // of the same length within one timestamp tick still count.
-            _ = poll.tick(), if watch => {
-                let now = read(&file);
-                if now != last_seen {
-                    last_seen = now;
-                    runner.reload(&last_seen).await;
-                }
-            }
-            Some(lost) = lost_rx.recv() => runner.on_lost(lost),
-            _ = tokio::time::sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {
-                runner.retry_due().await;
-            }
-        }
-    }
-    runner.shutdown().await;
-    Ok(())
+    result
 }
 
 fn read(file: &Path) -> Result<String, String> {
@@ -157,6 +146,58 @@ fn describe(context: &ContextKey) -> String {
 }
 
 impl Runner {
+    /// Keeps the tunnels up and follows the file until the shutdown signal
+    /// or an error no retry can fix.
+    async fn watch(
+        &mut self,
+        file: PathBuf,
+        text: String,
+        watch: bool,
+        hangup: &mut tokio::signal::unix::Signal,
+        lost_rx: &mut mpsc::UnboundedReceiver<Lost>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut last_seen = Ok(text);
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            if let Some(error) = self.fatal.take() {
+                return Err(error);
+            }
+            let next_retry = self.links.values().filter_map(|l| l.retry_at).min();
+            // Each arm's work runs under the signal too: a reconnect or an
+            // apply waiting on a silent engine must not hold Ctrl-C.
+            let done = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = hangup.recv() => {
+                    last_seen = read(&file);
+                    shutdown.run_until_cancelled(self.reload(&last_seen)).await
+                }
+                // Compare contents, not modification times: two quick writes
+                // of the same length within one timestamp tick still count.
+                _ = poll.tick(), if watch => {
+                    let now = read(&file);
+                    if now != last_seen {
+                        last_seen = now;
+                        shutdown.run_until_cancelled(self.reload(&last_seen)).await
+                    } else {
+                        Some(())
+                    }
+                }
+                Some(lost) = lost_rx.recv() => {
+                    self.on_lost(lost);
+                    Some(())
+                }
+                _ = tokio::time::sleep_until(next_retry.unwrap_or_else(Instant::now)), if next_retry.is_some() => {
+                    shutdown.run_until_cancelled(self.retry_due()).await
+                }
+            };
+            if done.is_none() {
+                return Ok(());
+            }
+        }
+    }
+
     /// Re-applies after a change; errors are reported and change nothing.
     async fn reload(&mut self, text: &Result<String, String>) {
         let result = match text {
@@ -173,7 +214,8 @@ impl Runner {
     }
 
     /// Makes the live tunnels match `plan`. Fails, having changed nothing,
-    /// if a context the plan names cannot be resolved.
+    /// if a context the plan names cannot be resolved. Stops early, leaving
+    /// `fatal` set, when a channel fails for good.
     async fn apply(&mut self, plan: Plan) -> anyhow::Result<()> {
         let mut problems = Vec::new();
         for spec in &plan.tunnels {
@@ -246,6 +288,10 @@ impl Runner {
             }
         }
         for (name, action) in to_open {
+            // The caller ends the command with it.
+            if self.fatal.is_some() {
+                return Ok(());
+            }
             let forward = self.tunnels[&name].spec.desired.forward.clone();
             match self.open(&name).await {
                 Ok(Some(address)) => println!("{} {name}: {address} -> {forward}", action.verb()),
@@ -265,6 +311,9 @@ impl Runner {
                 // Already counted as unchanged.
                 Action::Restored => {}
             }
+        }
+        if self.fatal.is_some() {
+            return Ok(());
         }
         self.drop_unused_links().await;
         let failed = if summary.failed > 0 { format!(", {} failed", summary.failed) } else { String::new() };
@@ -297,8 +346,9 @@ impl Runner {
             && link.retry_at.is_none()
             && let Err(error) = connect(link, &key, &self.lost).await
         {
-            if self.strict && error.engine_code().is_some() {
-                return Err(error);
+            if error.is_permanent(link.connected_once) {
+                self.fatal.get_or_insert_with(|| gave_up(&key, &error));
+                return Ok(None);
             }
             let delay = link.backoff.next_delay();
             eprintln!("strait: {error}{}; retrying in {:.1}s", describe(&key), delay.as_secs_f32());
@@ -363,6 +413,10 @@ impl Runner {
             if link.control.is_none()
                 && let Err(error) = connect(link, &key, &self.lost).await
             {
+                if error.is_permanent(reconnecting) {
+                    self.fatal.get_or_insert_with(|| gave_up(&key, &error));
+                    return;
+                }
                 let delay = link.backoff.next_delay();
                 eprintln!("strait: {error}{}; retrying in {:.1}s", describe(&key), delay.as_secs_f32());
                 link.retry_at = Some(Instant::now() + delay);
@@ -410,7 +464,7 @@ impl Runner {
         }
     }
 
-    /// Ctrl-C: close every tunnel, then every channel.
+    /// The end: close every tunnel, then every channel.
     async fn shutdown(&mut self) {
         for managed in self.tunnels.values_mut() {
             close(managed).await;
@@ -439,6 +493,12 @@ impl Action {
             Action::Restored => "restored",
         }
     }
+}
+
+/// The error that ends the command when a context's channel cannot be
+/// opened and no retry will fix it.
+fn gave_up(context: &ContextKey, error: &AgentError) -> anyhow::Error {
+    retry::explain(error).context(format!("cannot keep the tunnels{}", describe(context)))
 }
 
 /// Opens the link's control channel and watches for its end.

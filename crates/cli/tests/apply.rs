@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{Running, TestEngine, dial, echo_server};
+use common::{Running, TestEngine, dial, echo_server, output};
 
 async fn assert_echoes(engine: &TestEngine, tunnel: &str) {
     let payload = format!("hello {tunnel}");
@@ -126,7 +126,7 @@ async fn a_broken_file_at_start_exits_having_created_nothing() {
         entry("b", &echo.to_string(), "      protocol: udp\n")
     );
     write(&file, &text);
-    let out = engine.strait("alice").args(["run", "--apply"]).arg(&file).output().await.unwrap();
+    let out = output(engine.strait("alice").args(["run", "--apply"]).arg(&file)).await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("{shown}:7:11: tunnel name \"a\" is already used on line 3")), "{stderr}");
@@ -142,14 +142,13 @@ async fn a_broken_file_at_start_exits_having_created_nothing() {
         entry("b", &echo.to_string(), "      upstreamTLS: sometimes\n")
     );
     write(&file, &text);
-    let out = engine.strait("alice").args(["run", "--apply"]).arg(&file).output().await.unwrap();
+    let out = output(engine.strait("alice").args(["run", "--apply"]).arg(&file)).await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("{shown}:11:20: invalid boolean")), "{stderr}");
     assert!(engine.tunnels().is_empty());
 
-    let out = engine.strait("alice").args(["run", "--apply"]).arg(engine.dir.path().join("missing.yaml")).output();
-    let out = out.await.unwrap();
+    let out = output(engine.strait("alice").args(["run", "--apply"]).arg(engine.dir.path().join("missing.yaml"))).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
@@ -166,7 +165,7 @@ async fn a_refused_tunnel_at_start_exits_and_closes_the_others() {
         entry("geo", &echo.to_string(), "      geoip: [FR]\n")
     );
     write(&file, &text);
-    let out = engine.strait("alice").args(["run", "--apply"]).arg(&file).output().await.unwrap();
+    let out = output(engine.strait("alice").args(["run", "--apply"]).arg(&file)).await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("tunnel geo") && stderr.contains("geoip"), "{stderr}");
@@ -201,8 +200,7 @@ async fn apply_survives_an_engine_restart_and_reloads_on_sighup() {
             entry("more", &echo.to_string(), "")
         ),
     );
-    let pid = run.child.id().unwrap().to_string();
-    std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    run.signal("HUP").await;
     let out = run.until_applied().await;
     assert!(out.last().unwrap().ends_with(": 1 created, 0 changed, 0 removed, 1 unchanged"), "{out:?}");
     assert_echoes(&engine, "more").await;
@@ -241,8 +239,7 @@ async fn a_tunnel_can_name_a_context_of_the_agent_configuration() {
 
     // An unknown context refuses the file, naming the tunnel's line.
     write(&file, "version: 1\ntunnels:\n  - name: x\n    forward: 1\n    context: nowhere\n");
-    let out = engine.strait("alice").arg("--config").arg(&config).args(["run", "--apply"]).arg(&file).output();
-    let out = out.await.unwrap();
+    let out = output(engine.strait("alice").arg("--config").arg(&config).args(["run", "--apply"]).arg(&file)).await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(":3: tunnel x: context \"nowhere\" is not in"), "{stderr}");

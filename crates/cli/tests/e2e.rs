@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Running, SECRET, TestEngine, dial, echo_server, echo_through};
+use common::{Running, SECRET, TestEngine, dial, echo_server, echo_through, output};
 use tokio::process::Command;
 
 async fn dial_alice(engine: &TestEngine, tunnel: &str, input: &[u8]) -> Vec<u8> {
@@ -73,12 +73,7 @@ async fn a_refused_tunnel_exits_with_the_engines_reason() {
     let engine = TestEngine::start().await;
     let echo = echo_server().await;
     let _first = forward_private(&engine, "taken", echo).await;
-    let out = engine
-        .strait("alice")
-        .args(["forward", &echo.to_string(), "--private", "--name", "taken"])
-        .output()
-        .await
-        .unwrap();
+    let out = output(engine.strait("alice").args(["forward", &echo.to_string(), "--private", "--name", "taken"])).await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("taken"), "{stderr}");
@@ -87,13 +82,12 @@ async fn a_refused_tunnel_exits_with_the_engines_reason() {
 #[tokio::test]
 async fn a_bad_token_is_reported_not_retried() {
     let engine = TestEngine::start().await;
-    let out = engine
-        .strait("alice")
-        .env("RSTREAM_AUTHENTICATION_TOKEN", "not-a-token")
-        .args(["forward", "9", "--private"])
-        .output()
-        .await
-        .unwrap();
+    let out = output(engine.strait("alice").env("RSTREAM_AUTHENTICATION_TOKEN", "not-a-token").args([
+        "forward",
+        "9",
+        "--private",
+    ]))
+    .await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.to_lowercase().contains("unauthorized"), "{stderr}");
@@ -102,21 +96,16 @@ async fn a_bad_token_is_reported_not_retried() {
 #[tokio::test]
 async fn minted_tokens_are_accepted_by_the_engine() {
     let engine = TestEngine::start().await;
-    let out = engine
-        .strait("alice")
-        .args(["token", "--secret", SECRET, "--sub", "minted", "--ttl", "10m"])
-        .output()
-        .await
-        .unwrap();
+    let out =
+        output(engine.strait("alice").args(["token", "--secret", SECRET, "--sub", "minted", "--ttl", "10m"])).await;
     assert!(out.status.success());
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let principal = engine.engine.as_ref().unwrap().shared.verifier.verify(Some(&token)).unwrap();
-    assert_eq!(principal.0, "minted");
+    assert_eq!(principal.id, "minted");
 
-    let weak = engine.strait("a").args(["token", "--secret", "short", "--sub", "x"]).output().await.unwrap();
+    let weak = output(engine.strait("a").args(["token", "--secret", "short", "--sub", "x"])).await;
     assert!(!weak.status.success());
-    let zero =
-        engine.strait("a").args(["token", "--secret", SECRET, "--sub", "x", "--ttl", "0s"]).output().await.unwrap();
+    let zero = output(engine.strait("a").args(["token", "--secret", SECRET, "--sub", "x", "--ttl", "0s"])).await;
     assert!(!zero.status.success());
 }
 
@@ -129,18 +118,18 @@ async fn a_context_carries_engine_token_and_ca() {
         cmd.env_clear().env("HOME", engine.dir.path()).arg("--config").arg(&config).kill_on_drop(true);
         cmd
     };
-    let created = bare()
-        .args(["context", "create", "lab", "--use", "--engine"])
-        .arg(format!("localhost:{}", engine.addr.port()))
-        .arg("--token")
-        .arg(engine.token("carol"))
-        .arg("--ca-file")
-        .arg(engine.ca())
-        .output()
-        .await
-        .unwrap();
+    let created = output(
+        bare()
+            .args(["context", "create", "lab", "--use", "--engine"])
+            .arg(format!("localhost:{}", engine.addr.port()))
+            .arg("--token")
+            .arg(engine.token("carol"))
+            .arg("--ca-file")
+            .arg(engine.ca()),
+    )
+    .await;
     assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
-    let listed = bare().args(["context", "list"]).output().await.unwrap();
+    let listed = output(bare().args(["context", "list"])).await;
     assert!(String::from_utf8_lossy(&listed.stdout).contains("* lab"));
 
     let echo = echo_server().await;
@@ -178,4 +167,59 @@ async fn dial_to_a_missing_or_foreign_tunnel_fails_cleanly() {
     // Zero-RTT learns of the refusal by the close: it ends, with no output.
     let out = dial_holding_stdin(engine.strait("alice").args(["dial", "nowhere", "--zero-rtt"])).await;
     assert!(out.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn no_publish_is_private_and_no_hint_turns_a_flag_around() {
+    let engine = TestEngine::start().await;
+    let echo = echo_server().await;
+    // rstream's spelling of a private tunnel.
+    let mut cmd = engine.strait("alice");
+    cmd.args(["forward", &echo.to_string(), "--no-publish", "--name", "quiet"]);
+    let mut forward = Running::spawn(cmd);
+    assert_eq!(forward.line().await, format!("Forwarding rstrm://quiet (private) -> {echo}"));
+    assert_eq!(engine.tunnels()["quiet"].properties.publish, Some(false));
+    forward.interrupt().await;
+
+    // Near misses of a negated flag get the negated flag, never `--publish`.
+    for typo in ["--no-publsh", "--publish-no", "--nopublish"] {
+        let out = output(engine.strait("alice").args(["forward", "9", typo])).await;
+        assert_eq!(out.status.code(), Some(2), "{typo}");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(text.contains("a similar argument exists: '--no-publish'"), "{typo}: {text}");
+        assert!(!text.contains("'--publish'") && !text.contains(" --publish "), "{typo}: {text}");
+    }
+    // A near miss of a plain flag still gets it.
+    let out = output(engine.strait("alice").args(["forward", "9", "--publsh"])).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("'--publish'"));
+}
+
+#[tokio::test]
+async fn a_new_webhook_secret_reads_no_context_or_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    // As `strait-engine dev` tells users to set them, then odder values.
+    let environments = [
+        ("localhost:8443", "eyJhbGciOiJIUzI1NiJ9.e30.x"),
+        ("", ""),
+        ("not an address", "\u{1}control"),
+        ("https://edge.example.com:443/path", "two words"),
+    ];
+    for (engine, token) in environments {
+        let out = output(
+            Command::new(env!("CARGO_BIN_EXE_strait"))
+                .env_clear()
+                .env("HOME", dir.path())
+                .env("RSTREAM_ENGINE", engine)
+                .env("RSTREAM_AUTHENTICATION_TOKEN", token)
+                .env("RSTREAM_CONTEXT", "nowhere")
+                .env("RSTREAM_CONFIG", dir.path().join("missing/config.yaml"))
+                .env("STRAIT_WEBHOOK_SECRET", "whsec_old")
+                .args(["events", "--new-webhook-secret"]),
+        )
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{engine:?}/{token:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let secret = stdout.trim();
+        assert!(secret.starts_with("whsec_") && secret.len() == 49, "{secret}");
+    }
 }

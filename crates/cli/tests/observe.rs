@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::process::Stdio;
 
-use common::{Running, TestEngine};
+use common::{Running, TestEngine, output};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::process::Command;
@@ -52,15 +52,16 @@ async fn http_service() -> SocketAddr {
 async fn curl(engine: &TestEngine, url: &str, extra: &[&str]) -> std::process::Output {
     let host = url.trim_start_matches("https://").split('/').next().unwrap().to_string();
     let resolve = format!("{host}:127.0.0.1");
-    Command::new("curl")
-        .args(["-sS", "--max-time", "30", "--cacert"])
-        .arg(engine.ca())
-        .args(["--resolve", &resolve])
-        .args(extra)
-        .arg(url)
-        .output()
-        .await
-        .expect("curl runs (scripts/test.sh installs it)")
+    // curl's own limit first; `output` bounds the wait in any case.
+    output(
+        Command::new("curl")
+            .args(["-sS", "--max-time", "30", "--cacert"])
+            .arg(engine.ca())
+            .args(["--resolve", &resolve])
+            .args(extra)
+            .arg(url),
+    )
+    .await
 }
 
 /// Starts `strait forward` and returns it with its public URL.
@@ -100,6 +101,21 @@ async fn forward_publishes_http_reached_by_curl_with_a_request_log() {
 }
 
 #[tokio::test]
+async fn a_dead_local_service_is_a_generic_502_outside_and_a_reason_on_the_agents_screen() {
+    let engine = TestEngine::start().await;
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let (mut running, url) = forward(&engine, &[&closed.to_string(), "--request-log", "on"]).await;
+    let out = curl(&engine, &format!("{url}/x"), &["-i"]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 502") || text.starts_with("HTTP/2 502"), "{text}");
+    let port = closed.port().to_string();
+    assert!(!text.contains(&port) && !text.contains("127.0.0.1") && !text.contains("refused"), "{text}");
+    let line = running.line().await;
+    assert!(line.starts_with("GET /x 502 ") && line.contains(&format!("cannot reach {closed}")), "{line}");
+    running.interrupt().await;
+}
+
+#[tokio::test]
 async fn forward_keeps_its_hostname_across_an_engine_restart() {
     let mut engine = TestEngine::start().await;
     let service = http_service().await;
@@ -131,9 +147,12 @@ async fn forward_publishes_a_terminated_tls_tunnel() {
         .spawn()
         .expect("openssl runs (scripts/test.sh installs it)");
     let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"through tls\n").await.unwrap();
     let mut back = vec![0u8; 12];
-    child.stdout.take().unwrap().read_exact(&mut back).await.unwrap();
+    let echo = async {
+        stdin.write_all(b"through tls\n").await.unwrap();
+        child.stdout.take().unwrap().read_exact(&mut back).await.unwrap();
+    };
+    tokio::time::timeout(common::DEADLINE, echo).await.expect("an echo through openssl in time");
     assert_eq!(back, b"through tls\n");
     drop(stdin);
     running.interrupt().await;
@@ -146,7 +165,7 @@ async fn tunnels_and_clients_tables() {
     let (running, _) =
         forward(&engine, &[&echo.to_string(), "--private", "--name", "db", "--label", "team=core"]).await;
 
-    let out = engine.strait("ops").arg("tunnels").output().await.unwrap();
+    let out = output(engine.strait_admin("ops").arg("tunnels")).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<&str> = text.lines().collect();
@@ -154,21 +173,21 @@ async fn tunnels_and_clients_tables() {
     assert_eq!(lines.len(), 2, "{text}");
     assert!(lines[1].contains(" db ") && lines[1].contains("online") && lines[1].contains("team=core"), "{text}");
 
-    let filtered = engine
-        .strait("ops")
-        .args(["tunnels", "--json", "--params", r#"{"filters":{"labels":{"team":"other"}}}"#])
-        .output()
-        .await
-        .unwrap();
+    let filtered = output(engine.strait_admin("ops").args([
+        "tunnels",
+        "--json",
+        "--params",
+        r#"{"filters":{"labels":{"team":"other"}}}"#,
+    ]))
+    .await;
     let items: serde_json::Value = serde_json::from_slice(&filtered.stdout).unwrap();
     assert_eq!(items.as_array().unwrap().len(), 0);
 
-    let out = engine.strait("ops").arg("clients").output().await.unwrap();
+    let out = output(engine.strait_admin("ops").arg("clients")).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.lines().nth(1).is_some_and(|l| l.contains("alice") && l.contains("strait")), "{text}");
 
-    let refused =
-        engine.strait("ops").env("RSTREAM_AUTHENTICATION_TOKEN", "bad").arg("tunnels").output().await.unwrap();
+    let refused = output(engine.strait_admin("ops").env("RSTREAM_AUTHENTICATION_TOKEN", "bad").arg("tunnels")).await;
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("401"), "{refused:?}");
     running.interrupt().await;
@@ -176,7 +195,7 @@ async fn tunnels_and_clients_tables() {
 
 async fn events_see_lifecycle(transport: &str) {
     let engine = TestEngine::start().await;
-    let mut cmd = engine.strait("ops");
+    let mut cmd = engine.strait_admin("ops");
     cmd.args(["events", "--transport", transport]);
     let mut events = Running::spawn(cmd);
     let initial: serde_json::Value = serde_json::from_str(&events.line().await).unwrap();
@@ -216,7 +235,7 @@ async fn events_over_websocket() {
 #[tokio::test]
 async fn events_filtered_by_type() {
     let engine = TestEngine::start().await;
-    let mut cmd = engine.strait("ops");
+    let mut cmd = engine.strait_admin("ops");
     cmd.args(["events", "--events", "state.initial,tunnel.deleted"]);
     let mut events = Running::spawn(cmd);
     // The snapshot proves the feed is up before anything happens.

@@ -28,13 +28,44 @@ pub enum AuthError {
     Malformed,
 }
 
+/// The claim that makes a token an operator's: `"strait_admin": true`.
+/// Only the holder of the engine's secret can mint one, so it grants no more
+/// than the secret already does, and operators need no second secret.
+pub const ADMIN_CLAIM: &str = "strait_admin";
+
+/// The token of an `Authorization: Bearer <token>` value (the scheme in any
+/// case), or `None` when the value is not a Bearer credential. The one
+/// parser for every door that takes a header: the Engine API and
+/// `token_auth` tunnels.
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// Who a verified token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Principal(pub String);
+pub struct Principal {
+    /// `sub`, else `userId`, else `clientId`: the owner of what it creates.
+    pub id: String,
+    /// An operator token: sees and acts on every principal's objects.
+    pub admin: bool,
+}
+
+impl Principal {
+    pub fn new(id: impl Into<String>) -> Self {
+        Self { id: id.into(), admin: false }
+    }
+
+    /// Whether this principal may see and act on what `owner` created.
+    pub fn sees(&self, owner: &str) -> bool {
+        self.admin || self.id == owner
+    }
+}
 
 impl std::fmt::Display for Principal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.id)?;
+        if self.admin { f.write_str(" (admin)") } else { Ok(()) }
     }
 }
 
@@ -45,6 +76,9 @@ struct Claims {
     user_id: Option<String>,
     #[serde(rename = "clientId")]
     client_id: Option<String>,
+    /// Any other type than `true` is no admin marker, not a bad token.
+    #[serde(rename = "strait_admin", default)]
+    admin: Option<serde_json::Value>,
 }
 
 pub struct Verifier {
@@ -81,11 +115,12 @@ impl Verifier {
             }
         })?;
         let claims = data.claims;
+        let admin = claims.admin == Some(serde_json::Value::Bool(true));
         [claims.sub, claims.user_id, claims.client_id]
             .into_iter()
             .flatten()
             .find(|p| !p.is_empty())
-            .map(Principal)
+            .map(|id| Principal { id, admin })
             .ok_or(AuthError::NoPrincipal)
     }
 }
@@ -94,8 +129,16 @@ impl Verifier {
 /// `exp` when `None`). Used by `strait-engine dev` and the tests; the
 /// `strait token` command is the operator's tool.
 pub fn mint(secret: &[u8], sub: &str, ttl_seconds: Option<u64>) -> String {
+    mint_with(secret, sub, ttl_seconds, false)
+}
+
+/// [`mint`], with the admin claim when `admin`.
+pub fn mint_with(secret: &[u8], sub: &str, ttl_seconds: Option<u64>, admin: bool) -> String {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let mut claims = serde_json::json!({"sub": sub, "iat": now});
+    if admin {
+        claims[ADMIN_CLAIM] = serde_json::json!(true);
+    }
     if let Some(ttl) = ttl_seconds {
         claims["exp"] = serde_json::json!(now + ttl as i64);
     }
@@ -128,13 +171,26 @@ mod tests {
     fn principal_comes_from_sub_then_user_id_then_client_id() {
         let v = Verifier::new(SECRET);
         let t = mint(json!({"sub": "alice", "userId": "u", "exp": now() + 60}), SECRET);
-        assert_eq!(v.verify(Some(&t)).unwrap().0, "alice");
+        assert_eq!(v.verify(Some(&t)).unwrap(), Principal::new("alice"));
         let t = mint(json!({"userId": "u1", "clientId": "c"}), SECRET);
-        assert_eq!(v.verify(Some(&t)).unwrap().0, "u1");
+        assert_eq!(v.verify(Some(&t)).unwrap().id, "u1");
         let t = mint(json!({"clientId": "c1"}), SECRET);
-        assert_eq!(v.verify(Some(&t)).unwrap().0, "c1");
+        assert_eq!(v.verify(Some(&t)).unwrap().id, "c1");
         let t = mint(json!({"exp": now() + 60}), SECRET);
         assert_eq!(v.verify(Some(&t)), Err(AuthError::NoPrincipal));
+    }
+
+    #[test]
+    fn admin_claim_must_be_true() {
+        let v = Verifier::new(SECRET);
+        let admin = v.verify(Some(&super::mint_with(SECRET, "ops", Some(60), true))).unwrap();
+        assert!(admin.admin && admin.sees("alice") && admin.sees("ops"));
+        let plain = v.verify(Some(&super::mint(SECRET, "bob", Some(60)))).unwrap();
+        assert!(!plain.admin && plain.sees("bob") && !plain.sees("alice"));
+        for claim in [json!("true"), json!(1), json!(false)] {
+            let t = mint(json!({"sub": "x", "strait_admin": claim}), SECRET);
+            assert_eq!(v.verify(Some(&t)), Ok(Principal::new("x")), "{claim}");
+        }
     }
 
     #[test]

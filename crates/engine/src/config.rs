@@ -76,6 +76,16 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub timeouts: TimeoutsConfig,
     pub limits: LimitsConfig,
+    pub edge: EdgeConfig,
+}
+
+/// Beyond CE: the published edge.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// How long a published hostname (and a private tunnel's name) stays
+    /// reserved for its principal after its tunnel went offline; 0 turns
+    /// holds off.
+    pub hostname_hold_seconds: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +169,20 @@ pub struct LimitsConfig {
     pub pending_streams_per_client: usize,
     pub control_idle_seconds: u64,
     pub max_connections: usize,
+    /// Connections from one source (IPv4 /32, IPv6 /64) that may be in
+    /// their handshake (ClientHello, TLS, an agent's first frame) at once.
+    pub handshakes_per_source: usize,
+    /// New connections per second one source may open, sustained...
+    pub handshake_rate_per_source: u64,
+    /// ...and in a burst.
+    pub handshake_burst_per_source: u64,
+    /// Refused tokens one source may present per minute before its new
+    /// connections are refused.
+    pub auth_failures_per_source: u64,
+    pub control_channels_per_principal: usize,
+    pub tunnels_per_principal: usize,
+    /// Label keys and values, summed over a principal's live tunnels.
+    pub label_bytes_per_principal: usize,
 }
 
 /// A configuration that passed validation, with what was tolerated.
@@ -331,6 +355,14 @@ impl Config {
         let pending_per_client = r.u64_or("limits.pending_streams_per_client", 512, 1, 1_000_000);
         let control_idle = r.u64_or("limits.control_idle_seconds", 60, 1, 86_400);
         let max_connections = r.u64_or("limits.max_connections", 10_000, 1, 10_000_000);
+        let handshakes_per_source = r.u64_or("limits.handshakes_per_source", 128, 1, 1_000_000);
+        let handshake_rate = r.u64_or("limits.handshake_rate_per_source", 500, 1, 1_000_000);
+        let handshake_burst = r.u64_or("limits.handshake_burst_per_source", 1000, 1, 1_000_000);
+        let auth_failures = r.u64_or("limits.auth_failures_per_source", 30, 1, 1_000_000);
+        let channels_per_principal = r.u64_or("limits.control_channels_per_principal", 1000, 1, 10_000_000);
+        let tunnels_per_principal = r.u64_or("limits.tunnels_per_principal", 1024, 1, 10_000_000);
+        let label_bytes = r.u64_or("limits.label_bytes_per_principal", 1 << 20, 0, 1 << 34);
+        let hostname_hold = r.u64_or("edge.hostname_hold_seconds", 300, 0, 30 * 86_400);
 
         let warnings = unknown_keys(tree, &r.known);
         if !r.problems.is_empty() {
@@ -374,7 +406,15 @@ impl Config {
                 pending_streams_per_client: pending_per_client.unwrap() as usize,
                 control_idle_seconds: control_idle.unwrap(),
                 max_connections: max_connections.unwrap() as usize,
+                handshakes_per_source: handshakes_per_source.unwrap() as usize,
+                handshake_rate_per_source: handshake_rate.unwrap(),
+                handshake_burst_per_source: handshake_burst.unwrap(),
+                auth_failures_per_source: auth_failures.unwrap(),
+                control_channels_per_principal: channels_per_principal.unwrap() as usize,
+                tunnels_per_principal: tunnels_per_principal.unwrap() as usize,
+                label_bytes_per_principal: label_bytes.unwrap() as usize,
             },
+            edge: EdgeConfig { hostname_hold_seconds: hostname_hold.unwrap() },
         };
         Ok(Loaded { config, warnings })
     }
@@ -677,6 +717,27 @@ mod tests {
             assert!(error.names(field), "{field} missing from {error}");
         }
         assert_eq!(error.problems.len(), 10, "{error}");
+    }
+
+    #[test]
+    fn isolation_limits_and_holds_are_validated_and_overridable() {
+        let c = Config::from_yaml_str(MINIMAL, Vec::new()).unwrap().config;
+        assert_eq!(c.limits.handshakes_per_source, 128);
+        assert_eq!(c.limits.control_channels_per_principal, 1000);
+        assert_eq!(c.edge.hostname_hold_seconds, 300);
+        let yaml = format!(
+            "{MINIMAL}limits: {{handshakes_per_source: 0, tunnels_per_principal: -3}}\nedge: {{hostname_hold_seconds: x}}\n"
+        );
+        let error = Config::from_yaml_str(&yaml, Vec::new()).unwrap_err();
+        for field in ["limits.handshakes_per_source", "limits.tunnels_per_principal", "edge.hostname_hold_seconds"] {
+            assert!(error.names(field), "{field} missing from {error}");
+        }
+        let env = [
+            ("RSTREAM_ENGINE_EDGE__HOSTNAME_HOLD_SECONDS".to_string(), "3600".to_string()),
+            ("RSTREAM_ENGINE_LIMITS__AUTH_FAILURES_PER_SOURCE".to_string(), "5".to_string()),
+        ];
+        let c = Config::from_yaml_str(MINIMAL, env).unwrap().config;
+        assert_eq!((c.edge.hostname_hold_seconds, c.limits.auth_failures_per_source), (3600, 5));
     }
 
     #[test]

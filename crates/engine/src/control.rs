@@ -22,7 +22,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::Shared;
 use crate::ids;
-use crate::registry::{Client, ClientInfo, RegistryError, Tunnel};
+use crate::registry::{Client, ClientInfo, Departure, RegistryError, Tunnel};
 use crate::tunnel::{self, Namespace};
 
 /// Frames queued for one agent. `ProxyConnReq`s beyond this are refused
@@ -100,14 +100,14 @@ pub async fn serve(
     let details = req.client_details.unwrap_or_default();
     let admitted = check_version(details.protocol_version.as_deref()).and_then(|()| {
         shared.verifier.verify(details.token.as_deref()).map_err(|e| {
-            shared.metrics.auth_failed();
+            shared.auth_failed(peer.ip());
             Error::new(ErrorCode::Unauthorized, e.to_string())
         })
     });
     let principal = match admitted {
         Ok(principal) => principal,
         Err(error) => {
-            tracing::warn!(%peer, %error, "control channel refused");
+            tracing::warn!(%error, "control channel refused");
             let _ = write_message(&mut write_half, &open_rsp(OpenControlChannelResult::Error(error))).await;
             let _ = write_half.shutdown().await;
             return;
@@ -116,18 +116,10 @@ pub async fn serve(
 
     let liveness = negotiate_liveness(req.liveness.as_ref());
     let client_id = ids::client_id();
-    let ok = OpenControlChannelOk {
-        client_id: client_id.clone(),
-        server_details: Some(server_details()),
-        liveness: liveness.clone(),
-    };
-    if write_message(&mut write_half, &open_rsp(OpenControlChannelResult::Ok(ok))).await.is_err() {
-        return;
-    }
     let (outbox, mut outbox_rx) = mpsc::channel::<Message>(OUTBOX);
     let info = ClientInfo {
         id: client_id.clone(),
-        principal: principal.0.clone(),
+        principal: principal.id.clone(),
         agent: details.agent,
         channel: details.channel,
         version: details.version,
@@ -137,12 +129,30 @@ pub async fn serve(
         labels: Default::default(),
         connected_at: Some(SystemTime::now()),
     };
+    let (agent, version) = (info.agent.clone(), info.version.clone());
+    // Registered before the agent hears yes, so the principal's limit is
+    // checked and taken in one step.
+    if let Err(refused) = shared.registry.add_client(Arc::new(Client { info, outbox: outbox.clone() })) {
+        tracing::warn!(principal = %principal, error = %refused, "control channel refused");
+        let error = Error::new(ErrorCode::CapacityExhausted, refused.to_string());
+        let _ = write_message(&mut write_half, &open_rsp(OpenControlChannelResult::Error(error))).await;
+        let _ = write_half.shutdown().await;
+        return;
+    }
+    let ok = OpenControlChannelOk {
+        client_id: client_id.clone(),
+        server_details: Some(server_details()),
+        liveness: liveness.clone(),
+    };
+    if write_message(&mut write_half, &open_rsp(OpenControlChannelResult::Ok(ok))).await.is_err() {
+        shared.registry.remove_client(&client_id, Departure::Lost);
+        return;
+    }
     tracing::info!(
-        client_id = %client_id, principal = %principal, %peer,
-        agent = info.agent.as_deref().unwrap_or("-"), version = info.version.as_deref().unwrap_or("-"),
+        client_id = %client_id, principal = %principal,
+        agent = agent.as_deref().unwrap_or("-"), version = version.as_deref().unwrap_or("-"),
         liveness = liveness.is_some(), "client connected"
     );
-    shared.registry.add_client(Arc::new(Client { info, outbox: outbox.clone() }));
     shared.metrics.client_connected();
 
     let writer = tokio::spawn(async move {
@@ -159,8 +169,8 @@ pub async fn serve(
         Some(l) => Duration::from_millis(l.heartbeat_timeout_ms as u64),
         None => Duration::from_secs(shared.config.limits.control_idle_seconds),
     };
-    let channel = Channel { shared: &shared, client_id: &client_id, principal: &principal.0, outbox: &outbox };
-    let reason = loop {
+    let channel = Channel { shared: &shared, client_id: &client_id, principal: &principal.id, outbox: &outbox };
+    let (reason, departure) = loop {
         let message = tokio::select! {
             _ = shared.shutdown.cancelled() => {
                 // The protocol has no GOAWAY: say why in a ServerMessage,
@@ -169,24 +179,24 @@ pub async fn serve(
                 // and drain on their own.
                 let notice = ServerMessage { message: "engine shutting down".into() };
                 let _ = outbox.try_send(Payload::ServerMessage(notice).into());
-                break "engine shutting down".to_string();
+                break ("engine shutting down".to_string(), Departure::Lost);
             }
             read = tokio::time::timeout(grace, reader.read_message()) => match read {
-                Err(_) => break format!("silent for {}s", grace.as_secs()),
-                Ok(Err(FrameError::Closed)) => break "agent closed the connection".to_string(),
-                Ok(Err(error)) => break format!("protocol error: {error}"),
+                Err(_) => break (format!("silent for {}s", grace.as_secs()), Departure::Lost),
+                Ok(Err(FrameError::Closed)) => break ("agent closed the connection".to_string(), Departure::Lost),
+                Ok(Err(error)) => break (format!("protocol error: {error}"), Departure::Lost),
                 Ok(Ok(message)) => message,
             },
         };
         let Some(payload) = message.payload else { continue };
         if let Payload::CloseControlChannelReq(_) = payload {
             let _ = outbox.send(Payload::CloseControlChannelRsp(CloseControlChannelRsp {}).into()).await;
-            break "agent closed the control channel".to_string();
+            break ("agent closed the control channel".to_string(), Departure::Closed);
         }
         channel.handle(payload, liveness.is_some()).await;
     };
 
-    let tunnels = shared.registry.remove_client(&client_id);
+    let tunnels = shared.registry.remove_client(&client_id, departure);
     shared.metrics.client_disconnected();
     shared.pending.fail_client(&client_id);
     for tunnel in &tunnels {
@@ -220,12 +230,23 @@ impl Channel<'_> {
                 self.send(Payload::OpenTunnelRsp(reply)).await;
             }
             Payload::CloseTunnelReq(req) => {
-                if let Some(tunnel) = self.shared.registry.remove_tunnel(self.client_id, &req.tunnel_id) {
-                    self.shared.metrics.tunnel_closed(metric_protocol(&tunnel));
-                    tracing::info!(tunnel_id = %tunnel.id, client_id = %self.client_id, reason = "agent closed it", "tunnel closed");
-                }
-                // Answer even for an unknown id, so the agent never waits.
-                self.send(Payload::CloseTunnelRsp(CloseTunnelRsp { tunnel_id: req.tunnel_id })).await;
+                // A channel closes only its own tunnels. Anything else is
+                // answered as unknown (the same words for another's tunnel
+                // and a missing one), and always answered, so the agent
+                // never waits.
+                let error = match self.shared.registry.remove_tunnel(self.client_id, &req.tunnel_id) {
+                    Some(tunnel) => {
+                        self.shared.metrics.tunnel_closed(metric_protocol(&tunnel));
+                        tracing::info!(tunnel_id = %tunnel.id, client_id = %self.client_id, reason = "agent closed it", "tunnel closed");
+                        None
+                    }
+                    None => {
+                        tracing::warn!(tunnel_id = %req.tunnel_id, client_id = %self.client_id, "close refused: not a tunnel of this control channel");
+                        let message = format!("no tunnel {:?} on this control channel", req.tunnel_id);
+                        Some(Error::new(ErrorCode::TunnelNotFound, message))
+                    }
+                };
+                self.send(Payload::CloseTunnelRsp(CloseTunnelRsp { tunnel_id: req.tunnel_id, error })).await;
             }
             Payload::ProxyConnRsp(report) => self.shared.pending.agent_reported(self.client_id, report),
             Payload::Heartbeat(hb) => {
@@ -277,11 +298,17 @@ impl Channel<'_> {
             created_at: now,
             tls_config: Default::default(),
         };
-        self.shared.registry.add_tunnel(tunnel, self.shared.config.limits.tunnels_per_client).map_err(|e| {
+        self.shared.registry.add_tunnel(tunnel).map_err(|e| {
             let code = match e {
-                RegistryError::TooManyTunnels(_) => ErrorCode::CapacityExhausted,
+                RegistryError::TooManyTunnels(_)
+                | RegistryError::PrincipalTunnels(_)
+                | RegistryError::LabelBytes(..)
+                | RegistryError::PrincipalChannels(_) => ErrorCode::CapacityExhausted,
                 RegistryError::NoClient => ErrorCode::ServiceUnavailable,
-                RegistryError::HostnameTaken(_) | RegistryError::NameTaken(_) => ErrorCode::InvalidRequest,
+                RegistryError::HostnameTaken(_)
+                | RegistryError::HostnameInUse(..)
+                | RegistryError::HostnameHeld(..)
+                | RegistryError::NameTaken(_) => ErrorCode::InvalidRequest,
             };
             Error::new(code, e.to_string())
         })
@@ -301,8 +328,9 @@ pub fn revoke_tunnel(shared: &Shared, tunnel_id: &str, reason: &str) -> bool {
     let Some(removed) = shared.registry.remove_tunnel(&tunnel.client_id, tunnel_id) else { return false };
     shared.metrics.tunnel_closed(metric_protocol(&removed));
     if let Some(client) = shared.registry.client(&removed.client_id) {
-        let _ =
-            client.outbox.try_send(Payload::CloseTunnelRsp(CloseTunnelRsp { tunnel_id: removed.id.clone() }).into());
+        let _ = client
+            .outbox
+            .try_send(Payload::CloseTunnelRsp(CloseTunnelRsp { tunnel_id: removed.id.clone(), error: None }).into());
     }
     tracing::info!(tunnel_id = %removed.id, client_id = %removed.client_id, reason, "tunnel revoked");
     true

@@ -5,7 +5,8 @@
 //!
 //! - [`listener`]: the TLS port. Accepts, reads the ClientHello and routes
 //!   on SNI and ALPN to the agent protocol, the Engine API or a published
-//!   tunnel;
+//!   tunnel; [`admission`] decides, per source address, whether a new
+//!   connection may start its handshake at all;
 //! - [`control`]: an agent's control channel: tunnels open and close,
 //!   heartbeats, and the outbox that carries `ProxyConnReq`s to the agent;
 //! - [`streams`]: pairing an inbound connection with the agent's reverse
@@ -21,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod certs;
@@ -90,6 +92,7 @@ impl TlsConfigs {
 pub struct Shared {
     pub config: Config,
     pub registry: registry::Registry,
+    pub admission: Arc<admission::Admission>,
     pub pending: streams::Pending,
     pub verifier: auth::Verifier,
     pub certs: Arc<CertStore>,
@@ -109,6 +112,12 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// A token from `ip` was refused: counted, and charged to its source.
+    pub fn auth_failed(&self, ip: std::net::IpAddr) {
+        self.metrics.auth_failed();
+        self.admission.auth_failed(ip);
+    }
+
     /// Whether the engine should receive traffic, and if not, why.
     pub fn readiness(&self) -> Result<(), String> {
         if self.shutdown.is_cancelled() {
@@ -188,8 +197,9 @@ impl Engine {
         let public_port = config.tls.public_port.unwrap_or(tls_addr.port());
         let shared = Arc::new(Shared {
             verifier: auth::Verifier::new(config.auth.jwt.token_jwt_secret.expose().as_bytes()),
+            registry: registry::Registry::new(registry::Policy::from_config(&config)),
+            admission: Arc::new(admission::Admission::new(&config.limits)),
             config,
-            registry: registry::Registry::new(),
             pending: streams::Pending::default(),
             certs,
             tls,

@@ -20,7 +20,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::StartHandshake;
+use tracing::Instrument;
 
+use crate::admission::{HandshakeSlot, Refusal};
 use crate::{Shared, control, edge, streams};
 
 /// The largest ClientHello we wait for. Post-quantum key shares make them
@@ -33,6 +35,17 @@ pub enum Route {
     Agent,
     Api,
     Tunnel(String),
+}
+
+impl Route {
+    /// The `route` field of the connection's span.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Route::Agent => "agent",
+            Route::Api => "api",
+            Route::Tunnel(_) => "tunnel",
+        }
+    }
 }
 
 pub fn route(engine_host: &str, sni: Option<&str>, offers_rstrm: bool) -> Route {
@@ -51,8 +64,10 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 /// The accept loop every listener uses: each connection holds a permit, so
-/// at most `limits.max_connections` are in flight per listener, and runs
-/// `serve` as a task the shutdown drain waits for.
+/// at most `limits.max_connections` are open per listener, and runs `serve`
+/// as a task the shutdown drain waits for. A connection beyond the limit is
+/// closed at once rather than left waiting in the kernel's backlog, where it
+/// would stall everyone behind it.
 pub async fn accept_loop<F, Fut>(shared: Arc<Shared>, listener: TcpListener, what: &'static str, serve: F)
 where
     F: Fn(Arc<Shared>, TcpStream, SocketAddr) -> Fut,
@@ -61,10 +76,6 @@ where
     let permits = Arc::new(Semaphore::new(shared.config.limits.max_connections));
     let mut backoff = Duration::from_millis(5);
     loop {
-        let permit = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            permit = permits.clone().acquire_owned() => permit.expect("never closed"),
-        };
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             accepted = listener.accept() => accepted,
@@ -72,12 +83,22 @@ where
         match accepted {
             Ok((tcp, peer)) => {
                 backoff = Duration::from_millis(5);
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    refuse(&shared, tcp, peer, Refusal::Capacity);
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
+                // One span per connection: every line it logs says which
+                // peer and which route, without passing them to each one.
+                let span = tracing::info_span!("conn", listener = what, %peer, route = tracing::field::Empty);
                 let connection = serve(shared.clone(), tcp, peer);
-                shared.tasks.spawn(async move {
-                    connection.await;
-                    drop(permit);
-                });
+                shared.tasks.spawn(
+                    async move {
+                        connection.await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
             }
             Err(error) => {
                 // EMFILE and friends: wait for descriptors to free up
@@ -88,6 +109,14 @@ where
             }
         }
     }
+}
+
+/// Closes a connection the limits refuse: counted, and logged at most once
+/// per few seconds (a flood must not become a flood of log lines).
+fn refuse(shared: &Shared, tcp: TcpStream, peer: SocketAddr, refusal: Refusal) {
+    shared.metrics.connection_refused(refusal.label());
+    shared.admission.log_refusal(peer.ip(), refusal);
+    drop(tcp);
 }
 
 /// Reads the ClientHello into a rustls `Acceptor`, keeping the raw bytes so
@@ -126,16 +155,22 @@ pub async fn read_client_hello<IO: AsyncRead + Unpin>(tcp: &mut IO) -> io::Resul
 /// of its largest state, so an unboxed HTTP/2-capable API branch would make
 /// every spliced stream and idle agent pay for it.
 async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
+    // Admitted before a byte is read: the slot is this connection's place
+    // among its source's handshakes, given back once the handshake is over.
+    let slot = match shared.admission.admit(peer.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => return refuse(&shared, tcp, peer, refusal),
+    };
     let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
     let (accepted, raw_hello) = match tokio::time::timeout(deadline, Box::pin(read_client_hello(&mut tcp))).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(error)) => {
-            tracing::debug!(%peer, %error, "connection dropped before TLS");
+            tracing::debug!(%error, "connection dropped before TLS");
             shared.metrics.tls_handshake_failed();
             return;
         }
         Err(_) => {
-            tracing::debug!(%peer, "no ClientHello within {}s", deadline.as_secs());
+            tracing::debug!("no ClientHello within {}s", deadline.as_secs());
             shared.metrics.tls_handshake_failed();
             return;
         }
@@ -143,46 +178,65 @@ async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
     let hello = accepted.client_hello();
     let offers_rstrm = hello.alpn().is_some_and(|mut alpns| alpns.any(|a| a == strait_proto::ALPN));
     let route = route(&shared.config.engine.host, hello.server_name(), offers_rstrm);
+    tracing::Span::current().record("route", route.name());
     match route {
         Route::Agent => {
             // Only passthrough tunnels replay the raw ClientHello.
             drop(raw_hello);
-            Box::pin(agent_route(shared, accepted, tcp, peer)).await;
+            Box::pin(agent_route(shared, accepted, tcp, peer, slot)).await;
         }
         Route::Api => {
             drop(raw_hello);
-            Box::pin(api_route(shared, accepted, tcp, peer)).await;
+            Box::pin(api_route(shared, accepted, tcp, peer, slot)).await;
         }
-        Route::Tunnel(hostname) => Box::pin(edge::serve(shared, accepted, tcp, raw_hello, hostname, peer)).await,
+        Route::Tunnel(hostname) => {
+            let connection = edge::Connection { accepted, tcp, raw_hello, hostname, peer, slot };
+            Box::pin(edge::serve(shared, connection)).await
+        }
     }
 }
 
-/// A server handshake in its own allocation: its state (a whole TLS
-/// connection in the middle of its handshake) is freed when it completes
-/// rather than staying inside the connection's task for its lifetime.
+/// The server TLS handshake, under `limits.handshake_seconds`, in its own
+/// allocation: its state (a whole TLS connection in the middle of its
+/// handshake) is freed when it completes rather than staying inside the
+/// connection's task for its lifetime. A failure is counted and logged here,
+/// once; `what` names the route in that line.
 pub async fn handshake<IO>(
+    shared: &Shared,
     start: StartHandshake<IO>,
     config: Arc<rustls::ServerConfig>,
-) -> io::Result<tokio_rustls::server::TlsStream<IO>>
+    what: &'static str,
+) -> Option<tokio_rustls::server::TlsStream<IO>>
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    Box::pin(start.into_stream(config)).await
+    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
+    let error = match tokio::time::timeout(deadline, Box::pin(start.into_stream(config))).await {
+        Ok(Ok(tls)) => return Some(tls),
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("no handshake within {}s", deadline.as_secs()),
+    };
+    shared.metrics.tls_handshake_failed();
+    tracing::debug!(route = what, %error, "TLS handshake failed");
+    None
 }
 
 /// An agent-protocol connection: its first frame says what it is. The
 /// handshake and the first read run in their own allocation, so the
 /// connection's long-lived state is only what its kind needs.
-async fn agent_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr) {
-    let Some((tls, rest, first)) = Box::pin(first_frame(&shared, accepted, tcp, peer)).await else { return };
+async fn agent_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr, slot: HandshakeSlot) {
+    let first = Box::pin(first_frame(&shared, accepted, tcp)).await;
+    // An agent connection is past its handshake once its first frame is in.
+    drop(slot);
+    let Some((tls, rest, first)) = first else { return };
     match first.payload {
         Some(Payload::OpenControlChannelReq(req)) => Box::pin(control::serve(shared, tls, rest, req, peer)).await,
-        Some(Payload::ProxyReq(req)) => Box::pin(streams::accept_agent_stream(&shared, tls, rest, req, peer)).await,
+        Some(Payload::ProxyReq(req)) => Box::pin(streams::accept_agent_stream(&shared, tls, rest, req)).await,
         Some(Payload::StreamReq(req)) => Box::pin(streams::private_dial(shared, tls, rest, req, peer)).await,
         Some(other) => {
-            tracing::warn!(%peer, message = other.name(), "agent connection refused: unexpected first frame");
+            tracing::warn!(message = other.name(), "agent connection refused: unexpected first frame");
         }
-        None => tracing::warn!(%peer, "agent connection refused: empty first frame"),
+        None => tracing::warn!("agent connection refused: empty first frame"),
     }
 }
 
@@ -190,37 +244,23 @@ async fn first_frame(
     shared: &Shared,
     accepted: Accepted,
     tcp: TcpStream,
-    peer: SocketAddr,
 ) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Bytes, strait_proto::Message)> {
-    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
     let start = StartHandshake::from_parts(accepted, tcp);
-    let tls = match tokio::time::timeout(deadline, start.into_stream(shared.tls.agent.clone())).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, %error, "agent TLS handshake failed");
-            return None;
-        }
-        Err(_) => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, "agent TLS handshake timed out");
-            return None;
-        }
-    };
+    let tls = handshake(shared, start, shared.tls.agent.clone(), "agent").await?;
     let mut reader = FrameReader::new(tls, shared.config.limits.max_frame_bytes);
     let deadline = Duration::from_secs(shared.config.limits.first_frame_seconds);
     let first = match tokio::time::timeout(deadline, reader.read_message()).await {
         Ok(Ok(message)) => message,
         Ok(Err(FrameError::Closed)) => {
-            tracing::debug!(%peer, "agent connection closed before its first frame");
+            tracing::debug!("agent connection closed before its first frame");
             return None;
         }
         Ok(Err(error)) => {
-            tracing::warn!(%peer, %error, "agent connection refused: bad first frame");
+            tracing::warn!(%error, "agent connection refused: bad first frame");
             return None;
         }
         Err(_) => {
-            tracing::warn!(%peer, "agent connection refused: no first frame within {}s", deadline.as_secs());
+            tracing::warn!("agent connection refused: no first frame within {}s", deadline.as_secs());
             return None;
         }
     };
@@ -228,16 +268,12 @@ async fn first_frame(
     Some((tls, rest, first))
 }
 
-async fn api_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr) {
-    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
-    let config = shared.tls.api.clone();
+async fn api_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr, slot: HandshakeSlot) {
     let start = StartHandshake::from_parts(accepted, tcp);
-    match tokio::time::timeout(deadline, handshake(start, config)).await {
-        Ok(Ok(tls)) => crate::api::serve_connection(shared, tls, peer).await,
-        _ => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, "API TLS handshake failed");
-        }
+    let tls = handshake(&shared, start, shared.tls.api.clone(), "api").await;
+    drop(slot);
+    if let Some(tls) = tls {
+        crate::api::serve_connection(shared, tls, peer).await;
     }
 }
 

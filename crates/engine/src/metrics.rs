@@ -38,6 +38,12 @@ pub struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The limit that refused it, as its configuration key under `limits.`.
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabel {
     pub version: &'static str,
     pub protocol: &'static str,
@@ -54,6 +60,7 @@ pub struct Metrics {
     http_requests: Family<StatusLabel, Counter>,
     tls_handshake_failures: Counter,
     auth_failures: Counter,
+    connections_refused: Family<ReasonLabel, Counter>,
     /// Mirrors of the certificate store's counters, refreshed at scrape.
     cert_reloads: Counter<u64, AtomicU64>,
     cert_reload_failures: Counter<u64, AtomicU64>,
@@ -78,6 +85,7 @@ impl Metrics {
             http_requests: Family::default(),
             tls_handshake_failures: Counter::default(),
             auth_failures: Counter::default(),
+            connections_refused: Family::default(),
             cert_reloads: Counter::default(),
             cert_reload_failures: Counter::default(),
             registry: Registry::default(),
@@ -107,6 +115,11 @@ impl Metrics {
             m.tls_handshake_failures.clone(),
         );
         registry.register("auth_failures", "Refused tokens (agents, API, token_auth tunnels)", m.auth_failures.clone());
+        registry.register(
+            "connections_refused",
+            "Connections closed at accept by a limit (max_connections or a per-source limit)",
+            m.connections_refused.clone(),
+        );
         registry.register("certificate_reloads", "Certificate pairs reloaded from disk", m.cert_reloads.clone());
         registry.register(
             "certificate_reload_failures",
@@ -177,6 +190,15 @@ impl Metrics {
 
     pub fn auth_failed(&self) {
         self.auth_failures.inc();
+    }
+
+    /// `reason` is [`crate::admission::Refusal::label`].
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.connections_refused.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn connections_refused(&self, reason: &'static str) -> u64 {
+        self.connections_refused.get_or_create(&ReasonLabel { reason }).get()
     }
 
     /// Brings the certificate counters up to the store's totals (called just

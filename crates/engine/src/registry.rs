@@ -6,12 +6,13 @@
 //! persistence or cross-engine replication hang off one place. The lock is a
 //! plain mutex held for map updates only, never across an await.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use strait_proto::{Message, TunnelProperties};
 use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
 
 use crate::auth::Principal;
 use crate::ids;
@@ -95,6 +96,15 @@ impl<T> std::ops::Deref for Stamped<T> {
     }
 }
 
+/// What a private dial's target resolves to.
+#[derive(Debug)]
+pub enum Dial {
+    Live(Arc<Tunnel>),
+    /// The dialer's own tunnel of that name is offline and held.
+    Held(Hold),
+    NotFound,
+}
+
 /// One registry mutation, as the event feed carries it.
 #[derive(Debug, Clone)]
 pub enum Change {
@@ -104,16 +114,132 @@ pub enum Change {
     TunnelDeleted(Stamped<Arc<Tunnel>>),
 }
 
+impl Change {
+    /// The principal whose object changed.
+    pub fn principal(&self) -> &str {
+        match self {
+            Change::ClientCreated(s) | Change::ClientDeleted(s) => &s.principal,
+            Change::TunnelCreated(s) | Change::TunnelDeleted(s) => &s.principal,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
-    #[error("hostname {0} is already served by another tunnel")]
+    #[error("hostname {0} is already served by another principal's tunnel")]
     HostnameTaken(String),
+    #[error(
+        "hostname {0} is already served by this principal's tunnel {1}; close it first, or wait until its \
+         control channel times out"
+    )]
+    HostnameInUse(String, String),
+    #[error("hostname {0} is reserved for another principal (its tunnel went offline {1}s ago); try another hostname")]
+    HostnameHeld(String, u64),
     #[error("a tunnel named {0:?} is already open for this principal")]
     NameTaken(String),
-    #[error("this client already has {0} tunnels open, the limit")]
+    #[error("this client already has {0} tunnels open, the limit (limits.tunnels_per_client)")]
     TooManyTunnels(usize),
+    #[error("this principal already has {0} tunnels open, the limit (limits.tunnels_per_principal)")]
+    PrincipalTunnels(usize),
+    #[error(
+        "this principal's tunnels would carry {0} bytes of labels, over the limit of {1} \
+         (limits.label_bytes_per_principal)"
+    )]
+    LabelBytes(usize, usize),
+    #[error("this principal already has {0} control channels open, the limit (limits.control_channels_per_principal)")]
+    PrincipalChannels(usize),
     #[error("the control channel is gone")]
     NoClient,
+}
+
+/// The limits and hold time the registry enforces, from `limits.*` and
+/// `edge.hostname_hold_seconds`.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub tunnels_per_client: usize,
+    pub tunnels_per_principal: usize,
+    pub label_bytes_per_principal: usize,
+    pub control_channels_per_principal: usize,
+    /// How long a hostname or name stays reserved for its principal after
+    /// its tunnel went offline. Zero: no holds.
+    pub hold: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            tunnels_per_client: 256,
+            tunnels_per_principal: 1024,
+            label_bytes_per_principal: 1 << 20,
+            control_channels_per_principal: 1000,
+            hold: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Policy {
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let limits = &config.limits;
+        Self {
+            tunnels_per_client: limits.tunnels_per_client,
+            tunnels_per_principal: limits.tunnels_per_principal,
+            label_bytes_per_principal: limits.label_bytes_per_principal,
+            control_channels_per_principal: limits.control_channels_per_principal,
+            hold: Duration::from_secs(config.edge.hostname_hold_seconds),
+        }
+    }
+}
+
+/// What a reservation keeps for its principal.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HoldKey {
+    /// A published hostname: nobody else may claim it.
+    Hostname(String),
+    /// A private tunnel's name, within its principal: dials by name learn
+    /// the agent is offline rather than that no such tunnel exists.
+    Name { principal: String, name: String },
+}
+
+/// A hostname or name kept for the principal whose tunnel went offline.
+#[derive(Debug, Clone)]
+pub struct Hold {
+    pub key: HoldKey,
+    pub principal: String,
+    /// The tunnel as it was when it went offline.
+    pub tunnel: Arc<Tunnel>,
+    pub since: SystemTime,
+    pub until: SystemTime,
+    expires: Instant,
+}
+
+/// How a tunnel went offline, which decides what is held for it.
+///
+/// A published hostname is held either way: a URL someone shared must not
+/// pass to another principal because its agent restarted. A name is only
+/// the principal's own, so its hold serves dialers of an agent that was
+/// lost (they learn it is offline, a reason to retry); a tunnel its agent
+/// closed is simply gone, as rstream agents expect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departure {
+    /// The agent closed the tunnel or its control channel.
+    Closed,
+    /// The control channel dropped, went silent or was cut.
+    Lost,
+}
+
+/// What a principal holds, for its limits.
+#[derive(Debug, Default)]
+struct Usage {
+    channels: usize,
+    tunnels: usize,
+    label_bytes: usize,
+    holds: usize,
+}
+
+impl Usage {
+    fn is_empty(&self) -> bool {
+        self.channels == 0 && self.tunnels == 0 && self.label_bytes == 0 && self.holds == 0
+    }
 }
 
 #[derive(Default)]
@@ -124,6 +250,104 @@ struct State {
     tunnels_by_client: HashMap<String, Vec<String>>,
     by_hostname: HashMap<String, String>,
     by_name: HashMap<(String, String), String>,
+    usage: HashMap<String, Usage>,
+    holds: HashMap<HoldKey, Hold>,
+    /// Holds in the order they expire (one hold time for all, so insertion
+    /// order is expiry order); an entry whose hold was reclaimed or renewed
+    /// since is skipped when it comes up.
+    expiries: VecDeque<(Instant, HoldKey)>,
+}
+
+/// The label bytes a tunnel counts against its principal.
+pub fn label_bytes(properties: &TunnelProperties) -> usize {
+    properties.labels.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+impl State {
+    fn usage(&mut self, principal: &str) -> &mut Usage {
+        self.usage.entry(principal.to_string()).or_default()
+    }
+
+    fn release_usage(&mut self, principal: &str, change: impl FnOnce(&mut Usage)) {
+        if let Some(usage) = self.usage.get_mut(principal) {
+            change(usage);
+            if usage.is_empty() {
+                self.usage.remove(principal);
+            }
+        }
+    }
+
+    /// Drops the holds whose time is up.
+    fn expire_holds(&mut self, now: Instant) {
+        while let Some((expires, _)) = self.expiries.front() {
+            if *expires > now {
+                break;
+            }
+            let (expires, key) = self.expiries.pop_front().expect("just looked");
+            if self.holds.get(&key).is_some_and(|h| h.expires == expires) {
+                self.drop_hold(&key);
+            }
+        }
+    }
+
+    fn drop_hold(&mut self, key: &HoldKey) -> Option<Hold> {
+        let hold = self.holds.remove(key)?;
+        self.release_usage(&hold.principal, |u| u.holds -= 1);
+        Some(hold)
+    }
+
+    /// A live hold on `key`, if any (expired ones are gone first).
+    fn hold(&mut self, key: &HoldKey) -> Option<&Hold> {
+        self.expire_holds(Instant::now());
+        self.holds.get(key)
+    }
+
+    /// Keeps what `tunnel` reached for its principal. A principal holds at
+    /// most as many as it may have tunnels: past that its oldest hold goes.
+    fn add_holds(&mut self, tunnel: &Arc<Tunnel>, how: Departure, hold: Duration, cap: usize) {
+        if hold.is_zero() {
+            return;
+        }
+        let mut keys = Vec::new();
+        if tunnel.published()
+            && let Some(host) = tunnel.hostname()
+        {
+            keys.push(HoldKey::Hostname(host.to_string()));
+        }
+        if how == Departure::Lost
+            && let Some(name) = tunnel.name()
+        {
+            keys.push(HoldKey::Name { principal: tunnel.principal.clone(), name: name.to_string() });
+        }
+        let now = Instant::now();
+        let since = SystemTime::now();
+        for key in keys {
+            if self.usage(&tunnel.principal).holds >= cap {
+                let oldest = self
+                    .expiries
+                    .iter()
+                    .find(|(_, k)| self.holds.get(k).is_some_and(|h| h.principal == tunnel.principal));
+                if let Some((_, key)) = oldest.cloned() {
+                    self.drop_hold(&key);
+                }
+            }
+            self.drop_hold(&key);
+            let expires = now + hold;
+            self.holds.insert(
+                key.clone(),
+                Hold {
+                    key: key.clone(),
+                    principal: tunnel.principal.clone(),
+                    tunnel: tunnel.clone(),
+                    since,
+                    until: since + hold,
+                    expires,
+                },
+            );
+            self.usage(&tunnel.principal).holds += 1;
+            self.expiries.push_back((expires, key));
+        }
+    }
 }
 
 /// Changes the feed holds for its slowest subscriber. A watcher that falls
@@ -136,24 +360,19 @@ pub const FEED_CAPACITY: usize = 4096;
 pub struct Registry {
     state: Mutex<State>,
     changes: broadcast::Sender<Change>,
+    policy: Policy,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Self::new()
+        Self::new(Policy::default())
     }
 }
 
 impl Registry {
-    pub fn new() -> Self {
-        Self::with_feed_capacity(FEED_CAPACITY)
-    }
-
-    /// A registry whose change feed holds `capacity` changes (tests use a
-    /// small one to provoke a slow consumer).
-    pub fn with_feed_capacity(capacity: usize) -> Self {
-        let (changes, _) = broadcast::channel(capacity.max(1));
-        Self { state: Mutex::new(State::default()), changes }
+    pub fn new(policy: Policy) -> Self {
+        let (changes, _) = broadcast::channel(FEED_CAPACITY);
+        Self { state: Mutex::new(State::default()), changes, policy }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -179,25 +398,31 @@ impl Registry {
         let _ = self.changes.send(change);
     }
 
-    pub fn add_client(&self, client: Arc<Client>) {
+    /// Registers a control channel, within its principal's limit.
+    pub fn add_client(&self, client: Arc<Client>) -> Result<(), RegistryError> {
         let info = client.info.clone();
-        {
-            let mut state = self.lock();
-            state.clients.insert(info.id.clone(), client);
-            self.publish(Change::ClientCreated(Stamped::now(info)));
+        let mut state = self.lock();
+        let cap = self.policy.control_channels_per_principal;
+        if state.usage.get(&info.principal).is_some_and(|u| u.channels >= cap) {
+            return Err(RegistryError::PrincipalChannels(cap));
         }
+        state.usage(&info.principal).channels += 1;
+        state.clients.insert(info.id.clone(), client);
+        self.publish(Change::ClientCreated(Stamped::now(info)));
+        Ok(())
     }
 
     /// Removes a client and every tunnel it held; returns the tunnels.
-    pub fn remove_client(&self, client_id: &str) -> Vec<Arc<Tunnel>> {
+    pub fn remove_client(&self, client_id: &str, how: Departure) -> Vec<Arc<Tunnel>> {
         let mut state = self.lock();
         let Some(client) = state.clients.remove(client_id) else {
             return Vec::new();
         };
+        state.release_usage(&client.info.principal, |u| u.channels -= 1);
         let ids = state.tunnels_by_client.remove(client_id).unwrap_or_default();
         let mut removed = Vec::with_capacity(ids.len());
         for id in ids {
-            if let Some(tunnel) = Self::unindex(&mut state, &id) {
+            if let Some(tunnel) = self.unindex(&mut state, &id, how) {
                 self.publish(Change::TunnelDeleted(Stamped::now(tunnel.clone())));
                 removed.push(tunnel);
             }
@@ -214,26 +439,55 @@ impl Registry {
         self.lock().clients.values().map(|c| c.info.clone()).collect()
     }
 
-    /// Registers a tunnel whose properties are already normalised.
-    pub fn add_tunnel(&self, tunnel: Tunnel, max_per_client: usize) -> Result<Arc<Tunnel>, RegistryError> {
+    /// Registers a tunnel whose properties are already normalised. Every
+    /// check runs before anything changes, so a refusal leaves no trace.
+    pub fn add_tunnel(&self, tunnel: Tunnel) -> Result<Arc<Tunnel>, RegistryError> {
+        let policy = &self.policy;
         let mut state = self.lock();
         if !state.clients.contains_key(&tunnel.client_id) {
             return Err(RegistryError::NoClient);
         }
         let count = state.tunnels_by_client.get(&tunnel.client_id).map_or(0, Vec::len);
-        if count >= max_per_client {
-            return Err(RegistryError::TooManyTunnels(max_per_client));
+        if count >= policy.tunnels_per_client {
+            return Err(RegistryError::TooManyTunnels(policy.tunnels_per_client));
         }
-        if let Some(host) = tunnel.hostname()
-            && state.by_hostname.contains_key(host)
-        {
-            return Err(RegistryError::HostnameTaken(host.to_string()));
+        let labels = label_bytes(&tunnel.properties);
+        let (tunnels, used) = state.usage.get(&tunnel.principal).map_or((0, 0), |u| (u.tunnels, u.label_bytes));
+        if tunnels >= policy.tunnels_per_principal {
+            return Err(RegistryError::PrincipalTunnels(policy.tunnels_per_principal));
+        }
+        if used + labels > policy.label_bytes_per_principal {
+            return Err(RegistryError::LabelBytes(used + labels, policy.label_bytes_per_principal));
+        }
+        let host_key = tunnel.hostname().map(|h| HoldKey::Hostname(h.to_string()));
+        if let Some(HoldKey::Hostname(host)) = &host_key {
+            if let Some(live) = state.by_hostname.get(host).and_then(|id| state.tunnels.get(id)) {
+                return Err(if live.principal == tunnel.principal {
+                    RegistryError::HostnameInUse(host.clone(), live.id.clone())
+                } else {
+                    RegistryError::HostnameTaken(host.clone())
+                });
+            }
+            let key = host_key.as_ref().expect("matched");
+            if let Some(hold) = state.hold(key)
+                && hold.principal != tunnel.principal
+            {
+                let ago = hold.since.elapsed().unwrap_or_default().as_secs();
+                return Err(RegistryError::HostnameHeld(host.clone(), ago));
+            }
         }
         let name_key = tunnel.name().map(|n| (tunnel.principal.clone(), n.to_string()));
         if let Some(key) = &name_key
             && state.by_name.contains_key(key)
         {
             return Err(RegistryError::NameTaken(key.1.clone()));
+        }
+        // Admitted: the principal takes back what it held.
+        if let Some(key) = &host_key {
+            state.drop_hold(key);
+        }
+        if let Some((principal, name)) = &name_key {
+            state.drop_hold(&HoldKey::Name { principal: principal.clone(), name: name.clone() });
         }
         let tunnel = Arc::new(tunnel);
         if let Some(host) = tunnel.hostname() {
@@ -242,6 +496,9 @@ impl Registry {
         if let Some(key) = name_key {
             state.by_name.insert(key, tunnel.id.clone());
         }
+        let usage = state.usage(&tunnel.principal);
+        usage.tunnels += 1;
+        usage.label_bytes += labels;
         state.tunnels_by_client.entry(tunnel.client_id.clone()).or_default().push(tunnel.id.clone());
         state.tunnels.insert(tunnel.id.clone(), tunnel.clone());
         self.publish(Change::TunnelCreated(Stamped::now(tunnel.clone())));
@@ -257,12 +514,14 @@ impl Registry {
         if let Some(ids) = state.tunnels_by_client.get_mut(client_id) {
             ids.retain(|id| id != tunnel_id);
         }
-        let tunnel = Self::unindex(&mut state, tunnel_id)?;
+        let tunnel = self.unindex(&mut state, tunnel_id, Departure::Closed)?;
         self.publish(Change::TunnelDeleted(Stamped::now(tunnel.clone())));
         Some(tunnel)
     }
 
-    fn unindex(state: &mut State, tunnel_id: &str) -> Option<Arc<Tunnel>> {
+    /// Takes a tunnel out of every index; what it reached is held for its
+    /// principal.
+    fn unindex(&self, state: &mut State, tunnel_id: &str, how: Departure) -> Option<Arc<Tunnel>> {
         let tunnel = state.tunnels.remove(tunnel_id)?;
         if let Some(host) = tunnel.hostname() {
             state.by_hostname.remove(host);
@@ -270,7 +529,28 @@ impl Registry {
         if let Some(name) = tunnel.name() {
             state.by_name.remove(&(tunnel.principal.clone(), name.to_string()));
         }
+        let labels = label_bytes(&tunnel.properties);
+        state.release_usage(&tunnel.principal, |u| {
+            u.tunnels -= 1;
+            u.label_bytes -= labels;
+        });
+        state.add_holds(&tunnel, how, self.policy.hold, self.policy.tunnels_per_principal);
         Some(tunnel)
+    }
+
+    /// The hold on a published hostname, if its tunnel is offline and the
+    /// hold time is not up.
+    pub fn hostname_hold(&self, hostname: &str) -> Option<Hold> {
+        self.lock().hold(&HoldKey::Hostname(hostname.to_string())).cloned()
+    }
+
+    /// The live holds `principal` may see, oldest first.
+    pub fn holds(&self, principal: &Principal) -> Vec<Hold> {
+        let mut state = self.lock();
+        state.expire_holds(Instant::now());
+        let mut holds: Vec<Hold> = state.holds.values().filter(|h| principal.sees(&h.principal)).cloned().collect();
+        holds.sort_by_key(|h| h.expires);
+        holds
     }
 
     pub fn tunnel(&self, tunnel_id: &str) -> Option<Arc<Tunnel>> {
@@ -286,17 +566,111 @@ impl Registry {
         state.by_hostname.get(hostname).and_then(|id| state.tunnels.get(id)).cloned()
     }
 
-    /// Resolves what a dialer named: a tunnel id, else a name of its own.
-    pub fn resolve_dial(&self, principal: &Principal, id_or_name: &str) -> Option<Arc<Tunnel>> {
-        let state = self.lock();
-        if let Some(t) = state.tunnels.get(id_or_name) {
-            return Some(t.clone());
+    /// Resolves what a dialer named: a tunnel id it may see, else a name of
+    /// its own. Another principal's tunnel is answered exactly as a missing
+    /// one, so ids are no oracle.
+    pub fn resolve_dial(&self, principal: &Principal, id_or_name: &str) -> Dial {
+        let mut state = self.lock();
+        if let Some(t) = state.tunnels.get(id_or_name)
+            && principal.sees(&t.principal)
+        {
+            return Dial::Live(t.clone());
         }
-        state.by_name.get(&(principal.0.clone(), id_or_name.to_string())).and_then(|id| state.tunnels.get(id)).cloned()
+        let key = (principal.id.clone(), id_or_name.to_string());
+        if let Some(t) = state.by_name.get(&key).and_then(|id| state.tunnels.get(id)) {
+            return Dial::Live(t.clone());
+        }
+        let (principal, name) = key;
+        match state.hold(&HoldKey::Name { principal, name }) {
+            Some(hold) => Dial::Held(hold.clone()),
+            None => Dial::NotFound,
+        }
     }
 
     pub fn counts(&self) -> (usize, usize) {
         let state = self.lock();
         (state.clients.len(), state.tunnels.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(hold_seconds: u64, tunnels_per_principal: usize) -> Registry {
+        Registry::new(Policy { hold: Duration::from_secs(hold_seconds), tunnels_per_principal, ..Policy::default() })
+    }
+
+    fn client(registry: &Registry, id: &str, principal: &str) {
+        let (outbox, _) = mpsc::channel(1);
+        let info = ClientInfo { id: id.into(), principal: principal.into(), ..Default::default() };
+        registry.add_client(Arc::new(Client { info, outbox })).unwrap();
+    }
+
+    fn tunnel(id: &str, client: &str, principal: &str, hostname: &str) -> Tunnel {
+        let properties = TunnelProperties {
+            publish: Some(true),
+            hostname: Some(hostname.into()),
+            name: Some(format!("n-{hostname}")),
+            ..Default::default()
+        };
+        Tunnel {
+            id: id.into(),
+            client_id: client.into(),
+            principal: principal.into(),
+            properties,
+            created_at: SystemTime::now(),
+            tls_config: Default::default(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_ends_after_its_time() {
+        let r = registry(60, 10);
+        client(&r, "c1", "alice");
+        client(&r, "c2", "bob");
+        r.add_tunnel(tunnel("t1", "c1", "alice", "a.t.h")).unwrap();
+        r.remove_client("c1", Departure::Lost);
+        assert!(r.hostname_hold("a.t.h").is_some());
+        let err = r.add_tunnel(tunnel("t2", "c2", "bob", "a.t.h")).unwrap_err();
+        assert!(matches!(err, RegistryError::HostnameHeld(..)), "{err}");
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(r.hostname_hold("a.t.h").is_some());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(r.hostname_hold("a.t.h").is_none());
+        r.add_tunnel(tunnel("t2", "c2", "bob", "a.t.h")).expect("free once the hold is over");
+        let alice = Principal::new("alice");
+        assert!(r.holds(&alice).is_empty(), "the name hold expired with it");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_principal_holds_no_more_than_it_may_open() {
+        let r = registry(600, 2);
+        client(&r, "c1", "alice");
+        for i in 0..3 {
+            r.add_tunnel(tunnel(&format!("t{i}"), "c1", "alice", &format!("h{i}.t.h"))).unwrap();
+            r.remove_tunnel("c1", &format!("t{i}")).unwrap();
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        let holds = r.holds(&Principal::new("alice"));
+        // Closed tunnels hold their hostnames; the oldest hold went first.
+        let ids: Vec<&str> = holds.iter().map(|h| h.tunnel.id.as_str()).collect();
+        assert_eq!(ids, ["t1", "t2"]);
+        assert!(r.hostname_hold("h0.t.h").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reclaiming_drops_the_hold_and_usage_returns_to_zero() {
+        let r = registry(600, 10);
+        client(&r, "c1", "alice");
+        r.add_tunnel(tunnel("t1", "c1", "alice", "a.t.h")).unwrap();
+        r.remove_client("c1", Departure::Lost);
+        client(&r, "c2", "alice");
+        r.add_tunnel(tunnel("t2", "c2", "alice", "a.t.h")).expect("its principal takes it back");
+        assert!(r.holds(&Principal::new("alice")).is_empty());
+        r.remove_client("c2", Departure::Lost);
+        tokio::time::advance(Duration::from_secs(601)).await;
+        r.hostname_hold("a.t.h");
+        assert!(r.lock().usage.is_empty(), "nothing is left counted once everything is gone");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use common::*;
 use serde_json::json;
 use strait_agent::TunnelProperties;
-use strait_engine::registry::{Client, ClientInfo};
+use strait_engine::registry::{Client, ClientInfo, Departure};
 
 fn private(name: &str, team: &str) -> TunnelProperties {
     TunnelProperties {
@@ -31,7 +31,8 @@ async fn snapshot_then_each_lifecycle_event() {
     let engine = TestEngine::start().await;
     let first = engine.client("alice").connect().await.unwrap();
     let existing = first.open_tunnel(private("existing", "core")).await.unwrap();
-    let mut sse = engine.sse("", &engine.token("ops")).await;
+    // An operator watches every principal.
+    let mut sse = engine.sse("", &engine.admin_token("ops")).await;
 
     let initial = sse.event().await;
     assert_eq!(initial["type"], "state.initial");
@@ -78,7 +79,7 @@ async fn filters_apply_to_the_snapshot_and_to_events() {
         "?params={}",
         encode(json!({"tunnels": {"labels": {"team": "core"}}, "clients": {"user_id": "nobody"}}))
     );
-    let mut sse = engine.sse(&query, &engine.token("ops")).await;
+    let mut sse = engine.sse(&query, &engine.admin_token("ops")).await;
     let initial = sse.event().await;
     assert_eq!(initial["object"]["clients"], json!([]));
     let tunnels = initial["object"]["tunnels"].as_array().unwrap();
@@ -127,9 +128,9 @@ async fn a_slow_consumer_is_disconnected_with_a_reason() {
     let registry = &engine.engine.shared.registry;
     let (outbox, _rx) = tokio::sync::mpsc::channel(1);
     for i in 0..strait_engine::registry::FEED_CAPACITY {
-        let info = ClientInfo { id: format!("burst{i}"), principal: "load".into(), ..Default::default() };
-        registry.add_client(Arc::new(Client { info, outbox: outbox.clone() }));
-        registry.remove_client(&format!("burst{i}"));
+        let info = ClientInfo { id: format!("burst{i}"), principal: "ops".into(), ..Default::default() };
+        registry.add_client(Arc::new(Client { info, outbox: outbox.clone() })).unwrap();
+        registry.remove_client(&format!("burst{i}"), Departure::Closed);
     }
     let mut last = None;
     while let Some(item) = sse.next().await {

@@ -71,7 +71,7 @@ async fn clients_and_tunnels_have_the_spec_shapes() {
     let engine = TestEngine::start().await;
     let control = engine.client("alice").connect().await.unwrap();
     let opened = control.open_tunnel(tunnel("db", &[("team", "core")])).await.unwrap();
-    let token = engine.token("ops");
+    let token = engine.admin_token("ops");
 
     let clients = engine.api_get("/api/clients", Some(&token)).await.json();
     let client = &clients[0];
@@ -116,7 +116,7 @@ async fn params_filter_and_limit() {
     alice.open_tunnel(tunnel("a1", &[("team", "core"), ("env", "prod")])).await.unwrap();
     alice.open_tunnel(tunnel("a2", &[("team", "edge")])).await.unwrap();
     bob.open_tunnel(tunnel("b1", &[("env", "dev")])).await.unwrap();
-    let token = engine.token("ops");
+    let token = engine.admin_token("ops");
     let list = |p: serde_json::Value| {
         let path = format!("/api/tunnels{}", params(p));
         let token = token.clone();

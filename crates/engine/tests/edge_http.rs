@@ -189,7 +189,8 @@ fn upgrade_echo_handler() -> Handler {
             if !req.headers().contains_key(header::UPGRADE) {
                 return response.body(full("plain")).unwrap();
             }
-            response = response.status(101).header("Connection", "Upgrade").header("Upgrade", "websocket");
+            let asked = req.headers()[header::UPGRADE].clone();
+            response = response.status(101).header("Connection", "Upgrade").header("Upgrade", asked);
             if let Some(p) = protocol {
                 let first = p.to_str().unwrap().split(',').next().unwrap().trim().to_string();
                 response = response.header("Sec-WebSocket-Protocol", first);
@@ -199,12 +200,22 @@ fn upgrade_echo_handler() -> Handler {
     })
 }
 
-async fn echo_through(io: hyper::upgrade::Upgraded, payload: &[u8]) -> Vec<u8> {
-    let mut io = TokioIo::new(io);
+async fn echo_through<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(io: &mut S, payload: &[u8]) -> Vec<u8> {
     io.write_all(payload).await.unwrap();
     let mut back = vec![0u8; payload.len()];
     io.read_exact(&mut back).await.unwrap();
     back
+}
+
+/// An HTTP/2 extended CONNECT opening a WebSocket (RFC 8441).
+fn websocket_connect(uri: &str, subprotocol: Option<&str>) -> Request<TestBody> {
+    let mut request = Request::connect(uri).header("sec-websocket-version", "13");
+    if let Some(subprotocol) = subprotocol {
+        request = request.header("sec-websocket-protocol", subprotocol);
+    }
+    let mut request = request.body(full("")).unwrap();
+    request.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    request
 }
 
 #[tokio::test]
@@ -230,23 +241,18 @@ async fn websocket_upgrades_over_http1_and_http2_and_connect() {
     assert_eq!(response.headers()["sec-websocket-protocol"], "rivet_token.abc");
     assert_eq!(response.headers()["x-target"], "/gateway/a@b/ws");
     let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
-    assert_eq!(echo_through(upgraded, &binary).await, binary);
+    assert_eq!(echo_through(&mut TokioIo::new(upgraded), &binary).await, binary);
 
     // HTTP/2 extended CONNECT becomes an HTTP/1.1 upgrade at the service.
     let mut h2 = engine.h2("ws.t.localhost").await;
     text(h2.send_request(get("ws.t.localhost", "https://ws.t.localhost/warmup")).await.unwrap()).await;
-    let mut request = Request::connect("https://ws.t.localhost/gateway/a@b/ws")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-protocol", "rivet")
-        .body(full(""))
-        .unwrap();
-    request.extensions_mut().insert(hyper::ext::Protocol::from_static("websocket"));
+    let request = websocket_connect("https://ws.t.localhost/gateway/a@b/ws", Some("rivet"));
     let mut response = h2.send_request(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["sec-websocket-protocol"], "rivet");
     assert!(response.headers().get("sec-websocket-accept").is_none());
     let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
-    assert_eq!(echo_through(upgraded, &binary).await, binary);
+    assert_eq!(echo_through(&mut TokioIo::new(upgraded), &binary).await, binary);
 
     // CONNECT is relayed to the service, which decides.
     let mut h1 = engine.h1("ws.t.localhost").await;
@@ -255,7 +261,7 @@ async fn websocket_upgrades_over_http1_and_http2_and_connect() {
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()["x-target"], "db.internal:5432");
     let upgraded = hyper::upgrade::on(&mut response).await.unwrap();
-    assert_eq!(echo_through(upgraded, b"SELECT 1").await, b"SELECT 1");
+    assert_eq!(echo_through(&mut TokioIo::new(upgraded), b"SELECT 1").await, b"SELECT 1");
 }
 
 #[tokio::test]
@@ -366,7 +372,7 @@ async fn failures_have_their_own_status_and_body() {
         drop(leaving);
     };
     let ((status, body), ()) = tokio::join!(public, agent);
-    assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "tunnel offline\n"));
+    assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "agent offline\n"));
 
     // The agent never dials back: 504 after stream_request_seconds.
     let _lazy = raw_agent(&engine, "lazy").await;
@@ -645,31 +651,85 @@ async fn shutdown_lets_a_published_download_in_flight_finish() {
     stopping.await.unwrap();
 }
 
-/// A hand-written HTTP/1.1 service: answers each request head by its
-/// path, with framings and failures hyper-made services never show.
-/// Counts the connections it accepted.
-async fn raw_service() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+/// A hand-written HTTP/1.1 service: answers each request by its path,
+/// with framings and failures hyper-made services never show. A body
+/// framed by `Content-Length` is read before the answer; a chunked one is
+/// answered only once its last chunk (`0\r\n\r\n`) arrived, so a body
+/// cut short is never answered.
+struct RawService {
+    addr: std::net::SocketAddr,
+    /// Connections accepted.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// Every byte each connection carried, sent when the engine closed it.
+    transcripts: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+async fn raw_service() -> RawService {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = accepted.clone();
+    let (transcript_tx, transcripts) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             let Ok((mut tcp, _)) = listener.accept().await else { return };
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let transcript_tx = transcript_tx.clone();
             tokio::spawn(async move {
+                let mut transcript = Vec::new();
                 let mut seen = Vec::new();
                 let mut chunk = [0u8; 4096];
-                loop {
-                    let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        match tcp.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+                // Reads more; false at the end of the connection.
+                async fn more(
+                    tcp: &mut tokio::net::TcpStream,
+                    chunk: &mut [u8],
+                    seen: &mut Vec<u8>,
+                    transcript: &mut Vec<u8>,
+                ) -> bool {
+                    match tcp.read(chunk).await {
+                        Ok(0) | Err(_) => false,
+                        Ok(n) => {
+                            seen.extend_from_slice(&chunk[..n]);
+                            transcript.extend_from_slice(&chunk[..n]);
+                            true
+                        }
+                    }
+                }
+                'requests: loop {
+                    let Some(end) = find(&seen, b"\r\n\r\n") else {
+                        if !more(&mut tcp, &mut chunk, &mut seen, &mut transcript).await {
+                            break;
                         }
                         continue;
                     };
                     let head = String::from_utf8_lossy(&seen[..end]).into_owned();
                     seen.drain(..end + 4);
+                    let lower = head.to_ascii_lowercase();
+                    if lower.contains("\r\ntransfer-encoding: chunked") {
+                        let end = loop {
+                            match find(&seen, b"0\r\n\r\n") {
+                                Some(end) => break end,
+                                None if more(&mut tcp, &mut chunk, &mut seen, &mut transcript).await => {}
+                                None => break 'requests,
+                            }
+                        };
+                        seen.drain(..end + 5);
+                    } else if let Some(length) = lower
+                        .split("\r\n")
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|n| n.parse().ok())
+                    {
+                        while seen.len() < length {
+                            if !more(&mut tcp, &mut chunk, &mut seen, &mut transcript).await {
+                                break 'requests;
+                            }
+                        }
+                        seen.drain(..length);
+                    }
                     let path = head.split(' ').nth(1).unwrap_or_default().to_string();
                     let (answer, close): (Vec<u8>, bool) = match path.as_str() {
                         "/chunked" => {
@@ -695,32 +755,33 @@ async fn raw_service() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUs
                         _ => (format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{head}", head.len()).into_bytes(), false),
                     };
                     if tcp.write_all(&answer).await.is_err() || close {
-                        return;
+                        break;
                     }
                 }
+                let _ = transcript_tx.send(String::from_utf8_lossy(&transcript).into_owned());
             });
         }
     });
-    (addr, accepted)
+    RawService { addr, accepted, transcripts }
 }
 
 /// Sends `requests` in one write on a fresh public HTTP/1.1 connection and
 /// returns everything the engine answered until it closed.
-async fn exchange_raw(engine: &TestEngine, host: &str, requests: &str) -> String {
+async fn exchange_raw(engine: &TestEngine, host: &str, requests: impl AsRef<[u8]>) -> String {
     let mut public = engine.public(host, &[b"http/1.1"]).await;
-    public.write_all(requests.as_bytes()).await.unwrap();
+    public.write_all(requests.as_ref()).await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), public.read_to_end(&mut answer))
         .await
         .expect("the engine closes")
         .ok();
-    String::from_utf8(answer).unwrap()
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 #[tokio::test]
 async fn plain_requests_pass_with_every_response_framing() {
     let engine = TestEngine::start().await;
-    let (service, accepted) = raw_service().await;
+    let RawService { addr: service, accepted, .. } = raw_service().await;
     let (_control, _) = publish(&engine, published("raw"), service).await;
     let get = |path: &str, last: bool| {
         format!(
@@ -769,7 +830,7 @@ async fn plain_requests_pass_with_every_response_framing() {
 #[tokio::test]
 async fn broken_service_responses_get_a_502_or_a_close() {
     let engine = TestEngine::start().await;
-    let (service, _) = raw_service().await;
+    let RawService { addr: service, .. } = raw_service().await;
     let (_control, _) = publish(&engine, published("bad"), service).await;
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: bad.t.localhost\r\n\r\n");
 
@@ -798,7 +859,7 @@ async fn broken_service_responses_get_a_502_or_a_close() {
 #[tokio::test]
 async fn malformed_request_heads_get_an_error_and_never_reach_the_service() {
     let engine = TestEngine::start().await;
-    let (service, accepted) = raw_service().await;
+    let RawService { addr: service, accepted, .. } = raw_service().await;
     let (_control, _) = publish(&engine, published("strict"), service).await;
     // Connection: close, so every answer ends with the connection.
     let host = "Host: strict.t.localhost\r\nConnection: close\r\n";
@@ -833,4 +894,368 @@ async fn malformed_request_heads_get_an_error_and_never_reach_the_service() {
     let (_, seen) = answer.split_once("\r\n\r\n").unwrap();
     assert!(seen.starts_with("POST / HTTP/1.1\r\n"), "{answer}");
     assert!(!seen.to_ascii_lowercase().contains("content-length"), "{answer}");
+}
+
+// ---- Request framing, absolute-form targets, failure pages, idle WebSockets. ----
+
+/// Every test below ends within this, pass or fail.
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn within<F: Future>(test: F) -> F::Output {
+    tokio::time::timeout(TEST_TIMEOUT, test).await.expect("the test finishes in time")
+}
+
+/// What comes before the request under test on one public HTTP/1.1
+/// connection, so that each of the edge's readers meets it: nothing (the
+/// relay reads it), a relayed request (the relay hands the connection to
+/// hyper with its kept agent stream), or a request with a body (hyper
+/// already serves the connection).
+fn leads(host: &str) -> [(&'static str, String); 3] {
+    [
+        ("first on a connection", String::new()),
+        ("after a relayed request", format!("GET /warm HTTP/1.1\r\nHost: {host}\r\n\r\n")),
+        ("after a request hyper served", format!("POST /warm HTTP/1.1\r\nHost: {host}\r\nContent-Length: 2\r\n\r\nok")),
+    ]
+}
+
+/// Asserts that `answer` holds one `200` per lead request, then `status`
+/// with `body` as the last response.
+fn assert_last_answer(what: &str, lead: &str, answer: &str, status: &str, body: &str) {
+    let warm = usize::from(!lead.is_empty());
+    assert_eq!(answer.matches("HTTP/1.1 200 OK\r\n").count(), warm, "{what}: {answer}");
+    let last = &answer[answer.rfind("HTTP/1.1 ").unwrap_or_default()..];
+    assert!(last.starts_with(&format!("HTTP/1.1 {status}\r\n")), "{what}: {answer}");
+    assert!(last.ends_with(&format!("\r\n\r\n{body}")), "{what}: {answer}");
+}
+
+/// Waits for the transcript of every agent stream the engine opened.
+async fn transcripts(engine: &TestEngine, service: &mut RawService) -> Vec<String> {
+    let mut all = Vec::new();
+    for _ in 0..engine.published_streams() {
+        all.push(service.transcripts.recv().await.expect("the service is up"));
+    }
+    all
+}
+
+#[tokio::test]
+async fn a_malformed_chunked_body_gets_a_400_and_never_reaches_the_service_whole() {
+    within(async {
+        let engine = TestEngine::start().await;
+        let mut service = raw_service().await;
+        let (_control, _) = publish(&engine, published("chunky"), service.addr).await;
+        let host = "chunky.t.localhost";
+        // Not a chunk size; more data than the size says.
+        for body in ["zz\r\nhello\r\n0\r\n\r\n", "5\r\nhello!!\r\n0\r\n\r\n"] {
+            for (what, lead) in leads(host) {
+                let request =
+                    format!("{lead}POST /bad HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n{body}");
+                let answer = exchange_raw(&engine, host, &request).await;
+                assert_last_answer(what, &lead, &answer, "400 Bad Request", "bad request: malformed request body\n");
+            }
+        }
+        // The service never saw a body it could take for complete: it
+        // answers a chunked one only after its last chunk.
+        for transcript in transcripts(&engine, &mut service).await {
+            for request in transcript.split("POST /bad ").skip(1) {
+                let (_, body) = request.split_once("\r\n\r\n").unwrap_or_default();
+                assert!(!body.contains("0\r\n\r\n"), "{transcript}");
+            }
+        }
+
+        // An h2c tunnel: hyper's HTTP/2 client towards the agent.
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let handler: Handler = Arc::new(move |req: Request<Incoming>| {
+            let seen_tx = seen_tx.clone();
+            Box::pin(async move {
+                let whole = req.into_body().collect().await.is_ok();
+                seen_tx.send(whole).unwrap();
+                http::Response::builder().body(full("taken")).unwrap()
+            })
+        });
+        let local = http_service(handler).await;
+        let props = strait_agent::TunnelProperties { http_version: Some("h2c".into()), ..published("chunky2c") };
+        let (_h2c, _) = publish(&engine, props, local).await;
+        let host = "chunky2c.t.localhost";
+        let request = format!("POST /bad HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n");
+        let answer = exchange_raw(&engine, host, &request).await;
+        assert_last_answer("h2c", "", &answer, "400 Bad Request", "bad request: malformed request body\n");
+        while let Ok(whole) = seen.try_recv() {
+            assert!(!whole, "the h2c service took a cut body for complete");
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn an_invalid_content_length_gets_a_400_and_never_reaches_the_service() {
+    within(async {
+        let engine = TestEngine::start().await;
+        let mut service = raw_service().await;
+        let (_control, _) = publish(&engine, published("lengths"), service.addr).await;
+        let host = "lengths.t.localhost";
+        let framings: [&[u8]; 9] = [
+            b"Content-Length: 5\xff",
+            b"Content-Length: 0\xff",
+            b"Content-Length: \x80",
+            b"Content-Length: 12, 13",
+            b"Content-Length: +5",
+            b"Content-Length: -1",
+            b"Content-Length: 0x5",
+            b"Content-Length: 0\r\nContent-Length: 5",
+            b"Transfer-Encoding: chunked\xff",
+        ];
+        for (what, lead) in leads(host) {
+            for framing in framings {
+                let mut request = lead.clone().into_bytes();
+                request.extend_from_slice(format!("GET /bad HTTP/1.1\r\nHost: {host}\r\n").as_bytes());
+                request.extend_from_slice(framing);
+                request.extend_from_slice(b"\r\nConnection: close\r\n\r\nhello");
+                let answer = exchange_raw(&engine, host, &request).await;
+                let what = format!("{what}, {}", String::from_utf8_lossy(framing));
+                assert_last_answer(&what, &lead, &answer, "400 Bad Request", "");
+            }
+        }
+        for transcript in transcripts(&engine, &mut service).await {
+            assert!(!transcript.contains("/bad"), "{transcript}");
+        }
+    })
+    .await
+}
+
+/// `echo_handler`, answering with an `x-service` header that names it.
+fn tagged_echo(tag: &'static str, paths: Arc<std::sync::Mutex<Vec<String>>>) -> Handler {
+    let echo = echo_handler();
+    Arc::new(move |req: Request<Incoming>| {
+        paths.lock().unwrap().push(req.uri().to_string());
+        let answer = echo(req);
+        Box::pin(async move {
+            let mut response = answer.await;
+            response.headers_mut().insert("x-service", http::HeaderValue::from_static(tag));
+            response
+        })
+    })
+}
+
+#[tokio::test]
+async fn an_absolute_form_target_is_routed_by_its_authority_which_becomes_the_host() {
+    within(async {
+        let engine = TestEngine::start().await;
+        let paths_a = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let a = http_service(tagged_echo("a", paths_a.clone())).await;
+        let b = http_service(tagged_echo("b", Default::default())).await;
+        let (_a, _) = publish(&engine, published("a"), a).await;
+        let (_b, _) = publish(&engine, published("b"), b).await;
+        let host = "a.t.localhost";
+        for (what, lead) in leads(host) {
+            let request = format!(
+                "{lead}GET https://b.t.localhost/x/%2F?y=1 HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+            );
+            let answer = exchange_raw(&engine, host, &request).await;
+            let last = &answer[answer.rfind("HTTP/1.1 200 OK\r\n").unwrap_or_default()..];
+            assert!(last.contains("\r\nx-service: b\r\n"), "{what}: {answer}");
+            let (_, seen) = last.split_once("\r\n\r\n").unwrap();
+            assert!(seen.starts_with("GET /x/%2F?y=1 HTTP/1.1 0\n"), "{what}: {answer}");
+            assert!(seen.contains("\nhost: b.t.localhost\n"), "{what}: {answer}");
+            assert!(seen.contains("\nx-forwarded-host: b.t.localhost\n"), "{what}: {answer}");
+            assert!(!seen.contains("a.t.localhost"), "{what}: {answer}");
+
+            // A target naming no published host goes nowhere.
+            for (target, status, body) in [
+                ("http://evil.example/", "404 Not Found", "no tunnel for evil.example\n"),
+                ("https://localhost/api/tunnels", "404 Not Found", "no tunnel for localhost\n"),
+                ("https://u@b.t.localhost/", "400 Bad Request", "bad request: userinfo in the request target\n"),
+            ] {
+                let request = format!("{lead}GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+                let answer = exchange_raw(&engine, host, &request).await;
+                assert_last_answer(&format!("{what}, {target}"), &lead, &answer, status, body);
+            }
+        }
+        assert!(paths_a.lock().unwrap().iter().all(|p| p == "/warm"), "{:?}", paths_a.lock().unwrap());
+
+        // HTTP/2: `:authority` routes, and is the Host the service sees.
+        let mut h2 = engine.h2(host).await;
+        let request = Request::get("https://b.t.localhost/h2").header(header::HOST, host).body(full("")).unwrap();
+        let response = h2.send_request(request).await.unwrap();
+        assert_eq!(response.headers()["x-service"], "b");
+        let seen = text(response).await;
+        assert!(seen.contains("\nhost: b.t.localhost\n") && !seen.contains("a.t.localhost"), "{seen}");
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_refused_local_service_gets_a_502_that_names_nothing_behind_the_agent() {
+    within(async {
+        let engine = TestEngine::start().await;
+        // A port nothing listens on: the real agent cannot reach its service.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let (_control, _) = publish(&engine, published("gone"), closed).await;
+        let host = "gone.t.localhost";
+        let generic = |what: &str, answer: &str| {
+            assert!(answer.ends_with("\r\n\r\nupstream refused the stream\n"), "{what}: {answer}");
+            for detail in [closed.port().to_string().as_str(), "127.0.0.1", "onnection refused", "os error"] {
+                assert!(!answer.contains(detail), "{what}: {detail:?} in {answer}");
+            }
+        };
+        // The relay, then hyper on the same connection (a body hands over).
+        let answer = exchange_raw(
+            &engine,
+            host,
+            format!(
+                "GET / HTTP/1.1\r\nHost: {host}\r\n\r\n\
+                 POST / HTTP/1.1\r\nHost: {host}\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+            ),
+        )
+        .await;
+        assert_eq!(answer.matches("HTTP/1.1 502 Bad Gateway\r\n").count(), 2, "{answer}");
+        for page in answer.split("HTTP/1.1 502").skip(1) {
+            generic("HTTP/1.1", page);
+        }
+        // HTTP/2.
+        let mut h2 = engine.h2(host).await;
+        let response = h2.send_request(get(host, "https://gone.t.localhost/")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+        generic("HTTP/2", &format!("\r\n\r\n{}", text(response).await));
+
+        // An agent that reports the failure in its ProxyConnRsp, as the
+        // rstream agents do: the reason stays in the engine's log.
+        let mut agent = raw_agent(&engine, "reporting").await;
+        let public = async { status_and_body(&engine, "reporting.t.localhost", "/").await };
+        let report = async {
+            let req = next_proxy_conn_req(&mut agent).await;
+            let error = strait_proto::Error::new(
+                strait_proto::ErrorCode::InvalidStream,
+                format!("dial tcp {closed}: connect: connection refused"),
+            );
+            let rsp = ProxyConnRsp { stream_id: req.stream_id, error: Some(error) };
+            write_message(&mut agent, &Payload::ProxyConnRsp(rsp).into()).await.unwrap();
+        };
+        let ((status, body), ()) = tokio::join!(public, report);
+        assert_eq!(status, StatusCode::BAD_GATEWAY);
+        generic("ProxyConnRsp", &format!("\r\n\r\n{body}"));
+    })
+    .await
+}
+
+type CloseFrame = tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+/// A WebSocket service: echoes messages (pings are answered by the
+/// library) and reports the close frame each connection receives.
+async fn websocket_service() -> (std::net::SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Option<CloseFrame>>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closes_tx, closes) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let closes_tx = closes_tx.clone();
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else { return };
+                while let Some(Ok(message)) = ws.next().await {
+                    if let Message::Close(frame) = message {
+                        let _ = closes_tx.send(frame);
+                    } else if message.is_text() || message.is_binary() {
+                        let _ = ws.send(message).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, closes)
+}
+
+/// Talks on a WebSocket kept up by pings for longer than the idle timeout
+/// (one second), then stays silent: the engine closes it with 1001 on
+/// both sides.
+async fn idle_websocket_is_closed_going_away<S>(
+    what: &str,
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    closes: &mut tokio::sync::mpsc::UnboundedReceiver<Option<CloseFrame>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"), "{what}");
+    let mut ticks = tokio::time::interval(Duration::from_millis(400));
+    for _ in 0..5 {
+        ticks.tick().await;
+        ws.send(Message::Ping("keep".into())).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::Pong("keep".into()), "{what}");
+    }
+    let silent = tokio::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("closed after the idle time");
+    assert!(silent.elapsed() >= Duration::from_millis(900), "{what}: closed after {:?}", silent.elapsed());
+    match closed {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!((frame.code, frame.reason.as_str()), (CloseCode::Away, "idle timeout"), "{what}");
+        }
+        other => panic!("{what}: expected a close frame, got {other:?}"),
+    }
+    let frame = tokio::time::timeout(Duration::from_secs(10), closes.recv()).await.expect("the service hears");
+    let frame = frame.unwrap().expect("with a close frame");
+    assert_eq!((frame.code, frame.reason.as_str()), (CloseCode::Away, "idle timeout"), "{what}");
+    // The client answered the close; the connection ends.
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("the connection ends");
+    assert!(!matches!(end, Some(Ok(_))), "{what}: {end:?}");
+}
+
+#[tokio::test]
+async fn an_idle_websocket_is_closed_with_1001_on_both_sides() {
+    within(async {
+        let engine = TestEngine::start_with("timeouts: {http_idle_seconds: 1}\n").await;
+        let (service, mut closes) = websocket_service().await;
+        let (_control, _) = publish(&engine, published("wsidle"), service).await;
+        let host = "wsidle.t.localhost";
+
+        // HTTP/1.1 Upgrade, through the relay's hand-over to hyper.
+        let tls = engine.public(host, &[b"http/1.1"]).await;
+        let (mut ws, response) = tokio_tungstenite::client_async(format!("wss://{host}/chat"), tls).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        idle_websocket_is_closed_going_away("HTTP/1.1", &mut ws, &mut closes).await;
+
+        // HTTP/2 extended CONNECT.
+        let mut h2 = engine.h2(host).await;
+        let mut response = h2.send_request(websocket_connect(&format!("https://{host}/chat"), None)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let upgraded = TokioIo::new(hyper::upgrade::on(&mut response).await.unwrap());
+        let role = tokio_tungstenite::tungstenite::protocol::Role::Client;
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(upgraded, role, None).await;
+        idle_websocket_is_closed_going_away("HTTP/2", &mut ws, &mut closes).await;
+    })
+    .await
+}
+
+#[tokio::test]
+async fn other_idle_upgrades_and_connect_are_closed_without_a_frame() {
+    within(async {
+        let engine = TestEngine::start_with("timeouts: {http_idle_seconds: 1}\n").await;
+        let local = http_service(upgrade_echo_handler()).await;
+        let (_control, _) = publish(&engine, published("rawidle"), local).await;
+        let host = "rawidle.t.localhost";
+        let upgrade = Request::get("/raw")
+            .header(header::HOST, host)
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, "x-raw")
+            .body(full(""))
+            .unwrap();
+        let connect =
+            Request::connect("db.internal:5432").header(header::HOST, "db.internal:5432").body(full("")).unwrap();
+        for request in [upgrade, connect] {
+            let what = request.method().to_string();
+            let mut h1 = engine.h1(host).await;
+            let mut response = h1.send_request(request).await.unwrap();
+            assert!(response.status() == StatusCode::SWITCHING_PROTOCOLS || response.status() == StatusCode::OK);
+            let mut io = TokioIo::new(hyper::upgrade::on(&mut response).await.unwrap());
+            assert_eq!(echo_through(&mut io, b"bytes").await, b"bytes", "{what}");
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), io.read_to_end(&mut rest)).await.expect("closed").ok();
+            assert!(rest.is_empty(), "{what}: {rest:?}");
+        }
+    })
+    .await
 }

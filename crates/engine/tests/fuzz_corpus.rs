@@ -129,7 +129,7 @@ fn messages() -> Vec<(String, Message)> {
             payload: Some(OpenTunnelResult::TunnelProperties(properties)),
         }),
         Payload::CloseTunnelReq(CloseTunnelReq { tunnel_id: "t1".into() }),
-        Payload::CloseTunnelRsp(CloseTunnelRsp { tunnel_id: "t1".into() }),
+        Payload::CloseTunnelRsp(CloseTunnelRsp { tunnel_id: "t1".into(), error: None }),
         Payload::ProxyConnReq(ProxyConnReq {
             tunnel_id: "t1".into(),
             stream_id: "s1".into(),

@@ -269,6 +269,11 @@ pub struct CloseTunnelReq {
 pub struct CloseTunnelRsp {
     #[prost(string, tag = "1")]
     pub tunnel_id: String,
+    /// Beyond the rstream protocol: why a close was refused (an unknown
+    /// tunnel, or another client's). Agents that do not know the field see
+    /// a plain reply and never wait for one.
+    #[prost(message, optional, tag = "2")]
+    pub error: Option<Error>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,27 +34,62 @@ impl TestEngine {
         strait_engine::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         strait_engine::dev::generate_certs("localhost", dir.path()).unwrap();
-        let engine = Self::boot(dir.path(), "127.0.0.1:0").await;
+        let engine = Engine::start(Self::config(dir.path(), "127.0.0.1:0", SECRET)).await.unwrap();
         let addr = engine.tls_addr;
         Self { engine: Some(engine), dir, addr }
     }
 
-    pub async fn boot(dir: &Path, listen: &str) -> Engine {
+    /// Starts an engine again on the address of one just stopped. The old
+    /// engine's side of a connection its peer has not closed yet can keep
+    /// the port from being bound for a moment (seen as AddrInUse in about
+    /// one restart in ten), so the bind is retried until it succeeds.
+    pub async fn boot(dir: &Path, listen: &str, secret: &str) -> Engine {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match Engine::start(Self::config(dir, listen, secret)).await {
+                Ok(engine) => return engine,
+                Err(strait_engine::StartError::Bind { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(error) => panic!("the engine does not start again on {listen}: {error}"),
+            }
+        }
+    }
+
+    fn config(dir: &Path, listen: &str, secret: &str) -> Config {
         let yaml = format!(
             "engine: {{host: localhost, log_level: info}}\n\
              tls: {{enabled: true, listen_addr: \"{listen}\"}}\n\
              certs: {{static: {{enabled: true, cert_file: \"{}\", key_file: \"{}\"}}}}\n\
-             auth: {{jwt: {{enabled: true, token_jwt_secret: \"{SECRET}\"}}}}\n",
+             auth: {{jwt: {{enabled: true, token_jwt_secret: \"{secret}\"}}}}\n",
             dir.join("cert.pem").display(),
             dir.join("key.pem").display()
         );
-        Engine::start(Config::from_yaml_str(&yaml, Vec::new()).unwrap().config).await.unwrap()
+        Config::from_yaml_str(&yaml, Vec::new()).unwrap().config
     }
 
     /// Stops the engine and starts a new one on the same address.
     pub async fn restart(&mut self) {
-        self.engine.take().unwrap().shutdown().await;
-        self.engine = Some(Self::boot(self.dir.path(), &self.addr.to_string()).await);
+        self.restart_with_secret(SECRET).await;
+    }
+
+    /// Restarts on the same address with another JWT secret: tokens minted
+    /// before no longer verify.
+    pub async fn restart_with_secret(&mut self, secret: &str) {
+        self.stop().await;
+        self.engine = Some(Self::boot(self.dir.path(), &self.addr.to_string(), secret).await);
+    }
+
+    /// Stops the engine; its address refuses connections until a restart.
+    pub async fn stop(&mut self) {
+        if let Some(engine) = self.engine.take() {
+            engine.shutdown().await;
+        }
+    }
+
+    /// Starts the engine again on its address after [`TestEngine::stop`].
+    pub async fn start_again(&mut self) {
+        self.engine = Some(Self::boot(self.dir.path(), &self.addr.to_string(), SECRET).await);
     }
 
     pub fn ca(&self) -> PathBuf {
@@ -75,6 +110,16 @@ impl TestEngine {
         self.tunnels().into_iter().map(|(name, t)| (name, t.id.clone())).collect()
     }
 
+    /// `strait` with an operator's token, which sees every principal.
+    pub fn strait_admin(&self, sub: &str) -> Command {
+        let mut cmd = self.strait(sub);
+        cmd.env(
+            "RSTREAM_AUTHENTICATION_TOKEN",
+            strait_engine::auth::mint_with(SECRET.as_bytes(), sub, Some(3600), true),
+        );
+        cmd
+    }
+
     pub fn strait(&self, sub: &str) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strait"));
         cmd.env_clear()
@@ -87,6 +132,19 @@ impl TestEngine {
             .kill_on_drop(true);
         cmd
     }
+}
+
+/// Runs a command to its end, within [`DEADLINE`] (the child is killed
+/// when it takes longer: `TestEngine::strait` sets `kill_on_drop`).
+pub async fn output(cmd: &mut Command) -> Output {
+    cmd.kill_on_drop(true);
+    tokio::time::timeout(DEADLINE, cmd.output()).await.expect("the command ends in time").unwrap()
+}
+
+/// Sends a signal (`"INT"`, `"TERM"`, `"HUP"`) to a process.
+pub async fn signal(pid: u32, name: &str) {
+    let sent = output(Command::new("kill").arg(format!("-{name}")).arg(pid.to_string())).await;
+    assert!(sent.status.success(), "kill -{name} {pid}: {sent:?}");
 }
 
 /// A child with its output read line by line.
@@ -112,12 +170,16 @@ impl Running {
         }
     }
 
+    /// The rest of stderr, up to its end (bounded by [`DEADLINE`]).
     pub async fn drain_stderr(&mut self) -> String {
         let mut out = String::new();
-        while let Ok(Some(line)) = self.stderr.next_line().await {
-            out.push_str(&line);
-            out.push('\n');
-        }
+        let read = async {
+            while let Ok(Some(line)) = self.stderr.next_line().await {
+                out.push_str(&line);
+                out.push('\n');
+            }
+        };
+        let _ = tokio::time::timeout(DEADLINE, read).await;
         out
     }
 
@@ -165,10 +227,38 @@ impl Running {
 
     /// Interrupts the process as Ctrl-C does and waits for a clean exit.
     pub async fn interrupt(mut self) {
-        let pid = self.child.id().unwrap().to_string();
-        std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
-        let status = tokio::time::timeout(DEADLINE, self.child.wait()).await.expect("exit in time").unwrap();
+        self.signal("INT").await;
+        let status = self.exit_within(DEADLINE).await;
         assert!(status.success(), "exit status {status}");
+    }
+
+    pub async fn signal(&self, name: &str) {
+        signal(self.child.id().expect("still running"), name).await;
+    }
+
+    /// Waits for the process to end; the test fails if it takes longer.
+    pub async fn exit_within(&mut self, limit: Duration) -> ExitStatus {
+        match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!("still running {limit:?} later; stderr so far: {}", self.stderr_now().await),
+        }
+    }
+
+    /// Stderr lines already written, without waiting for more.
+    async fn stderr_now(&mut self) -> String {
+        let mut out = String::new();
+        while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_millis(100), self.stderr.next_line()).await {
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out
+    }
+
+    /// Waits for the process to end by itself and returns its status and
+    /// the rest of its stderr.
+    pub async fn finished(&mut self) -> (ExitStatus, String) {
+        let stderr = self.drain_stderr().await;
+        (self.exit_within(DEADLINE).await, stderr)
     }
 }
 
@@ -206,12 +296,15 @@ pub async fn dial(engine: &TestEngine, who: &str, tunnel: &str, input: &[u8]) ->
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input).await.unwrap();
     let mut stdout = child.stdout.take().unwrap();
     let mut out = vec![0u8; input.len()];
-    tokio::time::timeout(DEADLINE, stdout.read_exact(&mut out)).await.expect("echo in time").unwrap();
+    let echo = async {
+        stdin.write_all(input).await.unwrap();
+        stdout.read_exact(&mut out).await.unwrap();
+    };
+    tokio::time::timeout(DEADLINE, echo).await.expect("echo in time");
     drop(stdin);
-    let status = child.wait().await.unwrap();
+    let status = tokio::time::timeout(DEADLINE, child.wait()).await.expect("dial ends in time").unwrap();
     assert!(status.success(), "dial exited with {status}");
     out
 }

@@ -18,6 +18,8 @@ pub struct Peer(pub SocketAddr);
 pub struct ApiError {
     pub status: StatusCode,
     pub body: String,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -26,7 +28,12 @@ impl ApiError {
         if !body.ends_with('\n') {
             body.push('\n');
         }
-        Self { status, body }
+        Self { status, body, retry_after: None }
+    }
+
+    pub fn retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
 
     pub fn bad_request(body: impl Into<String>) -> Self {
@@ -54,6 +61,9 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::UNAUTHORIZED {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
     }
 }
@@ -67,11 +77,7 @@ pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, &'static str> {
         return Err("more than one Authorization header");
     }
     let value = value.to_str().map_err(|_| "Authorization header is not text")?;
-    let (scheme, token) = value.trim().split_once(' ').ok_or("Authorization header is not `Bearer <token>`")?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err("Authorization scheme is not Bearer");
-    }
-    Ok(Some(token.trim()))
+    crate::auth::bearer(value).map(Some).ok_or("Authorization header is not `Bearer <token>`")
 }
 
 /// Checks the caller's token: the Bearer header, or on the streaming
@@ -85,8 +91,13 @@ pub fn authorize(
     headers: &HeaderMap,
     query_token: Option<&str>,
 ) -> Result<Principal, ApiError> {
+    if shared.admission.auth_throttled(peer.0.ip()) {
+        tracing::warn!(peer = %peer.0, path, "API request refused: too many refused tokens from this source");
+        return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many refused tokens; try again in a minute")
+            .retry_after(60));
+    }
     let refuse = |reason: &dyn std::fmt::Display| {
-        shared.metrics.auth_failed();
+        shared.auth_failed(peer.0.ip());
         tracing::warn!(peer = %peer.0, path, %reason, "API request refused");
         ApiError::unauthorized()
     };

@@ -81,6 +81,9 @@ pub enum FeedItem {
 pub struct Feed {
     initial: Option<String>,
     rx: broadcast::Receiver<Change>,
+    /// Whose objects this watcher sees: its own principal's, or all for an
+    /// admin token.
+    principal: Principal,
     params: WatchParams,
     shutdown: CancellationToken,
     ended: bool,
@@ -96,11 +99,13 @@ impl Feed {
         sort_tunnels(&mut tunnels);
         let clients = clients
             .iter()
+            .filter(|c| principal.sees(&c.principal))
             .map(|c| Client::from_info(c, Status::Online))
             .filter(|c| client_matches(params.clients.as_ref(), c))
             .collect();
         let tunnels = tunnels
             .iter()
+            .filter(|t| principal.sees(&t.principal))
             .map(|t| Tunnel::from_tunnel(t, Status::Online))
             .filter(|t| tunnel_matches(params.tunnels.as_ref(), t))
             .collect();
@@ -108,12 +113,13 @@ impl Feed {
             id: ids::event_id(),
             kind: EventType::StateInitial,
             created_at: rfc3339(now),
-            user_id: principal.0.clone(),
+            user_id: principal.id.clone(),
             object: EventObject::Snapshot(Snapshot { snapshot_at: rfc3339(now), clients, tunnels }),
         };
         Feed {
             initial: Some(serde_json::to_string(&initial).expect("events serialise")),
             rx,
+            principal: principal.clone(),
             params,
             shutdown: shared.shutdown.clone(),
             ended: false,
@@ -156,8 +162,12 @@ impl Feed {
         }
     }
 
-    /// The change as an event, if it passes this watcher's filters.
+    /// The change as an event, if it is this watcher's to see and passes
+    /// its filters.
     fn render(&self, change: &Change) -> Option<String> {
+        if !self.principal.sees(change.principal()) {
+            return None;
+        }
         let (kind, id, at, object) = match change {
             Change::ClientCreated(s) | Change::ClientDeleted(s) => {
                 let (kind, status) = match change {
@@ -221,6 +231,7 @@ fn start_feed(
             body = Event, content_type = "text/event-stream"),
         (status = 400, description = "Bad `params`", body = String, content_type = "text/plain"),
         (status = 401, description = "Missing or invalid bearer token", body = String, content_type = "text/plain"),
+        (status = 429, description = "Too many refused tokens from this source (`limits.auth_failures_per_source`); see `Retry-After`", body = String, content_type = "text/plain"),
     ),
     security(("bearer" = []), ("query_token" = []))
 )]
@@ -261,6 +272,7 @@ pub async fn sse(
             frame's reason says why the engine ended the watch", body = Event),
         (status = 400, description = "Bad `params` or not a WebSocket handshake", body = String, content_type = "text/plain"),
         (status = 401, description = "Missing or invalid bearer token", body = String, content_type = "text/plain"),
+        (status = 429, description = "Too many refused tokens from this source (`limits.auth_failures_per_source`); see `Retry-After`", body = String, content_type = "text/plain"),
     ),
     security(("bearer" = []), ("query_token" = []))
 )]

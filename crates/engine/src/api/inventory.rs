@@ -11,8 +11,8 @@ use serde::Deserialize;
 
 use super::auth::{ApiError, Peer, authorize};
 use super::model::{
-    Client, ClientListParams, Status, Tunnel, TunnelListParams, client_matches, parse_params, sort_clients,
-    sort_tunnels, tunnel_matches,
+    Client, ClientListParams, Reservation, Status, Tunnel, TunnelListParams, client_matches, parse_params,
+    sort_clients, sort_tunnels, tunnel_matches,
 };
 use crate::Shared;
 
@@ -48,6 +48,7 @@ fn check_limit(limit: Option<u32>) -> Result<usize, ApiError> {
         (status = 200, description = "Matching clients, oldest first", body = Vec<Client>),
         (status = 400, description = "Bad `params`", body = String, content_type = "text/plain"),
         (status = 401, description = "Missing or invalid bearer token", body = String, content_type = "text/plain"),
+        (status = 429, description = "Too many refused tokens from this source (`limits.auth_failures_per_source`); see `Retry-After`", body = String, content_type = "text/plain"),
     ),
     security(("bearer" = []))
 )]
@@ -57,7 +58,7 @@ pub async fn list_clients(
     headers: HeaderMap,
     q: Result<Query<ApiQuery>, QueryRejection>,
 ) -> Result<Json<Vec<Client>>, ApiError> {
-    authorize(&shared, peer, "/api/clients", &headers, None)?;
+    let principal = authorize(&shared, peer, "/api/clients", &headers, None)?;
     let q = query(q)?;
     let params: ClientListParams = parse_params(q.params.as_deref()).map_err(ApiError::bad_request)?;
     let limit = check_limit(params.limit)?;
@@ -65,6 +66,7 @@ pub async fn list_clients(
     sort_clients(&mut infos);
     let clients = infos
         .iter()
+        .filter(|info| principal.sees(&info.principal))
         .map(|info| Client::from_info(info, Status::Online))
         .filter(|c| client_matches(params.filters.as_ref(), c))
         .take(limit)
@@ -81,6 +83,7 @@ pub async fn list_clients(
     responses(
         (status = 200, description = "The client", body = Client),
         (status = 401, description = "Missing or invalid bearer token", body = String, content_type = "text/plain"),
+        (status = 429, description = "Too many refused tokens from this source (`limits.auth_failures_per_source`); see `Retry-After`", body = String, content_type = "text/plain"),
         (status = 404, description = "No such client", body = String, content_type = "text/plain"),
     ),
     security(("bearer" = []))
@@ -91,8 +94,12 @@ pub async fn get_client(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Client>, ApiError> {
-    authorize(&shared, peer, "/api/clients/{id}", &headers, None)?;
-    let client = shared.registry.client(&id).ok_or_else(|| ApiError::not_found("no such client"))?;
+    let principal = authorize(&shared, peer, "/api/clients/{id}", &headers, None)?;
+    let client = shared
+        .registry
+        .client(&id)
+        .filter(|c| principal.sees(&c.info.principal))
+        .ok_or_else(|| ApiError::not_found("no such client"))?;
     Ok(Json(Client::from_info(&client.info, Status::Online)))
 }
 
@@ -106,6 +113,7 @@ pub async fn get_client(
         (status = 200, description = "Matching tunnels, oldest first", body = Vec<Tunnel>),
         (status = 400, description = "Bad `params`", body = String, content_type = "text/plain"),
         (status = 401, description = "Missing or invalid bearer token", body = String, content_type = "text/plain"),
+        (status = 429, description = "Too many refused tokens from this source (`limits.auth_failures_per_source`); see `Retry-After`", body = String, content_type = "text/plain"),
     ),
     security(("bearer" = []))
 )]
@@ -115,7 +123,7 @@ pub async fn list_tunnels(
     headers: HeaderMap,
     q: Result<Query<ApiQuery>, QueryRejection>,
 ) -> Result<Json<Vec<Tunnel>>, ApiError> {
-    authorize(&shared, peer, "/api/tunnels", &headers, None)?;
+    let principal = authorize(&shared, peer, "/api/tunnels", &headers, None)?;
     let q = query(q)?;
     let params: TunnelListParams = parse_params(q.params.as_deref()).map_err(ApiError::bad_request)?;
     let limit = check_limit(params.limit)?;
@@ -123,6 +131,7 @@ pub async fn list_tunnels(
     sort_tunnels(&mut live);
     let tunnels = live
         .iter()
+        .filter(|t| principal.sees(&t.principal))
         .map(|t| Tunnel::from_tunnel(t, Status::Online))
         .filter(|t| tunnel_matches(params.filters.as_ref(), t))
         .take(limit)
@@ -139,6 +148,7 @@ pub async fn list_tunnels(
     responses(
         (status = 200, description = "The tunnel", body = Tunnel),
         (status = 401, description = "Missing or invalid bearer token", body = String, content_type = "text/plain"),
+        (status = 429, description = "Too many refused tokens from this source (`limits.auth_failures_per_source`); see `Retry-After`", body = String, content_type = "text/plain"),
         (status = 404, description = "No such tunnel", body = String, content_type = "text/plain"),
     ),
     security(("bearer" = []))
@@ -149,7 +159,33 @@ pub async fn get_tunnel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Tunnel>, ApiError> {
-    authorize(&shared, peer, "/api/tunnels/{id}", &headers, None)?;
-    let tunnel = shared.registry.tunnel(&id).ok_or_else(|| ApiError::not_found("no such tunnel"))?;
+    let principal = authorize(&shared, peer, "/api/tunnels/{id}", &headers, None)?;
+    let tunnel = shared
+        .registry
+        .tunnel(&id)
+        .filter(|t| principal.sees(&t.principal))
+        .ok_or_else(|| ApiError::not_found("no such tunnel"))?;
     Ok(Json(Tunnel::from_tunnel(&tunnel, Status::Online)))
+}
+
+/// Hostnames and names kept for their principal after their tunnel went
+/// offline, soonest to expire first. Beyond CE.
+#[utoipa::path(
+    get,
+    path = "/api/reservations",
+    tag = "inventory",
+    responses(
+        (status = 200, description = "The caller's reservations (every principal's for an admin token)", body = Vec<Reservation>),
+        (status = 401, description = "Missing or invalid bearer token", body = String, content_type = "text/plain"),
+        (status = 429, description = "Too many refused tokens from this source (`limits.auth_failures_per_source`); see `Retry-After`", body = String, content_type = "text/plain"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn list_reservations(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<Reservation>>, ApiError> {
+    let principal = authorize(&shared, peer, "/api/reservations", &headers, None)?;
+    Ok(Json(shared.registry.holds(&principal).iter().map(Reservation::from_hold).collect()))
 }

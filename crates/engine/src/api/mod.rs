@@ -1,7 +1,9 @@
 //! The Engine API under `/api` on `engine.host` (HTTP/1.1 and HTTP/2 over
 //! the TLS listener), plus the health checks.
 //!
-//! - [`inventory`]: `GET /api/clients`, `GET /api/tunnels` and one of each;
+//! - [`inventory`]: `GET /api/clients`, `GET /api/tunnels` and one of each,
+//!   `GET /api/reservations`; each shows a token its own principal's objects
+//!   (an admin token's: everyone's);
 //! - [`events`]: `GET /api/sse` and `GET /api/websocket`;
 //! - [`openapi`]: `GET /api/openapi.json`, generated from [`model`];
 //! - [`auth`]: the token check and the short error bodies.
@@ -41,6 +43,7 @@ pub fn router(shared: Arc<Shared>, peer: SocketAddr) -> Router {
         .route("/api/clients/{id}", get(inventory::get_client))
         .route("/api/tunnels", get(inventory::list_tunnels))
         .route("/api/tunnels/{id}", get(inventory::get_tunnel))
+        .route("/api/reservations", get(inventory::list_reservations))
         .route("/api/sse", get(events::sse))
         .route("/api/websocket", get(events::websocket))
         .route("/healthz", get(healthz))

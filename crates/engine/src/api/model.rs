@@ -276,6 +276,51 @@ pub struct WatchParams {
     pub tunnels: Option<TunnelFilters>,
 }
 
+/// What a reservation keeps (beyond CE).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReservationKind {
+    /// A published hostname: only its principal may claim it.
+    Hostname,
+    /// A private tunnel's name: dials by it learn the agent is offline.
+    Name,
+}
+
+/// A hostname or name kept for its principal after its tunnel went offline
+/// (`edge.hostname_hold_seconds`). Beyond CE.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Reservation {
+    pub kind: ReservationKind,
+    /// The hostname, or the tunnel name.
+    pub value: String,
+    /// The principal it is kept for.
+    pub user_id: String,
+    /// The tunnel that held it when it went offline.
+    pub tunnel_id: String,
+    /// When its tunnel went offline (RFC 3339).
+    pub since: String,
+    /// When the reservation ends unless its principal claims it again.
+    pub expires_at: String,
+}
+
+impl Reservation {
+    pub fn from_hold(hold: &crate::registry::Hold) -> Self {
+        use crate::registry::HoldKey;
+        let (kind, value) = match &hold.key {
+            HoldKey::Hostname(host) => (ReservationKind::Hostname, host.clone()),
+            HoldKey::Name { name, .. } => (ReservationKind::Name, name.clone()),
+        };
+        Self {
+            kind,
+            value,
+            user_id: hold.principal.clone(),
+            tunnel_id: hold.tunnel.id.clone(),
+            since: rfc3339(hold.since),
+            expires_at: rfc3339(hold.until),
+        }
+    }
+}
+
 /// What a watch receives first: everything that matched when it started.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Snapshot {

@@ -28,6 +28,7 @@ pub const TITLE: &str = "strait Engine API";
         inventory::get_client,
         inventory::list_tunnels,
         inventory::get_tunnel,
+        inventory::list_reservations,
         events::sse,
         events::websocket,
     ),
@@ -44,6 +45,8 @@ pub const TITLE: &str = "strait Engine API";
         model::EventType,
         model::EventObject,
         model::Snapshot,
+        model::Reservation,
+        model::ReservationKind,
     )),
     modifiers(&Security),
     tags(

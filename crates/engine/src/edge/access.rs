@@ -33,9 +33,7 @@ enum Proof {
 }
 
 fn bearer(value: &HeaderValue) -> Option<&str> {
-    let text = value.to_str().ok()?.trim_start();
-    let (scheme, token) = text.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    crate::auth::bearer(value.to_str().ok()?)
 }
 
 fn query_token(segment: &str) -> Option<&str> {
@@ -46,7 +44,7 @@ fn query_token(segment: &str) -> Option<&str> {
 /// Checks a `token_auth` tunnel's request and removes the proof it used.
 /// Other `Authorization` headers and every other query parameter pass on
 /// untouched, in their order and spelling.
-pub fn check_token(shared: &Shared, parts: &mut Parts) -> Result<(), Refusal> {
+pub fn check_token(shared: &Shared, parts: &mut Parts, source: IpAddr) -> Result<(), Refusal> {
     let mut proofs: Vec<Proof> = parts
         .headers
         .get_all(AUTHORIZATION)
@@ -59,12 +57,12 @@ pub fn check_token(shared: &Shared, parts: &mut Parts) -> Result<(), Refusal> {
     }
     let proof = match proofs.len() {
         0 => {
-            shared.metrics.auth_failed();
+            shared.auth_failed(source);
             return Err(Refusal::Unauthorized);
         }
         1 => proofs.remove(0),
         _ => {
-            shared.metrics.auth_failed();
+            shared.auth_failed(source);
             return Err(Refusal::TwoProofs);
         }
     };
@@ -73,7 +71,7 @@ pub fn check_token(shared: &Shared, parts: &mut Parts) -> Result<(), Refusal> {
         Proof::Query(raw) => percent_decode(raw),
     };
     if shared.verifier.verify(Some(&token)).is_err() {
-        shared.metrics.auth_failed();
+        shared.auth_failed(source);
         return Err(Refusal::Unauthorized);
     }
     match proof {

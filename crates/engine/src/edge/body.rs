@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -26,6 +27,36 @@ impl<B: Body + Unpin> Body for Busy<B> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         if !matches!(frame, Some(Ok(_))) {
             self.guard.take();
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A request body from the public client that remembers whether it failed:
+/// a malformed chunked body, or one the client cut short. hyper then fails
+/// the request towards the agent with an error of its own, which is the
+/// client's doing, not the service's.
+pub struct Watched {
+    pub inner: Incoming,
+    pub failed: Arc<AtomicBool>,
+}
+
+impl Body for Watched {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if matches!(frame, Some(Err(_))) {
+            self.failed.store(true, Ordering::Relaxed);
         }
         Poll::Ready(frame)
     }

@@ -34,6 +34,16 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The answer for a hostname no live tunnel serves: its tunnel's agent
+    /// is offline while the hostname is held for its principal, else there
+    /// is no such tunnel.
+    pub fn unrouted(shared: &crate::Shared, host: &str) -> Refusal {
+        match shared.registry.hostname_hold(host) {
+            Some(_) => Refusal::Offline,
+            None => Refusal::UnknownHost(host.to_string()),
+        }
+    }
+
     pub fn from_stream(failure: StreamFailure) -> Self {
         match failure {
             StreamFailure::AgentGone => Refusal::Offline,
@@ -64,11 +74,20 @@ impl Refusal {
             Refusal::Forbidden => "source address not allowed\n".into(),
             Refusal::Unauthorized => "missing or invalid token\n".into(),
             Refusal::TwoProofs => "more than one token in the request\n".into(),
-            Refusal::Offline => "tunnel offline\n".into(),
+            Refusal::Offline => "agent offline\n".into(),
             Refusal::Busy => "tunnel busy, retry later\n".into(),
             Refusal::Upstream(_) => "upstream refused the stream\n".into(),
             Refusal::Timeout => "upstream timed out\n".into(),
             Refusal::BadRequest(why) => format!("bad request: {why}\n"),
+        }
+    }
+
+    /// What the log says: the detail behind the page (an agent's or a
+    /// service's own words), which the public never sees.
+    pub fn detail(&self) -> String {
+        match self {
+            Refusal::Upstream(reason) => reason.clone(),
+            other => other.body().trim_end().to_string(),
         }
     }
 
@@ -123,9 +142,13 @@ mod tests {
             assert_eq!(refusal.response().status().as_u16(), status);
         }
         assert_eq!(Refusal::UnknownHost("a.t.h".into()).body(), "no tunnel for a.t.h\n");
+        // What an agent reports stays in the log.
+        let refused = Refusal::from_stream(StreamFailure::Refused("127.0.0.1:3999: Connection refused".into()));
+        assert_eq!(refused.body(), "upstream refused the stream\n");
+        assert_eq!(refused.detail(), "127.0.0.1:3999: Connection refused");
         let page = String::from_utf8(Refusal::Offline.http1()).unwrap();
         assert!(page.starts_with("HTTP/1.1 503 Service Unavailable\r\n"), "{page}");
         assert!(page.contains("retry-after: 1\r\n"), "{page}");
-        assert!(page.ends_with("content-length: 15\r\n\r\ntunnel offline\n"), "{page}");
+        assert!(page.ends_with("content-length: 14\r\n\r\nagent offline\n"), "{page}");
     }
 }

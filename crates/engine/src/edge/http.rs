@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,14 +36,17 @@ use tokio_rustls::StartHandshake;
 
 use super::access;
 use super::activity::{Activity, Tracked};
-use super::body::{Busy, Returning};
+use super::body::{Busy, Returning, Watched};
 use super::errors::Refusal;
 use super::headers;
 use super::relay::{self, Outcome};
 use super::tls;
-use super::upstream::{Lease, Pool, Sender};
+use super::upstream::{self, Lease, Pool, Sender};
+use super::websocket;
 use crate::Shared;
+use crate::admission::HandshakeSlot;
 use crate::registry::Tunnel;
+use crate::tunnel::Namespace;
 
 /// Response bodies towards the public.
 pub type PublicBody = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -89,13 +93,14 @@ pub async fn serve(
     tcp: TcpStream,
     sni: String,
     peer: SocketAddr,
+    slot: HandshakeSlot,
 ) {
     let config = match sni_tunnel.as_deref() {
         Some(tunnel) if tls::has_options(&tunnel.properties) => {
             match tls::tunnel_config(&shared, tunnel, vec![b"h2".to_vec(), b"http/1.1".to_vec()]) {
                 Ok(config) => config,
                 Err(error) => {
-                    tracing::warn!(%peer, tunnel_id = %tunnel.id, %error, "tunnel TLS options unusable");
+                    tracing::warn!(tunnel_id = %tunnel.id, %error, "tunnel TLS options unusable");
                     return;
                 }
             }
@@ -103,22 +108,10 @@ pub async fn serve(
         _ => shared.tls.api.clone(),
     };
     let activity = Activity::new();
-    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
     let start = StartHandshake::from_parts(accepted, Tracked::new(tcp, activity.clone()));
-    let tls = match tokio::time::timeout(deadline, crate::listener::handshake(start, config)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(error)) => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, %sni, %error, "published TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, %sni, "published TLS handshake timed out");
-            return;
-        }
-    };
-    let mut tls = tls;
+    let tls = crate::listener::handshake(&shared, start, config, "http tunnel").await;
+    drop(slot);
+    let Some(mut tls) = tls else { return };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let idle = Duration::from_secs(shared.config.timeouts.http_idle_seconds);
     let edge = Arc::new(Edge {
@@ -128,6 +121,7 @@ pub async fn serve(
         activity: activity.clone(),
         idle,
         pools: Mutex::new(HashMap::new()),
+        span: tracing::Span::current(),
     });
     // HTTP/1.1 starts in the relay; hyper takes over for what the relay
     // leaves to it, and serves HTTP/2 from the start.
@@ -149,7 +143,8 @@ pub async fn serve(
     }
     let service = service_fn(move |request| {
         let edge = edge.clone();
-        async move { Ok::<_, Infallible>(edge.handle(request).await) }
+        let span = edge.span.clone();
+        tracing::Instrument::instrument(async move { Ok::<_, Infallible>(edge.handle(request).await) }, span)
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -171,12 +166,12 @@ pub async fn serve(
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(error) = result {
-                    tracing::debug!(%peer, %error, "published connection ended with an error");
+                    tracing::debug!(%error, "published connection ended with an error");
                 }
                 break;
             }
             _ = activity.idle(idle), if !closing => {
-                tracing::debug!(%peer, "published connection idle for {}s; closing", idle.as_secs());
+                tracing::debug!("published connection idle for {}s; closing", idle.as_secs());
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
@@ -200,6 +195,9 @@ pub struct Edge {
     pub(super) idle: Duration,
     /// Agent connections by tunnel id.
     pools: Mutex<HashMap<String, Arc<Pool>>>,
+    /// The connection's span: HTTP/2 requests and upgrades run as tasks of
+    /// their own and log under it too.
+    span: tracing::Span,
 }
 
 impl Edge {
@@ -208,7 +206,15 @@ impl Edge {
     #[doc(hidden)]
     pub fn detached(shared: Arc<Shared>, sni: String, peer: SocketAddr) -> Self {
         let idle = Duration::from_secs(shared.config.timeouts.http_idle_seconds);
-        Edge { shared, sni, peer, activity: Activity::new(), idle, pools: Mutex::new(HashMap::new()) }
+        Edge {
+            shared,
+            sni,
+            peer,
+            activity: Activity::new(),
+            idle,
+            pools: Mutex::new(HashMap::new()),
+            span: tracing::Span::none(),
+        }
     }
 }
 
@@ -232,43 +238,54 @@ impl Edge {
         let status = refusal.status().as_u16();
         match refusal {
             Refusal::Upstream(reason) => {
-                tracing::warn!(peer = %self.peer, %host, %method, %path, status, %reason, "request refused");
+                tracing::warn!(peer = %self.peer, %host, %method, %path, status, %reason, "request refused: the agent or its service failed");
+            }
+            Refusal::BadRequest(reason) => {
+                tracing::info!(peer = %self.peer, %host, %method, %path, status, %reason, "request refused: the client sent a bad request");
             }
             _ => tracing::info!(peer = %self.peer, %host, %method, %path, status, "request refused"),
         }
     }
 
-    /// The published hostname a request is for.
-    fn route_host(&self, parts: &Parts) -> (String, Option<String>) {
-        let given = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str().to_string())
-            .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
-        (self.published_name(given.as_deref()), given)
+    /// The published hostname a request is for, and the host it gave.
+    ///
+    /// An HTTP/1.1 target in absolute form names its host itself and
+    /// overrides `Host` (RFC 9112 section 3.2.2), so it must name a
+    /// published host: anything else would make the edge a proxy to
+    /// wherever the client points. `:authority` and `Host` route when they
+    /// name a published host, else the SNI does.
+    fn route_host(&self, parts: &Parts) -> Result<(String, Option<String>), (String, Refusal)> {
+        let authority = parts.uri.authority().map(Authority::as_str);
+        let absolute = parts.version <= Version::HTTP_11 && parts.method != Method::CONNECT;
+        if let Some(authority) = authority.filter(|_| absolute) {
+            let name = name_of(authority);
+            if authority.contains('@') {
+                // RFC 9110 section 4.2.4.
+                return Err((name, Refusal::BadRequest("userinfo in the request target")));
+            }
+            if !self.is_published(&name) {
+                return Err((name.clone(), Refusal::UnknownHost(name)));
+            }
+            return Ok((name, Some(authority.to_string())));
+        }
+        let given = authority.or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()));
+        Ok((self.published_name(given), given.map(str::to_string)))
     }
 
     /// The published hostname for the host a request gave (`:authority` or
     /// `Host`), or the SNI when that names none.
     pub(super) fn published_name(&self, given: Option<&str>) -> String {
-        let host = self.shared.config.engine.host.as_str();
-        let name = given.map(|g| {
-            // Most clients send a bare lower-case name: no parse needed.
-            let simple = g.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
-            if simple {
-                return g.trim_end_matches('.').to_string();
-            }
-            let name = g.parse::<Authority>().map(|a| a.host().to_string()).unwrap_or_else(|_| g.to_string());
-            name.trim_end_matches('.').to_ascii_lowercase()
-        });
-        match name {
-            Some(name)
-                if name.strip_suffix(host).and_then(|n| n.strip_suffix(".t.")).is_some_and(|l| !l.is_empty()) =>
-            {
-                name
-            }
+        match given.map(name_of) {
+            Some(name) if self.is_published(&name) => name,
             _ => self.sni.clone(),
         }
+    }
+
+    /// Whether `name` is under `.t.<engine.host>`.
+    fn is_published(&self, name: &str) -> bool {
+        let namespace =
+            Namespace { engine_host: &self.shared.config.engine.host, public_port: self.shared.public_port };
+        namespace.label_of(name).is_some()
     }
 
     fn pool(&self, tunnel: &Arc<Tunnel>) -> Arc<Pool> {
@@ -284,7 +301,7 @@ impl Edge {
         let public_upgrade = (kind != Kind::Plain).then(|| hyper::upgrade::on(&mut request));
         let public_version = request.version();
         let (mut parts, body) = request.into_parts();
-        let (host, given_host) = self.route_host(&parts);
+        let (host, given_host) = self.route_host(&parts)?;
         let fail = |refusal: Refusal| (host.clone(), refusal);
         // RFC 9112 section 3.2: two Hosts could route one way here and
         // another at the service.
@@ -292,8 +309,11 @@ impl Edge {
             return Err(fail(Refusal::BadRequest("more than one Host")));
         }
 
-        let tunnel =
-            self.shared.registry.tunnel_by_hostname(&host).ok_or_else(|| fail(Refusal::UnknownHost(host.clone())))?;
+        let tunnel = self
+            .shared
+            .registry
+            .tunnel_by_hostname(&host)
+            .ok_or_else(|| fail(Refusal::unrouted(&self.shared, &host)))?;
         if tunnel.protocol() != Some("http") {
             return Err(fail(Refusal::NotHttp(host.clone())));
         }
@@ -301,15 +321,23 @@ impl Edge {
             return Err(fail(Refusal::Forbidden));
         }
         if tunnel.properties.token_auth == Some(true) {
-            access::check_token(&self.shared, &mut parts).map_err(fail)?;
+            access::check_token(&self.shared, &mut parts, self.peer.ip()).map_err(fail)?;
         }
         let pool = self.pool(&tunnel);
-        let h2c = matches!(tunnel.properties.http_version.as_deref(), Some("h2c") | Some("h2")) && kind == Kind::Plain;
+        let h2c = upstream::h2c(&tunnel) && kind == Kind::Plain;
         to_upstream(&mut parts, kind, h2c, self.peer, given_host.as_deref()).map_err(fail)?;
 
         // A body-less request may be sent again on a fresh stream if a
         // reused connection turns out closed: nothing was consumed.
         let retry = body.is_end_stream().then(|| parts.clone());
+        let failed = Arc::new(AtomicBool::new(false));
+        let body = Watched { inner: body, failed: failed.clone() };
+        // When the client's body failed, so does the request towards the
+        // agent: that is the client's doing, not the service's.
+        let broken = |error: hyper::Error| match failed.load(Ordering::Relaxed) {
+            true => fail(Refusal::BadRequest("malformed request body")),
+            false => fail(Refusal::Upstream(error.to_string())),
+        };
         let request = Request::from_parts(parts, body.boxed_unsync());
         let mut lease = pool.lease(kind != Kind::Plain).await.map_err(fail)?;
         let response = match self.answer(lease.sender.send(request)).await.map_err(fail)? {
@@ -321,9 +349,9 @@ impl Edge {
                         tracing::debug!(%host, %error, "reused agent connection failed; retrying on a fresh stream");
                         lease = pool.fresh().await.map_err(fail)?;
                         let answer = self.answer(lease.sender.send(request)).await.map_err(fail)?;
-                        answer.map_err(|(e, _)| fail(Refusal::Upstream(e.to_string())))?
+                        answer.map_err(|(e, _)| broken(e))?
                     }
-                    _ => return Err(fail(Refusal::Upstream(error.to_string()))),
+                    _ => return Err(broken(error)),
                 }
             }
         };
@@ -356,8 +384,12 @@ impl Edge {
             Kind::Connect => response.status().is_success(),
         };
         if switched && let Some(public) = public_upgrade {
+            // A WebSocket (RFC 6455, or RFC 8441 translated) is told why
+            // the idle timer ends it; other protocols are just closed.
+            let websocket =
+                kind != Kind::Connect && headers::has_token(response.headers(), &header::UPGRADE, "websocket");
             let upstream = hyper::upgrade::on(&mut response);
-            self.splice_upgraded(public, upstream);
+            self.splice_upgraded(public, upstream, websocket);
             let (mut parts, _) = response.into_parts();
             parts.version = public_version;
             if kind == Kind::ExtendedConnect {
@@ -393,41 +425,67 @@ impl Edge {
     }
 
     /// Carries an upgraded connection's bytes until either side ends or no
-    /// byte moves for the idle timeout (pings count).
-    fn splice_upgraded(&self, public: OnUpgrade, upstream: OnUpgrade) {
+    /// byte moves for the idle timeout (pings count). An idle WebSocket
+    /// gets a close frame each way before the close.
+    fn splice_upgraded(&self, public: OnUpgrade, upstream: OnUpgrade, websocket: bool) {
         let activity = self.activity.clone();
         let idle = self.idle;
         // Upgraded connections are streams in flight: the drain lets them
         // run and only its end (`abort`) cuts them.
         let abort = self.shared.abort.clone();
-        let peer = self.peer;
-        self.shared.tasks.spawn(async move {
-            let (public, upstream) = match tokio::try_join!(public, upstream) {
-                Ok(both) => both,
-                Err(error) => {
-                    tracing::debug!(%peer, %error, "upgrade did not complete");
-                    return;
-                }
-            };
-            let mut public = TokioIo::new(public);
-            let mut upstream = TokioIo::new(upstream);
-            tokio::select! {
-                result = strait_proto::splice::splice(&mut public, &mut upstream) => {
-                    if let Err(error) = result {
-                        tracing::debug!(%peer, %error, "upgraded connection ended with an error");
+        // Its own task: the connection's span goes with it (HTTP/2 requests
+        // run outside the connection's future).
+        let span = self.span.clone();
+        self.shared.tasks.spawn(tracing::Instrument::instrument(
+            async move {
+                let (public, upstream) = match tokio::try_join!(public, upstream) {
+                    Ok(both) => both,
+                    Err(error) => {
+                        tracing::debug!(%error, "upgrade did not complete");
+                        return;
+                    }
+                };
+                let mut public = TokioIo::new(public);
+                let mut upstream = TokioIo::new(upstream);
+                let idled = tokio::select! {
+                    result = strait_proto::splice::splice(&mut public, &mut upstream) => {
+                        if let Err(error) = result {
+                            tracing::debug!(%error, "upgraded connection ended with an error");
+                        }
+                        false
+                    }
+                    _ = activity.idle(idle) => {
+                        tracing::debug!(websocket, "upgraded connection idle for {}s; closing", idle.as_secs());
+                        true
+                    }
+                    _ = abort.cancelled() => false,
+                };
+                if idled && websocket {
+                    tokio::select! {
+                        () = websocket::close_idle(&mut public, &mut upstream) => {}
+                        _ = abort.cancelled() => {}
                     }
                 }
-                _ = activity.idle(idle) => {
-                    tracing::debug!(%peer, "upgraded connection idle for {}s; closing", idle.as_secs());
-                }
-                _ = abort.cancelled() => {}
-            }
-        });
+            },
+            span,
+        ));
     }
 }
 
 fn empty<E: 'static>() -> UnsyncBoxBody<Bytes, E> {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// The host name of an authority (`Host`, `:authority`, an absolute
+/// target): no port, no userinfo, no trailing dot, lower case.
+fn name_of(authority: &str) -> String {
+    // Most clients send a bare lower-case name: no parse needed.
+    let simple = authority.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    if simple {
+        return authority.trim_end_matches('.').to_string();
+    }
+    let name = authority.parse::<Authority>().map(|a| a.host().to_string()).unwrap_or_else(|_| authority.to_string());
+    name.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// Rewrites a public request into the one the agent's service receives.
@@ -474,11 +532,14 @@ fn to_upstream(
     }
     parts.version = Version::HTTP_11;
     headers::join_cookies(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST) {
+    // A target with an authority (absolute form, HTTP/2's `:authority`)
+    // names the host, whatever `Host` says (RFC 9112 section 3.2.2).
+    let from_target = parts.method != Method::CONNECT && parts.uri.authority().is_some();
+    if from_target || !parts.headers.contains_key(header::HOST) {
         let host = HeaderValue::try_from(authority).map_err(|_| Refusal::BadRequest("bad Host"))?;
         parts.headers.insert(header::HOST, host);
     }
-    if parts.method != Method::CONNECT && (parts.uri.scheme().is_some() || parts.uri.authority().is_some()) {
+    if from_target {
         // Origin form for HTTP/1.1: the path and query exactly as sent.
         let target = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         parts.uri = Uri::from(target);

@@ -14,7 +14,8 @@
 //!   leaves everything else to it.
 //!
 //! [`access`] decides `trusted_ips` and `token_auth`; [`activity`] keeps
-//! the idle timer away from busy connections; [`redirect`] is the HTTP
+//! the idle timer away from busy connections, and [`websocket`] writes the
+//! close frame of a WebSocket the timer ends; [`redirect`] is the HTTP
 //! listener.
 
 pub mod access;
@@ -28,6 +29,7 @@ pub mod redirect;
 pub mod relay;
 pub mod tls;
 pub mod upstream;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -37,25 +39,35 @@ use rustls::server::Accepted;
 use tokio::net::TcpStream;
 
 use crate::Shared;
+use crate::admission::HandshakeSlot;
 
-/// Serves one public connection for `hostname` (the SNI, lower case).
-pub async fn serve(
-    shared: Arc<Shared>,
-    accepted: Accepted,
-    tcp: TcpStream,
-    raw_hello: Bytes,
-    hostname: String,
-    peer: SocketAddr,
-) {
+/// A public connection as the listener hands it over: the ClientHello read,
+/// its SNI under the tunnel namespace.
+pub struct Connection {
+    pub accepted: Accepted,
+    pub tcp: TcpStream,
+    /// The ClientHello as it arrived, for a passthrough tunnel to replay.
+    pub raw_hello: Bytes,
+    /// The SNI, lower case.
+    pub hostname: String,
+    pub peer: SocketAddr,
+    /// The connection's place among its source's handshakes; dropped once
+    /// the TLS handshake is over (or, for passthrough, at once).
+    pub slot: HandshakeSlot,
+}
+
+/// Serves one public connection.
+pub async fn serve(shared: Arc<Shared>, connection: Connection) {
+    let Connection { accepted, tcp, raw_hello, hostname, peer, slot } = connection;
     let tunnel = shared.registry.tunnel_by_hostname(&hostname);
     match tunnel {
         Some(tunnel) if tunnel.protocol() == Some("tls") => {
-            Box::pin(tls::serve(shared, tunnel, accepted, tcp, raw_hello, peer)).await;
+            Box::pin(tls::serve(shared, tunnel, accepted, tcp, raw_hello, peer, slot)).await;
         }
         tunnel => {
             // Held to the end of the connection otherwise.
             drop(raw_hello);
-            Box::pin(http::serve(shared, tunnel, accepted, tcp, hostname, peer)).await
+            Box::pin(http::serve(shared, tunnel, accepted, tcp, hostname, peer, slot)).await
         }
     }
 }

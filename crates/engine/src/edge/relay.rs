@@ -432,6 +432,10 @@ fn write_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// The request headers whose values the relay acts on.
+const DECIDING: [&str; 7] =
+    ["host", "content-length", "transfer-encoding", "upgrade", "expect", "connection", "x-forwarded-for"];
+
 /// Reads a request head and decides whether the relay forwards it; if so,
 /// writes the head the service receives into `out`.
 fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
@@ -454,7 +458,11 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
     for header in request.headers.iter() {
         let name = header.name;
         let Ok(value) = std::str::from_utf8(header.value) else {
-            if eq(name, "host") || eq(name, "connection") || eq(name, X_FORWARDED_FOR.as_str()) {
+            // A value the relay would act on but cannot read sends the
+            // request to hyper, which has the last word (a framing header
+            // it cannot read is a 400 there), rather than on to the
+            // service unread.
+            if DECIDING.iter().any(|d| eq(name, d)) {
                 return Parsed::Other;
             }
             continue;
@@ -484,7 +492,7 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
     let properties = &tunnel.properties;
     if tunnel.protocol() != Some("http")
         || properties.token_auth == Some(true)
-        || matches!(properties.http_version.as_deref(), Some("h2c") | Some("h2"))
+        || upstream::h2c(&tunnel)
         || !super::access::ip_allowed(&tunnel, edge.peer.ip())
     {
         return Parsed::Other;

@@ -12,19 +12,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use rustls::server::Accepted;
 use rustls::{ServerConfig, SupportedProtocolVersion};
 use strait_proto::TunnelProperties;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::StartHandshake;
 
 use super::access;
-use super::upstream;
+use super::upstream::{self, AgentStream};
 use crate::Shared;
+use crate::admission::HandshakeSlot;
 use crate::registry::Tunnel;
 
 /// Whether the tunnel narrows the engine's default TLS settings.
@@ -79,80 +79,85 @@ pub async fn serve(
     tcp: TcpStream,
     raw_hello: Bytes,
     peer: SocketAddr,
+    slot: HandshakeSlot,
 ) {
     if !access::ip_allowed(&tunnel, peer.ip()) {
-        tracing::info!(%peer, tunnel_id = %tunnel.id, "connection refused: source address not in trusted_ips");
+        tracing::info!(tunnel_id = %tunnel.id, "connection refused: source address not in trusted_ips");
         return;
     }
     if tunnel.properties.tls_mode.as_deref() == Some("passthrough") {
+        // The engine's part of the handshake is over: the rest is the agent's.
+        drop(slot);
         passthrough(shared, tunnel, tcp, raw_hello, peer).await;
     } else {
         drop(raw_hello);
-        terminated(shared, tunnel, accepted, tcp, peer).await;
+        terminated(shared, tunnel, accepted, tcp, peer, slot).await;
     }
 }
 
 async fn passthrough(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut tcp: TcpStream, raw_hello: Bytes, peer: SocketAddr) {
-    let mut agent = match upstream::open(&shared, &tunnel, peer.ip(), &[]).await {
-        Ok(agent) => agent,
-        Err(refusal) => {
-            tracing::warn!(%peer, tunnel_id = %tunnel.id, status = refusal.status().as_u16(), reason = %refusal.body().trim_end(), "passthrough connection refused");
-            return;
-        }
-    };
+    let Some(mut agent) = open_agent(&shared, &tunnel, peer, &[]).await else { return };
     if let Err(error) = agent.write_all(&raw_hello).await {
-        tracing::debug!(%peer, %error, "agent stream closed before the ClientHello was replayed");
+        tracing::debug!(%error, "agent stream closed before the ClientHello was replayed");
         return;
     }
     drop(raw_hello);
-    tokio::select! {
-        result = strait_proto::splice::splice(&mut tcp, &mut agent) => {
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "passthrough connection ended with an error");
-            }
-        }
-        _ = shared.abort.cancelled() => {}
-    }
+    splice_to_agent(&shared, &mut tcp, &mut agent).await;
 }
 
-async fn terminated(shared: Arc<Shared>, tunnel: Arc<Tunnel>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr) {
+async fn terminated(
+    shared: Arc<Shared>,
+    tunnel: Arc<Tunnel>,
+    accepted: Accepted,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    slot: HandshakeSlot,
+) {
     let alpns = tunnel.properties.tls_alpns.iter().map(|a| a.as_bytes().to_vec()).collect();
     let config = match tunnel_config(&shared, &tunnel, alpns) {
         Ok(config) => config,
         Err(error) => {
-            tracing::warn!(%peer, tunnel_id = %tunnel.id, %error, "tunnel TLS options unusable");
+            tracing::warn!(tunnel_id = %tunnel.id, %error, "tunnel TLS options unusable");
             return;
         }
     };
-    let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
-    let mut public = match tokio::time::timeout(
-        deadline,
-        crate::listener::handshake(StartHandshake::from_parts(accepted, tcp), config),
-    )
-    .await
-    {
-        Ok(Ok(tls)) => tls,
-        _ => {
-            shared.metrics.tls_handshake_failed();
-            tracing::debug!(%peer, tunnel_id = %tunnel.id, "TLS handshake failed");
-            return;
-        }
-    };
+    let start = StartHandshake::from_parts(accepted, tcp);
+    let public = crate::listener::handshake(&shared, start, config, "tls tunnel").await;
+    drop(slot);
+    let Some(mut public) = public else { return };
     // The negotiated protocol, offered again to a TLS upstream.
     let alpn = public.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
     let offer: Vec<&[u8]> = alpn.as_deref().into_iter().collect();
-    let mut agent = match upstream::open(&shared, &tunnel, peer.ip(), &offer).await {
-        Ok(agent) => agent,
-        Err(refusal) => {
-            tracing::warn!(%peer, tunnel_id = %tunnel.id, status = refusal.status().as_u16(), reason = %refusal.body().trim_end(), "TLS connection refused");
-            let _ = public.shutdown().await;
-            return;
-        }
+    let Some(mut agent) = open_agent(&shared, &tunnel, peer, &offer).await else {
+        let _ = public.shutdown().await;
+        return;
     };
+    splice_to_agent(&shared, &mut public, &mut agent).await;
+}
+
+/// A stream to the tunnel's agent; a refusal is logged with its detail,
+/// which the public side never sees (it gets a closed connection).
+async fn open_agent(shared: &Arc<Shared>, tunnel: &Tunnel, peer: SocketAddr, alpns: &[&[u8]]) -> Option<AgentStream> {
+    match upstream::open(shared, tunnel, peer.ip(), alpns).await {
+        Ok(agent) => Some(agent),
+        Err(refusal) => {
+            let status = refusal.status().as_u16();
+            tracing::warn!(tunnel_id = %tunnel.id, status, reason = %refusal.detail(), "TLS connection refused");
+            None
+        }
+    }
+}
+
+/// Carries a `tls` tunnel's bytes until either side ends or the engine's
+/// drain is over.
+async fn splice_to_agent<P>(shared: &Shared, public: &mut P, agent: &mut AgentStream)
+where
+    P: AsyncRead + AsyncWrite + Unpin,
+{
     tokio::select! {
-        result = strait_proto::splice::splice(&mut public, &mut agent) => {
+        result = strait_proto::splice::splice(public, agent) => {
             if let Err(error) = result {
-                tracing::debug!(%peer, %error, "TLS tunnel connection ended with an error");
+                tracing::debug!(%error, "TLS tunnel connection ended with an error");
             }
         }
         _ = shared.abort.cancelled() => {}

@@ -91,6 +91,12 @@ impl AsyncWrite for AgentStream {
     }
 }
 
+/// Whether the tunnel's service speaks HTTP/2 without TLS (`http_version`
+/// `h2c`, or `h2`, taken as the same).
+pub fn h2c(tunnel: &Tunnel) -> bool {
+    matches!(tunnel.properties.http_version.as_deref(), Some("h2c") | Some("h2"))
+}
+
 /// Opens a stream to the tunnel's agent, with TLS inside it when the
 /// tunnel asks for `upstream_tls` (offering `alpns`).
 pub async fn open(
@@ -215,7 +221,7 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(shared: Arc<Shared>, tunnel: Arc<Tunnel>, source: IpAddr) -> Self {
-        let h2c = matches!(tunnel.properties.http_version.as_deref(), Some("h2c") | Some("h2"));
+        let h2c = h2c(&tunnel);
         Self { shared, tunnel, source, h2c, idle: Mutex::new(Vec::new()), h2: tokio::sync::Mutex::new(None) }
     }
 

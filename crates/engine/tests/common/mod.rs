@@ -58,6 +58,11 @@ impl TestEngine {
         strait_engine::auth::mint(SECRET.as_bytes(), sub, Some(3600))
     }
 
+    /// An operator's token: it sees and acts on every principal's objects.
+    pub fn admin_token(&self, sub: &str) -> String {
+        strait_engine::auth::mint_with(SECRET.as_bytes(), sub, Some(3600), true)
+    }
+
     pub fn client_config(&self, sub: &str) -> ClientConfig {
         let mut config = ClientConfig::new(format!("localhost:{}", self.addr.port()), Some(self.token(sub)));
         config.ca_file = Some(self.ca.clone());

@@ -76,7 +76,7 @@ fi
 printf '== fuzz build (%s): %ds\n' "$( ((SMOKE)) && echo smoke || echo release+ASan)" $((SECONDS - start))
 
 # The last value of `key: N` in libFuzzer's status lines.
-last_stat() { grep -oE "$1: [0-9]+" "$2" | tail -1 | grep -oE '[0-9]+' || echo "?"; }
+last_stat() { grep -aoE "$1: [0-9]+" "$2" | tail -1 | grep -oE '[0-9]+' || echo "?"; }
 final_stat() { sed -n "s/^stat::$1: *//p" "$2" | tail -1; }
 
 failed=0
@@ -110,7 +110,7 @@ for t in "${TARGETS[@]}"; do
     scratch=$(find "fuzz/scratch/$t" -type f | wc -l)
     line=$(printf '%-15s %5ss  execs %10s  exec/s %7s  cov %6s  ft %6s  corpus %6s (kept %s, scratch %s)  crashes %s' \
         "$t" "$SECONDS_EACH" "$(final_stat number_of_executed_units "$log")" "$(final_stat average_exec_per_sec "$log")" \
-        "$(last_stat cov "$log")" "$(last_stat ft "$log")" "$(grep -oE 'corp: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+' || echo '?')" \
+        "$(last_stat cov "$log")" "$(last_stat ft "$log")" "$(grep -aoE 'corp: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+' || echo '?')" \
         "$kept" "$scratch" "$crashes")
     if ((rc != 0 || crashes != 0)); then
         failed=1

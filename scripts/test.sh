@@ -91,4 +91,7 @@ stage "soak smoke (bench/soak.py --seconds 60: churn, kill -9, cuts, 1 GiB trans
 stage "scale smoke (bench/scale.py --agents 300: connect, engine restart, reconnect storm)" 180 \
     python3 bench/scale.py --agents 300 --forwards 10 --settle 2 --out target/scale-smoke
 
+stage "fuzz smoke run (scripts/fuzz.sh: every target for 10s on a debug build; the long runs are in fuzz/RESULTS.md)" 900 \
+    bash scripts/fuzz.sh --smoke-build --seconds 10
+
 log "all stages passed in $((SECONDS - started))s"

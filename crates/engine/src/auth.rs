@@ -33,6 +33,15 @@ pub enum AuthError {
 /// than the secret already does, and operators need no second secret.
 pub const ADMIN_CLAIM: &str = "strait_admin";
 
+/// The token of an `Authorization: Bearer <token>` value (the scheme in any
+/// case), or `None` when the value is not a Bearer credential. The one
+/// parser for every door that takes a header: the Engine API and
+/// `token_auth` tunnels.
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// Who a verified token speaks for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Principal {

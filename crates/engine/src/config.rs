@@ -720,6 +720,27 @@ mod tests {
     }
 
     #[test]
+    fn isolation_limits_and_holds_are_validated_and_overridable() {
+        let c = Config::from_yaml_str(MINIMAL, Vec::new()).unwrap().config;
+        assert_eq!(c.limits.handshakes_per_source, 128);
+        assert_eq!(c.limits.control_channels_per_principal, 1000);
+        assert_eq!(c.edge.hostname_hold_seconds, 300);
+        let yaml = format!(
+            "{MINIMAL}limits: {{handshakes_per_source: 0, tunnels_per_principal: -3}}\nedge: {{hostname_hold_seconds: x}}\n"
+        );
+        let error = Config::from_yaml_str(&yaml, Vec::new()).unwrap_err();
+        for field in ["limits.handshakes_per_source", "limits.tunnels_per_principal", "edge.hostname_hold_seconds"] {
+            assert!(error.names(field), "{field} missing from {error}");
+        }
+        let env = [
+            ("RSTREAM_ENGINE_EDGE__HOSTNAME_HOLD_SECONDS".to_string(), "3600".to_string()),
+            ("RSTREAM_ENGINE_LIMITS__AUTH_FAILURES_PER_SOURCE".to_string(), "5".to_string()),
+        ];
+        let c = Config::from_yaml_str(MINIMAL, env).unwrap().config;
+        assert_eq!((c.edge.hostname_hold_seconds, c.limits.auth_failures_per_source), (3600, 5));
+    }
+
+    #[test]
     fn secrets_never_print() {
         let yaml = format!(
             "{MINIMAL}metrics: {{prometheus: {{enabled: true, listen_addr: \":9090\", bearer_token: scrape-token-value}}}}\n"

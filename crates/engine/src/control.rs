@@ -107,7 +107,7 @@ pub async fn serve(
     let principal = match admitted {
         Ok(principal) => principal,
         Err(error) => {
-            tracing::warn!(%peer, %error, "control channel refused");
+            tracing::warn!(%error, "control channel refused");
             let _ = write_message(&mut write_half, &open_rsp(OpenControlChannelResult::Error(error))).await;
             let _ = write_half.shutdown().await;
             return;
@@ -133,7 +133,7 @@ pub async fn serve(
     // Registered before the agent hears yes, so the principal's limit is
     // checked and taken in one step.
     if let Err(refused) = shared.registry.add_client(Arc::new(Client { info, outbox: outbox.clone() })) {
-        tracing::warn!(%peer, principal = %principal, error = %refused, "control channel refused");
+        tracing::warn!(principal = %principal, error = %refused, "control channel refused");
         let error = Error::new(ErrorCode::CapacityExhausted, refused.to_string());
         let _ = write_message(&mut write_half, &open_rsp(OpenControlChannelResult::Error(error))).await;
         let _ = write_half.shutdown().await;
@@ -149,7 +149,7 @@ pub async fn serve(
         return;
     }
     tracing::info!(
-        client_id = %client_id, principal = %principal, %peer,
+        client_id = %client_id, principal = %principal,
         agent = agent.as_deref().unwrap_or("-"), version = version.as_deref().unwrap_or("-"),
         liveness = liveness.is_some(), "client connected"
     );

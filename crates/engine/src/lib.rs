@@ -31,6 +31,9 @@ pub mod config;
 pub mod control;
 pub mod dev;
 pub mod edge;
+/// What the fuzz targets (`fuzz/`) and the property tests check.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod listener;
 pub mod metrics;

@@ -16,10 +16,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use rustls::server::{Accepted, Acceptor};
 use strait_proto::{FrameError, FrameReader, Payload};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::StartHandshake;
+use tracing::Instrument;
 
 use crate::admission::{HandshakeSlot, Refusal};
 use crate::{Shared, control, edge, streams};
@@ -34,6 +35,17 @@ pub enum Route {
     Agent,
     Api,
     Tunnel(String),
+}
+
+impl Route {
+    /// The `route` field of the connection's span.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Route::Agent => "agent",
+            Route::Api => "api",
+            Route::Tunnel(_) => "tunnel",
+        }
+    }
 }
 
 pub fn route(engine_host: &str, sni: Option<&str>, offers_rstrm: bool) -> Route {
@@ -76,11 +88,17 @@ where
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);
+                // One span per connection: every line it logs says which
+                // peer and which route, without passing them to each one.
+                let span = tracing::info_span!("conn", listener = what, %peer, route = tracing::field::Empty);
                 let connection = serve(shared.clone(), tcp, peer);
-                shared.tasks.spawn(async move {
-                    connection.await;
-                    drop(permit);
-                });
+                shared.tasks.spawn(
+                    async move {
+                        connection.await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
             }
             Err(error) => {
                 // EMFILE and friends: wait for descriptors to free up
@@ -102,8 +120,9 @@ fn refuse(shared: &Shared, tcp: TcpStream, peer: SocketAddr, refusal: Refusal) {
 }
 
 /// Reads the ClientHello into a rustls `Acceptor`, keeping the raw bytes so
-/// a passthrough tunnel can replay them to its agent.
-pub async fn read_client_hello(tcp: &mut TcpStream) -> io::Result<(Accepted, Bytes)> {
+/// a passthrough tunnel can replay them to its agent. Generic over the
+/// reader so the fuzz targets feed it from memory.
+pub async fn read_client_hello<IO: AsyncRead + Unpin>(tcp: &mut IO) -> io::Result<(Accepted, Bytes)> {
     let mut acceptor = Acceptor::default();
     // Read straight into the heap: a buffer on this future's stack would
     // stay in the connection task's memory for as long as it lives.
@@ -146,12 +165,12 @@ async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
     let (accepted, raw_hello) = match tokio::time::timeout(deadline, Box::pin(read_client_hello(&mut tcp))).await {
         Ok(Ok(hello)) => hello,
         Ok(Err(error)) => {
-            tracing::debug!(%peer, %error, "connection dropped before TLS");
+            tracing::debug!(%error, "connection dropped before TLS");
             shared.metrics.tls_handshake_failed();
             return;
         }
         Err(_) => {
-            tracing::debug!(%peer, "no ClientHello within {}s", deadline.as_secs());
+            tracing::debug!("no ClientHello within {}s", deadline.as_secs());
             shared.metrics.tls_handshake_failed();
             return;
         }
@@ -159,6 +178,7 @@ async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
     let hello = accepted.client_hello();
     let offers_rstrm = hello.alpn().is_some_and(|mut alpns| alpns.any(|a| a == strait_proto::ALPN));
     let route = route(&shared.config.engine.host, hello.server_name(), offers_rstrm);
+    tracing::Span::current().record("route", route.name());
     match route {
         Route::Agent => {
             // Only passthrough tunnels replay the raw ClientHello.
@@ -185,7 +205,6 @@ pub async fn handshake<IO>(
     shared: &Shared,
     start: StartHandshake<IO>,
     config: Arc<rustls::ServerConfig>,
-    peer: SocketAddr,
     what: &'static str,
 ) -> Option<tokio_rustls::server::TlsStream<IO>>
 where
@@ -198,7 +217,7 @@ where
         Err(_) => format!("no handshake within {}s", deadline.as_secs()),
     };
     shared.metrics.tls_handshake_failed();
-    tracing::debug!(%peer, route = what, %error, "TLS handshake failed");
+    tracing::debug!(route = what, %error, "TLS handshake failed");
     None
 }
 
@@ -206,18 +225,18 @@ where
 /// handshake and the first read run in their own allocation, so the
 /// connection's long-lived state is only what its kind needs.
 async fn agent_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr, slot: HandshakeSlot) {
-    let first = Box::pin(first_frame(&shared, accepted, tcp, peer)).await;
+    let first = Box::pin(first_frame(&shared, accepted, tcp)).await;
     // An agent connection is past its handshake once its first frame is in.
     drop(slot);
     let Some((tls, rest, first)) = first else { return };
     match first.payload {
         Some(Payload::OpenControlChannelReq(req)) => Box::pin(control::serve(shared, tls, rest, req, peer)).await,
-        Some(Payload::ProxyReq(req)) => Box::pin(streams::accept_agent_stream(&shared, tls, rest, req, peer)).await,
+        Some(Payload::ProxyReq(req)) => Box::pin(streams::accept_agent_stream(&shared, tls, rest, req)).await,
         Some(Payload::StreamReq(req)) => Box::pin(streams::private_dial(shared, tls, rest, req, peer)).await,
         Some(other) => {
-            tracing::warn!(%peer, message = other.name(), "agent connection refused: unexpected first frame");
+            tracing::warn!(message = other.name(), "agent connection refused: unexpected first frame");
         }
-        None => tracing::warn!(%peer, "agent connection refused: empty first frame"),
+        None => tracing::warn!("agent connection refused: empty first frame"),
     }
 }
 
@@ -225,24 +244,23 @@ async fn first_frame(
     shared: &Shared,
     accepted: Accepted,
     tcp: TcpStream,
-    peer: SocketAddr,
 ) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Bytes, strait_proto::Message)> {
     let start = StartHandshake::from_parts(accepted, tcp);
-    let tls = handshake(shared, start, shared.tls.agent.clone(), peer, "agent").await?;
+    let tls = handshake(shared, start, shared.tls.agent.clone(), "agent").await?;
     let mut reader = FrameReader::new(tls, shared.config.limits.max_frame_bytes);
     let deadline = Duration::from_secs(shared.config.limits.first_frame_seconds);
     let first = match tokio::time::timeout(deadline, reader.read_message()).await {
         Ok(Ok(message)) => message,
         Ok(Err(FrameError::Closed)) => {
-            tracing::debug!(%peer, "agent connection closed before its first frame");
+            tracing::debug!("agent connection closed before its first frame");
             return None;
         }
         Ok(Err(error)) => {
-            tracing::warn!(%peer, %error, "agent connection refused: bad first frame");
+            tracing::warn!(%error, "agent connection refused: bad first frame");
             return None;
         }
         Err(_) => {
-            tracing::warn!(%peer, "agent connection refused: no first frame within {}s", deadline.as_secs());
+            tracing::warn!("agent connection refused: no first frame within {}s", deadline.as_secs());
             return None;
         }
     };
@@ -252,7 +270,7 @@ async fn first_frame(
 
 async fn api_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr, slot: HandshakeSlot) {
     let start = StartHandshake::from_parts(accepted, tcp);
-    let tls = handshake(&shared, start, shared.tls.api.clone(), peer, "api").await;
+    let tls = handshake(&shared, start, shared.tls.api.clone(), "api").await;
     drop(slot);
     if let Some(tls) = tls {
         crate::api::serve_connection(shared, tls, peer).await;

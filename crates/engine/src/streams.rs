@@ -198,18 +198,12 @@ pub async fn open_to_agent(
 }
 
 /// An agent dialled back with `ProxyReq`.
-pub async fn accept_agent_stream(
-    shared: &Shared,
-    mut io: TlsStream<TcpStream>,
-    rest: Bytes,
-    req: ProxyReq,
-    peer: SocketAddr,
-) {
+pub async fn accept_agent_stream(shared: &Shared, mut io: TlsStream<TcpStream>, rest: Bytes, req: ProxyReq) {
     let zero_rtt = req.zero_rtt.unwrap_or(false);
     let secret = req.client_details.and_then(|d| d.token).unwrap_or_default();
     match shared.pending.take_matching(&req.stream_id, &secret) {
         Err(reason) => {
-            tracing::warn!(%peer, stream_id = %req.stream_id, reason, "agent stream refused");
+            tracing::warn!(stream_id = %req.stream_id, reason, "agent stream refused");
             if !zero_rtt {
                 let rsp = ProxyRsp { error: Some(Error::new(ErrorCode::InvalidStream, reason)) };
                 let _ = write_message(&mut io, &Payload::ProxyRsp(rsp).into()).await;
@@ -279,7 +273,7 @@ pub async fn private_dial(
     drop(req);
     match outcome {
         Err(error) => {
-            tracing::warn!(%peer, tunnel = %target, %error, "private dial refused");
+            tracing::warn!(tunnel = %target, %error, "private dial refused");
             if !zero_rtt {
                 let rsp = StreamRsp { payload: Some(StreamResult::Error(error)) };
                 let _ = write_message(&mut io, &Message::from(Payload::StreamRsp(rsp))).await;
@@ -300,13 +294,13 @@ pub async fn private_dial(
             let copied = tokio::select! {
                 copied = splice(&mut dialer, &mut agent) => copied,
                 _ = shared.abort.cancelled() => {
-                    tracing::info!(%peer, %stream_id, "private stream cut: shutdown drain time is up");
+                    tracing::info!(%stream_id, "private stream cut: shutdown drain time is up");
                     return;
                 }
             };
             match copied {
                 Ok((to_agent, from_agent)) => shared.metrics.stream_bytes(to_agent, from_agent),
-                Err(error) => tracing::debug!(%peer, %error, "private stream ended with an error"),
+                Err(error) => tracing::debug!(%error, "private stream ended with an error"),
             }
         }
     }

@@ -275,8 +275,7 @@ async fn a_lost_agents_names_answer_offline_to_their_principal_only() {
         let engine = TestEngine::start().await;
         let alice = engine.client("alice").connect().await.unwrap();
         alice.open_tunnel(private("db")).await.unwrap();
-        let closed = alice.open_tunnel(private("gone")).await.unwrap();
-        closed.close().await.unwrap();
+        alice.open_tunnel(private("gone")).await.unwrap().close().await.unwrap();
         let mut feed = engine.engine.shared.registry.subscribe();
         drop(alice);
         client_deleted(&mut feed).await;

@@ -9,6 +9,9 @@
 #![forbid(unsafe_code)]
 
 pub mod frame;
+/// What the fuzz targets (`fuzz/`) and the property tests check.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod messages;
 pub mod prefixed;
 pub mod splice;

@@ -77,11 +77,7 @@ pub fn bearer(headers: &HeaderMap) -> Result<Option<&str>, &'static str> {
         return Err("more than one Authorization header");
     }
     let value = value.to_str().map_err(|_| "Authorization header is not text")?;
-    let (scheme, token) = value.trim().split_once(' ').ok_or("Authorization header is not `Bearer <token>`")?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err("Authorization scheme is not Bearer");
-    }
-    Ok(Some(token.trim()))
+    crate::auth::bearer(value).map(Some).ok_or("Authorization header is not `Bearer <token>`")
 }
 
 /// Checks the caller's token: the Bearer header, or on the streaming

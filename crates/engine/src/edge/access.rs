@@ -33,9 +33,7 @@ enum Proof {
 }
 
 fn bearer(value: &HeaderValue) -> Option<&str> {
-    let text = value.to_str().ok()?.trim_start();
-    let (scheme, token) = text.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    crate::auth::bearer(value.to_str().ok()?)
 }
 
 fn query_token(segment: &str) -> Option<&str> {

@@ -100,7 +100,7 @@ pub async fn serve(
             match tls::tunnel_config(&shared, tunnel, vec![b"h2".to_vec(), b"http/1.1".to_vec()]) {
                 Ok(config) => config,
                 Err(error) => {
-                    tracing::warn!(%peer, tunnel_id = %tunnel.id, %error, "tunnel TLS options unusable");
+                    tracing::warn!(tunnel_id = %tunnel.id, %error, "tunnel TLS options unusable");
                     return;
                 }
             }
@@ -109,7 +109,7 @@ pub async fn serve(
     };
     let activity = Activity::new();
     let start = StartHandshake::from_parts(accepted, Tracked::new(tcp, activity.clone()));
-    let tls = crate::listener::handshake(&shared, start, config, peer, "http tunnel").await;
+    let tls = crate::listener::handshake(&shared, start, config, "http tunnel").await;
     drop(slot);
     let Some(mut tls) = tls else { return };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
@@ -121,6 +121,7 @@ pub async fn serve(
         activity: activity.clone(),
         idle,
         pools: Mutex::new(HashMap::new()),
+        span: tracing::Span::current(),
     });
     // HTTP/1.1 starts in the relay; hyper takes over for what the relay
     // leaves to it, and serves HTTP/2 from the start.
@@ -142,7 +143,8 @@ pub async fn serve(
     }
     let service = service_fn(move |request| {
         let edge = edge.clone();
-        async move { Ok::<_, Infallible>(edge.handle(request).await) }
+        let span = edge.span.clone();
+        tracing::Instrument::instrument(async move { Ok::<_, Infallible>(edge.handle(request).await) }, span)
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -164,12 +166,12 @@ pub async fn serve(
         tokio::select! {
             result = conn.as_mut() => {
                 if let Err(error) = result {
-                    tracing::debug!(%peer, %error, "published connection ended with an error");
+                    tracing::debug!(%error, "published connection ended with an error");
                 }
                 break;
             }
             _ = activity.idle(idle), if !closing => {
-                tracing::debug!(%peer, "published connection idle for {}s; closing", idle.as_secs());
+                tracing::debug!("published connection idle for {}s; closing", idle.as_secs());
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
@@ -193,6 +195,27 @@ pub struct Edge {
     pub(super) idle: Duration,
     /// Agent connections by tunnel id.
     pools: Mutex<HashMap<String, Arc<Pool>>>,
+    /// The connection's span: HTTP/2 requests and upgrades run as tasks of
+    /// their own and log under it too.
+    span: tracing::Span,
+}
+
+impl Edge {
+    /// An edge that serves no connection, so the relay's head parser can be
+    /// driven without a socket (`crate::fuzzing`).
+    #[doc(hidden)]
+    pub fn detached(shared: Arc<Shared>, sni: String, peer: SocketAddr) -> Self {
+        let idle = Duration::from_secs(shared.config.timeouts.http_idle_seconds);
+        Edge {
+            shared,
+            sni,
+            peer,
+            activity: Activity::new(),
+            idle,
+            pools: Mutex::new(HashMap::new()),
+            span: tracing::Span::none(),
+        }
+    }
 }
 
 impl Edge {
@@ -410,37 +433,42 @@ impl Edge {
         // Upgraded connections are streams in flight: the drain lets them
         // run and only its end (`abort`) cuts them.
         let abort = self.shared.abort.clone();
-        let peer = self.peer;
-        self.shared.tasks.spawn(async move {
-            let (public, upstream) = match tokio::try_join!(public, upstream) {
-                Ok(both) => both,
-                Err(error) => {
-                    tracing::debug!(%peer, %error, "upgrade did not complete");
-                    return;
-                }
-            };
-            let mut public = TokioIo::new(public);
-            let mut upstream = TokioIo::new(upstream);
-            let idled = tokio::select! {
-                result = strait_proto::splice::splice(&mut public, &mut upstream) => {
-                    if let Err(error) = result {
-                        tracing::debug!(%peer, %error, "upgraded connection ended with an error");
+        // Its own task: the connection's span goes with it (HTTP/2 requests
+        // run outside the connection's future).
+        let span = self.span.clone();
+        self.shared.tasks.spawn(tracing::Instrument::instrument(
+            async move {
+                let (public, upstream) = match tokio::try_join!(public, upstream) {
+                    Ok(both) => both,
+                    Err(error) => {
+                        tracing::debug!(%error, "upgrade did not complete");
+                        return;
                     }
-                    false
+                };
+                let mut public = TokioIo::new(public);
+                let mut upstream = TokioIo::new(upstream);
+                let idled = tokio::select! {
+                    result = strait_proto::splice::splice(&mut public, &mut upstream) => {
+                        if let Err(error) = result {
+                            tracing::debug!(%error, "upgraded connection ended with an error");
+                        }
+                        false
+                    }
+                    _ = activity.idle(idle) => {
+                        tracing::debug!(websocket, "upgraded connection idle for {}s; closing", idle.as_secs());
+                        true
+                    }
+                    _ = abort.cancelled() => false,
+                };
+                if idled && websocket {
+                    tokio::select! {
+                        () = websocket::close_idle(&mut public, &mut upstream) => {}
+                        _ = abort.cancelled() => {}
+                    }
                 }
-                _ = activity.idle(idle) => {
-                    tracing::debug!(%peer, websocket, "upgraded connection idle for {}s; closing", idle.as_secs());
-                    true
-                }
-                _ = abort.cancelled() => false,
-            };
-            if idled && websocket {
-                tokio::select! {
-                    () = websocket::close_idle(&mut public, &mut upstream) => {}
-                    _ = abort.cancelled() => {}
-                }
-            }
-        });
+            },
+            span,
+        ));
     }
 }
 

@@ -21,7 +21,7 @@
 pub mod access;
 pub mod activity;
 mod body;
-mod chunked;
+pub mod chunked;
 pub mod errors;
 pub mod headers;
 pub mod http;

@@ -28,7 +28,7 @@ pub async fn run(shared: Arc<Shared>, listener: TcpListener) {
     crate::listener::accept_loop(shared, listener, "HTTP", serve).await;
 }
 
-async fn serve(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+async fn serve(shared: Arc<Shared>, tcp: tokio::net::TcpStream, _peer: SocketAddr) {
     let port = shared.public_port;
     let service =
         service_fn(move |request: Request<Incoming>| async move { Ok::<_, Infallible>(redirect(&request, port)) });
@@ -39,7 +39,7 @@ async fn serve(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer: SocketAddr
     tokio::select! {
         result = conn => {
             if let Err(error) = result {
-                tracing::debug!(%peer, %error, "HTTP redirect connection ended with an error");
+                tracing::debug!(%error, "HTTP redirect connection ended with an error");
             }
         }
         _ = shared.shutdown.cancelled() => {}

@@ -125,7 +125,7 @@ enum Next {
 
 /// How a response is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub enum Framing {
     Empty,
     Length(u64),
     Chunked,
@@ -632,6 +632,59 @@ fn request_line(head: &[u8]) -> (&str, &str) {
     let line = std::str::from_utf8(line).unwrap_or_default();
     let mut words = line.split(' ');
     (words.next().unwrap_or_default(), words.next().unwrap_or_default())
+}
+
+/// The relay's two head parsers for `crate::fuzzing` (the fuzz targets and
+/// property tests): what [`plan`] and [`parse_answer`] decided, and nothing
+/// else.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{Edge, Framing, Parsed};
+
+    /// What the relay makes of a request head.
+    #[derive(Debug, PartialEq, Eq)]
+    pub enum Request {
+        /// Relayed to `tunnel_id` (served as `host`): the head is the first
+        /// `len` bytes, and the head the service receives is in `out`.
+        Relay {
+            tunnel_id: String,
+            host: String,
+            len: usize,
+            head_only: bool,
+            close: bool,
+        },
+        Partial,
+        /// Left to hyper.
+        Other,
+    }
+
+    pub fn request(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Request {
+        match super::plan(edge, client, bytes, out) {
+            Parsed::Relay(plan) => Request::Relay {
+                tunnel_id: plan.tunnel.id.clone(),
+                host: plan.host,
+                len: plan.len,
+                head_only: plan.head_only,
+                close: plan.close,
+            },
+            Parsed::Partial => Request::Partial,
+            Parsed::Other => Request::Other,
+        }
+    }
+
+    /// A response head as the relay reads it.
+    #[derive(Debug, PartialEq, Eq)]
+    pub struct Response {
+        pub len: usize,
+        pub status: u16,
+        pub framing: Framing,
+        pub reusable: bool,
+    }
+
+    pub fn response(bytes: &[u8], head_only: bool, out: &mut Vec<u8>) -> Result<Option<Response>, String> {
+        let answer = super::parse_answer(bytes, head_only, out)?;
+        Ok(answer.map(|a| Response { len: a.len, status: a.status, framing: a.framing, reusable: a.reusable }))
+    }
 }
 
 #[cfg(test)]

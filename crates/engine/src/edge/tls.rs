@@ -82,7 +82,7 @@ pub async fn serve(
     slot: HandshakeSlot,
 ) {
     if !access::ip_allowed(&tunnel, peer.ip()) {
-        tracing::info!(%peer, tunnel_id = %tunnel.id, "connection refused: source address not in trusted_ips");
+        tracing::info!(tunnel_id = %tunnel.id, "connection refused: source address not in trusted_ips");
         return;
     }
     if tunnel.properties.tls_mode.as_deref() == Some("passthrough") {
@@ -98,11 +98,11 @@ pub async fn serve(
 async fn passthrough(shared: Arc<Shared>, tunnel: Arc<Tunnel>, mut tcp: TcpStream, raw_hello: Bytes, peer: SocketAddr) {
     let Some(mut agent) = open_agent(&shared, &tunnel, peer, &[]).await else { return };
     if let Err(error) = agent.write_all(&raw_hello).await {
-        tracing::debug!(%peer, %error, "agent stream closed before the ClientHello was replayed");
+        tracing::debug!(%error, "agent stream closed before the ClientHello was replayed");
         return;
     }
     drop(raw_hello);
-    splice_to_agent(&shared, &mut tcp, &mut agent, peer).await;
+    splice_to_agent(&shared, &mut tcp, &mut agent).await;
 }
 
 async fn terminated(
@@ -117,12 +117,12 @@ async fn terminated(
     let config = match tunnel_config(&shared, &tunnel, alpns) {
         Ok(config) => config,
         Err(error) => {
-            tracing::warn!(%peer, tunnel_id = %tunnel.id, %error, "tunnel TLS options unusable");
+            tracing::warn!(tunnel_id = %tunnel.id, %error, "tunnel TLS options unusable");
             return;
         }
     };
     let start = StartHandshake::from_parts(accepted, tcp);
-    let public = crate::listener::handshake(&shared, start, config, peer, "tls tunnel").await;
+    let public = crate::listener::handshake(&shared, start, config, "tls tunnel").await;
     drop(slot);
     let Some(mut public) = public else { return };
     // The negotiated protocol, offered again to a TLS upstream.
@@ -132,7 +132,7 @@ async fn terminated(
         let _ = public.shutdown().await;
         return;
     };
-    splice_to_agent(&shared, &mut public, &mut agent, peer).await;
+    splice_to_agent(&shared, &mut public, &mut agent).await;
 }
 
 /// A stream to the tunnel's agent; a refusal is logged with its detail,
@@ -142,7 +142,7 @@ async fn open_agent(shared: &Arc<Shared>, tunnel: &Tunnel, peer: SocketAddr, alp
         Ok(agent) => Some(agent),
         Err(refusal) => {
             let status = refusal.status().as_u16();
-            tracing::warn!(%peer, tunnel_id = %tunnel.id, status, reason = %refusal.detail(), "TLS connection refused");
+            tracing::warn!(tunnel_id = %tunnel.id, status, reason = %refusal.detail(), "TLS connection refused");
             None
         }
     }
@@ -150,14 +150,14 @@ async fn open_agent(shared: &Arc<Shared>, tunnel: &Tunnel, peer: SocketAddr, alp
 
 /// Carries a `tls` tunnel's bytes until either side ends or the engine's
 /// drain is over.
-async fn splice_to_agent<P>(shared: &Shared, public: &mut P, agent: &mut AgentStream, peer: SocketAddr)
+async fn splice_to_agent<P>(shared: &Shared, public: &mut P, agent: &mut AgentStream)
 where
     P: AsyncRead + AsyncWrite + Unpin,
 {
     tokio::select! {
         result = strait_proto::splice::splice(public, agent) => {
             if let Err(error) = result {
-                tracing::debug!(%peer, %error, "TLS tunnel connection ended with an error");
+                tracing::debug!(%error, "TLS tunnel connection ended with an error");
             }
         }
         _ = shared.abort.cancelled() => {}

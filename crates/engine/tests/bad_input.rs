@@ -23,6 +23,7 @@ async fn still_serving(engine: &TestEngine) {
     let mut buf = [0u8; 4];
     tokio::io::AsyncReadExt::read_exact(&mut stream, &mut buf).await.unwrap();
     assert_eq!(&buf, b"ping");
+    drop(stream);
     control.close().await.unwrap();
 }
 
@@ -221,4 +222,73 @@ fn a_missing_certificate_file_is_named() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cert.pem"), "{stderr}");
+}
+
+/// A log that cannot be written (stderr on a full disk, here /dev/full)
+/// must not stop the engine: it starts, serves an agent end to end and
+/// exits 0 on SIGTERM. It used to exit 101 at its first log line (the
+/// tracing subscriber reports a failed write with eprintln!, which panics).
+#[tokio::test]
+async fn an_unwritable_log_does_not_stop_the_engine() {
+    use std::io::BufRead;
+
+    strait_engine::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let files = strait_engine::dev::generate_certs("localhost", dir.path()).unwrap();
+    let path = dir.path().join("engine.yaml");
+    std::fs::write(&path, common::yaml(dir.path(), "")).unwrap();
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let mut child = engine_bin()
+        .arg("-c")
+        .arg(&path)
+        .arg("--print-ready")
+        .env_remove("RSTREAM_ENGINE_CONFIG")
+        .env("STRAIT_LOG", "debug")
+        .stdout(std::process::Stdio::piped())
+        .stderr(full)
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    });
+    let line =
+        tokio::time::timeout(std::time::Duration::from_secs(30), ready).await.expect("ready in 30 s").unwrap().unwrap();
+    let Some(ready) = serde_json::from_str::<serde_json::Value>(&line).ok() else {
+        let status = child.wait().unwrap();
+        panic!("no ready line ({line:?}); the engine exited with {status}");
+    };
+    let port: u16 = ready["tls"].as_str().unwrap().rsplit_once(':').unwrap().1.parse().unwrap();
+
+    let mut config = strait_agent::ClientConfig::new(
+        format!("localhost:{port}"),
+        Some(strait_engine::auth::mint(common::SECRET.as_bytes(), "bob", Some(3600))),
+    );
+    config.ca_file = Some(files.ca.clone());
+    let client = strait_agent::Client::new(config).unwrap();
+    let control = client.connect().await.expect("an agent connects");
+    let echo = common::echo_server().await;
+    let props = TunnelProperties { name: Some("logless".into()), ..Default::default() };
+    let mut tunnel = control.open_tunnel(props).await.unwrap();
+    let forward = tokio::spawn(async move { tunnel.forward(echo.to_string()).await });
+    let mut stream = client.dial("logless").await.unwrap();
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    drop(stream);
+    control.close().await.unwrap();
+    forward.abort();
+    drop(client);
+
+    let term = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(term.success());
+    let exited = tokio::task::spawn_blocking(move || child.wait());
+    let status = tokio::time::timeout(std::time::Duration::from_secs(60), exited)
+        .await
+        .expect("the engine exits within 60 s of SIGTERM")
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "the engine exited with {status}");
 }

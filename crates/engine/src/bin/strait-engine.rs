@@ -68,7 +68,14 @@ fn init_tracing(level: &str, format: LogFormat) {
     // Colour only for a person at a terminal; log files and collectors get
     // plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    // A log that cannot be written (a full disk) loses its lines, not the
+    // engine: by default the subscriber reports a failed write with
+    // eprintln!, which panics when stderr is what failed, at every event.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .log_internal_errors(false);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

@@ -1,5 +1,5 @@
-//! Reaching an engine: one TLS connection per control channel, stream or
-//! private dial.
+//! Reaching an engine: a channel (a TLS connection, or a stream on the
+//! client's QUIC connection) per control channel, stream or private dial.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use strait_proto::{
-    ClientDetails, FrameReader, MAX_FRAME_LEN, Message, Payload, Prefixed, StreamReq, StreamResult, write_message,
+    BoxIo, ClientDetails, FrameReader, MAX_FRAME_LEN, Message, Payload, Prefixed, StreamReq, StreamResult,
+    write_message,
 };
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -16,10 +17,12 @@ use tokio_rustls::client::TlsStream;
 
 use crate::AgentError;
 use crate::control::ControlChannel;
+use crate::transport::{Carrier, QuicSide, TransportMode};
 
-/// A connection to the engine carrying raw bytes, with any bytes that came
-/// right behind the engine's response replayed first.
-pub type Stream = Prefixed<TlsStream<TcpStream>>;
+/// A channel to the engine (a TLS connection or a QUIC stream) carrying raw
+/// bytes, with any bytes that came right behind the engine's response
+/// replayed first.
+pub type Stream = Prefixed<BoxIo>;
 
 /// How to reach and authenticate to an engine.
 #[derive(Clone, Debug)]
@@ -40,6 +43,8 @@ pub struct ClientConfig {
     /// Leave from this local address (bound before connecting), for a
     /// host with several addresses; `None` lets the system choose.
     pub local_addr: Option<IpAddr>,
+    /// TLS, QUIC, or the first of both to connect (the default).
+    pub transport: TransportMode,
 }
 
 impl ClientConfig {
@@ -54,6 +59,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(15),
             operation_timeout: Duration::from_secs(30),
             local_addr: None,
+            transport: TransportMode::Auto,
         }
     }
 }
@@ -64,9 +70,10 @@ pub struct Client {
     pub(crate) config: Arc<ClientConfig>,
     connector: TlsConnector,
     api_connector: TlsConnector,
-    host: String,
-    port: u16,
-    server_name: ServerName<'static>,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) server_name: ServerName<'static>,
+    pub(crate) quic: Arc<QuicSide>,
 }
 
 pub(crate) fn client_details(token: Option<String>) -> ClientDetails {
@@ -106,7 +113,8 @@ impl Client {
         let server_name = ServerName::try_from(name.clone()).map_err(|_| AgentError::BadEngineAddress(name.clone()))?;
         let connector = TlsConnector::from(crate::tls::client_config(config.ca_file.as_deref(), strait_proto::ALPN)?);
         let api_connector = TlsConnector::from(crate::tls::client_config(config.ca_file.as_deref(), b"http/1.1")?);
-        Ok(Self { config: Arc::new(config), connector, api_connector, host, port, server_name })
+        let quic = Arc::default();
+        Ok(Self { config: Arc::new(config), connector, api_connector, host, port, server_name, quic })
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -167,7 +175,12 @@ impl Client {
 
     /// Dials a private tunnel by id or name.
     pub async fn dial(&self, tunnel: &str) -> Result<Stream, AgentError> {
-        let mut tls = self.connect_tls().await?;
+        Ok(self.dial_carried(tunnel).await?.0)
+    }
+
+    /// [`Client::dial`], saying which transport carries the stream.
+    pub async fn dial_carried(&self, tunnel: &str) -> Result<(Stream, Carrier), AgentError> {
+        let (mut tls, carrier) = self.open_first().await?;
         let zero_rtt = self.config.zero_rtt;
         let req = StreamReq {
             client_details: Some(client_details(self.config.token.clone())),
@@ -177,7 +190,7 @@ impl Client {
         };
         write_message(&mut tls, &Message::from(Payload::StreamReq(req))).await?;
         if zero_rtt {
-            return Ok(Prefixed::new(Default::default(), tls));
+            return Ok((Prefixed::new(Default::default(), tls), carrier));
         }
         let mut reader = FrameReader::new(tls, MAX_FRAME_LEN);
         let rsp = tokio::time::timeout(self.config.operation_timeout, reader.read_message())
@@ -187,7 +200,7 @@ impl Client {
             Some(Payload::StreamRsp(rsp)) => match rsp.payload {
                 Some(StreamResult::StreamId(_)) => {
                     let (tls, rest) = reader.into_parts();
-                    Ok(Prefixed::new(rest, tls))
+                    Ok((Prefixed::new(rest, tls), carrier))
                 }
                 Some(StreamResult::Error(e)) => Err(AgentError::Engine(e)),
                 None => Err(AgentError::Protocol("empty StreamRsp".into())),

@@ -19,6 +19,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::AgentError;
 use crate::client::{Client, Stream, client_details};
+use crate::transport::Carrier;
 use crate::tunnel::Tunnel;
 
 /// Dial-backs in flight at once, as the Go and Python SDKs cap them; more
@@ -40,6 +41,8 @@ struct State {
 
 pub(crate) struct Inner {
     client: Client,
+    /// What carries this control channel; its streams go the same way.
+    carrier: Carrier,
     outbox: mpsc::Sender<Message>,
     state: Mutex<State>,
     dialbacks: Semaphore,
@@ -107,8 +110,8 @@ pub struct ControlChannel {
 
 impl ControlChannel {
     pub(crate) async fn open(client: Client) -> Result<Self, AgentError> {
-        let tls = client.connect_tls().await?;
-        let (read_half, mut write_half) = tokio::io::split(tls);
+        let (io, carrier) = client.open_first().await?;
+        let (read_half, mut write_half) = tokio::io::split(io);
         let interval_ms = client.config.heartbeat_interval.map(|d| d.as_millis().clamp(1, u32::MAX as u128) as u32);
         let req = OpenControlChannelReq {
             client_details: Some(client_details(client.config.token.clone())),
@@ -145,6 +148,7 @@ impl ControlChannel {
         let (closed, _) = watch::channel(None);
         let inner = Arc::new(Inner {
             client,
+            carrier,
             outbox,
             state: Mutex::new(State::default()),
             dialbacks: Semaphore::new(MAX_ACTIVE_STREAMS),
@@ -215,6 +219,11 @@ impl ControlChannel {
 
     pub fn client_id(&self) -> &str {
         &self.client_id
+    }
+
+    /// What carries this control channel and its streams: `tls` or `quic`.
+    pub fn transport(&self) -> &'static str {
+        self.inner.carrier.name()
     }
 
     pub fn server_details(&self) -> Option<&ServerDetails> {
@@ -363,7 +372,7 @@ async fn dial_back(inner: Arc<Inner>, req: ProxyConnReq) {
     };
     let Ok(_permit) = inner.dialbacks.acquire().await else { return };
     let result = async {
-        let mut tls = inner.client.connect_tls().await?;
+        let mut tls = inner.client.open_on(&inner.carrier).await?;
         let zero_rtt = inner.client.config.zero_rtt;
         let proxy = ProxyReq {
             client_details: Some(client_details(req.secret.clone())),

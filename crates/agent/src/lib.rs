@@ -15,12 +15,14 @@
 mod client;
 mod control;
 mod tls;
+mod transport;
 mod tunnel;
 
 pub use client::{Client, ClientConfig, Stream};
 pub use control::ControlChannel;
 pub use strait_proto::TunnelProperties;
 pub use tls::client_config as tls_client_config;
+pub use transport::{AUTO_TLS_DELAY, Carrier, TransportMode};
 pub use tunnel::{Tunnel, forward_stream};
 
 /// Re-exported so binaries install the same crypto provider.
@@ -39,6 +41,8 @@ pub enum AgentError {
     Connect { addr: String, source: std::io::Error },
     #[error("TLS with the engine at {addr} failed: {source}")]
     Tls { addr: String, source: rustls::Error },
+    #[error("QUIC with the engine at {addr} failed: {reason}")]
+    QuicTls { addr: String, reason: String },
     #[error("timed out {0}")]
     Timeout(&'static str),
     #[error("the engine refused: {0}")]
@@ -90,7 +94,10 @@ impl AgentError {
                 Code::ServiceUnavailable | Code::CapacityExhausted | Code::Internal => false,
                 _ => !reached_before,
             },
-            AgentError::Resolve { .. } | AgentError::Tls { .. } | AgentError::Protocol(_) => !reached_before,
+            AgentError::Resolve { .. }
+            | AgentError::Tls { .. }
+            | AgentError::QuicTls { .. }
+            | AgentError::Protocol(_) => !reached_before,
             AgentError::Connect { .. }
             | AgentError::Timeout(_)
             | AgentError::Closed(_)

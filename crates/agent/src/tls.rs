@@ -15,6 +15,21 @@ use crate::AgentError;
 /// A client configuration offering `alpn` (`rstrm/1` for the agent protocol,
 /// `http/1.1` for the Engine API on the same port).
 pub fn client_config(ca_file: Option<&Path>, alpn: &[u8]) -> Result<Arc<ClientConfig>, AgentError> {
+    build(ca_file, alpn, &[&rustls::version::TLS13, &rustls::version::TLS12])
+}
+
+/// The configuration under QUIC: TLS 1.3 (QUIC has no other), ALPN
+/// `rstrm/1`, the same trust.
+pub(crate) fn quic_client_config(ca_file: Option<&Path>) -> Result<ClientConfig, AgentError> {
+    let config = build(ca_file, strait_proto::ALPN, &[&rustls::version::TLS13])?;
+    Ok(Arc::unwrap_or_clone(config))
+}
+
+fn build(
+    ca_file: Option<&Path>,
+    alpn: &[u8],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Result<Arc<ClientConfig>, AgentError> {
     let mut roots = RootCertStore::empty();
     match ca_file {
         Some(path) => {
@@ -34,7 +49,7 @@ pub fn client_config(ca_file: Option<&Path>, alpn: &[u8]) -> Result<Arc<ClientCo
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .with_protocol_versions(versions)
         .expect("ring supports TLS 1.2 and 1.3")
         .with_root_certificates(roots)
         .with_no_client_auth();

@@ -18,6 +18,8 @@ pub struct Context {
     pub token: Option<TokenSource>,
     pub ca_file: Option<PathBuf>,
     pub server_name: Option<String>,
+    /// `transport.mode` (or the older `transport.useQuic`).
+    pub transport: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,15 +116,25 @@ impl ConfigFile {
             }
             None => {}
         }
-        if context.ca_file.is_some() || context.server_name.is_some() {
-            let mut tls = serde_json::Map::new();
-            if let Some(ca) = &context.ca_file {
-                tls.insert("caFile".into(), json!(ca));
+        if context.ca_file.is_some() || context.server_name.is_some() || context.transport.is_some() {
+            let transport = obj.entry("transport").or_insert(json!({}));
+            if !transport.is_object() {
+                *transport = json!({});
             }
-            if let Some(name) = &context.server_name {
-                tls.insert("serverName".into(), json!(name));
+            let transport = transport.as_object_mut().expect("just made a mapping");
+            if context.ca_file.is_some() || context.server_name.is_some() {
+                let mut tls = serde_json::Map::new();
+                if let Some(ca) = &context.ca_file {
+                    tls.insert("caFile".into(), json!(ca));
+                }
+                if let Some(name) = &context.server_name {
+                    tls.insert("serverName".into(), json!(name));
+                }
+                transport.insert("tls".into(), json!(tls));
             }
-            obj.insert("transport".into(), json!({"tls": tls}));
+            if let Some(mode) = &context.transport {
+                transport.insert("mode".into(), json!(mode));
+            }
         }
     }
 
@@ -168,6 +180,10 @@ fn parse_context(value: &Value) -> Option<Context> {
         token,
         ca_file: str_at(value, &["transport", "tls", "caFile"]).map(PathBuf::from),
         server_name: str_at(value, &["transport", "tls", "serverName"]).map(String::from),
+        transport: str_at(value, &["transport", "mode"]).map(String::from).or_else(|| {
+            let quic = value.get("transport")?.get("useQuic")?.as_bool()?;
+            Some(if quic { "quic" } else { "tls" }.to_string())
+        }),
     })
 }
 
@@ -180,6 +196,8 @@ pub struct Overrides {
     pub token: Option<String>,
     pub ca_file: Option<PathBuf>,
     pub server_name: Option<String>,
+    /// `--transport` or `RSTREAM_TUNNEL_TRANSPORT` (clap reads both).
+    pub transport: Option<strait_agent::TransportMode>,
 }
 
 fn process_env(key: &str) -> Option<String> {
@@ -231,6 +249,13 @@ fn resolve_with(
         .or_else(|| context.as_ref().and_then(|c| c.ca_file.clone()))
         .or_else(|| env("SSL_CERT_FILE").map(PathBuf::from));
     config.server_name = overrides.server_name.clone().or_else(|| context.as_ref().and_then(|c| c.server_name.clone()));
+    config.transport = match (overrides.transport, context.as_ref().and_then(|c| c.transport.as_deref())) {
+        (Some(mode), _) => mode,
+        (None, Some(mode)) => mode.parse().map_err(|e| anyhow::anyhow!("context transport.mode: {e}"))?,
+        // The rstream SDKs' older switch, still honoured by them.
+        (None, None) if env("RSTREAM_QUIC_TRANSPORT").as_deref() == Some("1") => strait_agent::TransportMode::Quic,
+        (None, None) => strait_agent::TransportMode::Auto,
+    };
     Ok(config)
 }
 
@@ -274,5 +299,42 @@ mod tests {
         assert_eq!(again.context("lab").unwrap().token, Some(TokenSource::File("/run/token".into())));
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.contains("api.example.com"), "unknown keys survive: {text}");
+    }
+
+    #[test]
+    fn the_transport_comes_from_the_flag_then_the_context_then_the_old_switch() {
+        use strait_agent::TransportMode;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(
+            &path,
+            "contexts:\n  - {name: q, engine: e:1, transport: {mode: quic, tls: {caFile: /ca.pem}}}\n  \
+             - {name: old, engine: e:1, transport: {useQuic: false}}\n  - {name: plain, engine: e:1}\n  \
+             - {name: bad, engine: e:1, transport: {mode: udp}}\n",
+        )
+        .unwrap();
+        let resolve = |context: &str, flag: Option<TransportMode>, legacy: bool| {
+            let overrides = Overrides {
+                config: Some(path.clone()),
+                context: Some(context.into()),
+                transport: flag,
+                ..Default::default()
+            };
+            resolve_with(&overrides, &|key| (legacy && key == "RSTREAM_QUIC_TRANSPORT").then(|| "1".to_string()))
+        };
+        assert_eq!(resolve("q", None, false).unwrap().transport, TransportMode::Quic);
+        assert_eq!(resolve("q", Some(TransportMode::Tls), false).unwrap().transport, TransportMode::Tls);
+        assert_eq!(resolve("old", None, true).unwrap().transport, TransportMode::Tls);
+        assert_eq!(resolve("plain", None, false).unwrap().transport, TransportMode::Auto);
+        assert_eq!(resolve("plain", None, true).unwrap().transport, TransportMode::Quic);
+        let error = resolve("bad", None, false).unwrap_err().to_string();
+        assert!(error.contains("transport.mode") && error.contains("auto, tls, quic"), "{error}");
+
+        // Saving a mode keeps the TLS settings beside it.
+        let mut file = ConfigFile::load(&path).unwrap();
+        file.upsert(&Context { name: "q".into(), transport: Some("tls".into()), ..Default::default() });
+        file.save().unwrap();
+        let ctx = ConfigFile::load(&path).unwrap().context("q").unwrap();
+        assert_eq!((ctx.transport.as_deref(), ctx.ca_file), (Some("tls"), Some(PathBuf::from("/ca.pem"))));
     }
 }

@@ -23,8 +23,17 @@ pub struct TunnelOptions {
     #[arg(long)]
     pub publish: bool,
     /// Protocol of a published tunnel.
-    #[arg(long, value_parser = ["http", "tls", "tcp"])]
+    #[arg(long, value_parser = ["http", "tls", "tcp"], conflicts_with_all = ["http", "tls", "tcp"])]
     pub protocol: Option<String>,
+    /// Same as --protocol http (the rstream CLI's spelling).
+    #[arg(long, conflicts_with_all = ["tls", "tcp"])]
+    pub http: bool,
+    /// Same as --protocol tls.
+    #[arg(long, conflicts_with = "tcp")]
+    pub tls: bool,
+    /// Same as --protocol tcp.
+    #[arg(long)]
+    pub tcp: bool,
     /// Hostname (or label) to publish on, under .t.<engine host>.
     #[arg(long)]
     pub host: Option<String>,
@@ -37,6 +46,10 @@ pub struct TunnelOptions {
     /// Allowed client addresses or CIDRs, repeatable.
     #[arg(long = "trusted-ip")]
     pub trusted_ips: Vec<String>,
+    /// Allowed client addresses or CIDRs, comma-separated (the rstream
+    /// CLI's spelling).
+    #[arg(long = "trusted-ips", value_delimiter = ',')]
+    pub trusted_ips_list: Vec<String>,
     /// HTTP version towards the local service.
     #[arg(long, value_parser = ["http/1.1", "h2c"])]
     pub http_version: Option<String>,
@@ -79,11 +92,17 @@ impl TunnelOptions {
         TunnelProperties {
             name: self.name.clone(),
             publish: Some(publish),
-            protocol: self.protocol.clone().or_else(|| publish.then(|| "http".to_string())),
+            protocol: self.protocol().or_else(|| publish.then(|| "http".to_string())),
             labels: self.labels.iter().cloned().collect::<HashMap<_, _>>(),
             hostname: self.host.clone(),
             token_auth: self.token_auth.then_some(true),
-            trusted_ips: self.trusted_ips.clone(),
+            trusted_ips: self
+                .trusted_ips
+                .iter()
+                .chain(&self.trusted_ips_list)
+                .map(|ip| ip.trim().to_string())
+                .filter(|ip| !ip.is_empty())
+                .collect(),
             http_version: self.http_version.clone(),
             upstream_tls: self.upstream_tls.then_some(true),
             tls_mode: self.tls_mode.clone(),
@@ -95,11 +114,17 @@ impl TunnelOptions {
 }
 
 impl TunnelOptions {
+    /// `--protocol`, or the shorthand flag that stands for it.
+    fn protocol(&self) -> Option<String> {
+        let shorthand = [(self.http, "http"), (self.tls, "tls"), (self.tcp, "tcp")];
+        self.protocol.clone().or_else(|| shorthand.iter().find(|(set, _)| *set).map(|(_, p)| p.to_string()))
+    }
+
     /// Whether streams go through the request log: only plain HTTP/1.1 can
     /// be read on the way (h2c and upstream TLS are spliced as they are).
     pub fn logs_requests(&self) -> bool {
         let http1 = !self.private
-            && self.protocol.as_deref().unwrap_or("http") == "http"
+            && self.protocol().as_deref().unwrap_or("http") == "http"
             && !self.upstream_tls
             && self.http_version.as_deref() != Some("h2c");
         match self.request_log {
@@ -176,10 +201,11 @@ pub async fn run(
         let address = tunnel.public_url().unwrap_or_else(|| {
             format!("rstrm://{} (private)", tunnel.properties().name.as_deref().unwrap_or(tunnel.id()))
         });
+        let transport = control.transport();
         if announced {
-            eprintln!("strait: reconnected, forwarding {address} -> {local}");
+            eprintln!("strait: reconnected over {transport}, forwarding {address} -> {local}");
         } else {
-            println!("Forwarding {address} -> {local}");
+            println!("Forwarding {address} -> {local} (over {transport})");
             announced = true;
         }
         let served = async {
@@ -221,5 +247,30 @@ mod tests {
         assert_eq!(local_target(Some("db.internal:5432")).unwrap(), "db.internal:5432");
         assert!(local_target(Some("0")).is_err());
         assert!(local_target(Some("host:")).is_err());
+    }
+
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        options: TunnelOptions,
+    }
+
+    fn properties(args: &[&str]) -> Result<TunnelProperties, clap::Error> {
+        use clap::Parser;
+        let flags = Flags::try_parse_from(std::iter::once("forward").chain(args.iter().copied()))?;
+        Ok(flags.options.properties())
+    }
+
+    #[test]
+    fn the_rstream_cli_spellings_carry_over() {
+        let p = properties(&["--tls", "--trusted-ips", "10.0.0.0/8, 192.168.1.7", "--trusted-ip", "::1"]).unwrap();
+        assert_eq!(p.protocol.as_deref(), Some("tls"));
+        assert_eq!(p.trusted_ips, ["::1", "10.0.0.0/8", "192.168.1.7"]);
+        assert_eq!(properties(&["--tcp"]).unwrap().protocol.as_deref(), Some("tcp"));
+        assert_eq!(properties(&["--http", "--publish"]).unwrap().protocol.as_deref(), Some("http"));
+        let private = properties(&["--no-publish", "--name", "db"]).unwrap();
+        assert_eq!((private.publish, private.protocol), (Some(false), None));
+        assert!(properties(&["--http", "--tls"]).is_err());
+        assert!(properties(&["--tcp", "--protocol", "http"]).is_err());
     }
 }

@@ -49,6 +49,12 @@ struct Cli {
     /// TLS server name of the engine, when it differs from its host.
     #[arg(long, global = true)]
     server_name: Option<String>,
+    /// What carries the agent's channels: auto (QUIC first, TLS 300 ms
+    /// later, the first to connect wins), tls or quic [default: auto, or
+    /// the context's transport.mode]. `forward`, `connect` and `dial` also
+    /// take it as --transport.
+    #[arg(long, env = "RSTREAM_TUNNEL_TRANSPORT", global = true, value_name = "MODE")]
+    tunnel_transport: Option<strait_agent::TransportMode>,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,6 +69,9 @@ enum Command {
     Forward {
         /// Local service: PORT or HOST:PORT [default: 8080].
         target: Option<String>,
+        /// auto, tls or quic (the same as --tunnel-transport).
+        #[arg(long, value_name = "MODE")]
+        transport: Option<strait_agent::TransportMode>,
         #[command(flatten)]
         options: forward::TunnelOptions,
     },
@@ -77,6 +86,9 @@ enum Command {
         /// then shows only as a closed connection).
         #[arg(long)]
         zero_rtt: bool,
+        /// auto, tls or quic (the same as --tunnel-transport).
+        #[arg(long, value_name = "MODE")]
+        transport: Option<strait_agent::TransportMode>,
     },
     /// Keep the tunnels a declarative file describes.
     #[command(
@@ -103,6 +115,9 @@ enum Command {
         /// then shows only as a closed connection).
         #[arg(long)]
         zero_rtt: bool,
+        /// auto, tls or quic (the same as --tunnel-transport).
+        #[arg(long, value_name = "MODE")]
+        transport: Option<strait_agent::TransportMode>,
     },
     /// Mint an HS256 token for a self-hosted engine.
     #[command(after_help = "Examples:\n  strait token --secret \"$SECRET\" --sub ci-runner --ttl 12h\n  \
@@ -246,7 +261,19 @@ impl Cli {
             token: self.token.clone(),
             ca_file: self.ca_file.clone(),
             server_name: self.server_name.clone(),
+            transport: self.transport(),
         }
+    }
+
+    /// The command's own --transport, else --tunnel-transport.
+    fn transport(&self) -> Option<strait_agent::TransportMode> {
+        let own = match &self.command {
+            Command::Forward { transport, .. }
+            | Command::Connect { transport, .. }
+            | Command::Dial { transport, .. } => *transport,
+            _ => None,
+        };
+        own.or(self.tunnel_transport)
     }
 
     fn client(&self) -> anyhow::Result<strait_agent::Client> {
@@ -269,15 +296,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let shutdown = shutdown::install()?;
     match &cli.command {
-        Command::Forward { target, options } => {
+        Command::Forward { target, options, .. } => {
             let local = forward::local_target(target.as_deref())?;
             forward::run(cli.client()?, options.clone(), local, &shutdown).await
         }
         Command::Run { apply, watch } => run::run(cli.overrides(), apply.clone(), *watch, &shutdown).await,
-        Command::Connect { tunnel, listen, zero_rtt } => {
+        Command::Connect { tunnel, listen, zero_rtt, .. } => {
             dial::connect(cli.dialer(*zero_rtt)?, tunnel, listen, &shutdown).await
         }
-        Command::Dial { tunnel, zero_rtt } => dial::dial(cli.dialer(*zero_rtt)?, tunnel, &shutdown).await,
+        Command::Dial { tunnel, zero_rtt, .. } => dial::dial(cli.dialer(*zero_rtt)?, tunnel, &shutdown).await,
         Command::Events { transport, events, params, forward_to, webhook, webhook_secret, webhook_id, .. } => {
             let sink = match forward_to {
                 None => events::Sink::Stdout,
@@ -336,6 +363,7 @@ fn context_command(cli: &Cli, command: &ContextCommand) -> anyhow::Result<()> {
                 token,
                 ca_file: cli.ca_file.clone(),
                 server_name: cli.server_name.clone(),
+                transport: cli.tunnel_transport.map(|t| t.to_string()),
             });
             if *make_default || file.default_context().is_none() {
                 file.set_default(name);

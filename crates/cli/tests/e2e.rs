@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{Running, SECRET, TestEngine, dial, echo_server, echo_through, output};
+use common::{DEADLINE, Running, SECRET, TestEngine, dial, echo_server, echo_through, output};
+use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
 async fn dial_alice(engine: &TestEngine, tunnel: &str, input: &[u8]) -> Vec<u8> {
@@ -19,7 +20,7 @@ async fn forward_private(engine: &TestEngine, name: &str, local: SocketAddr) -> 
     cmd.args(["forward", &local.to_string(), "--private", "--name", name]);
     let mut forward = Running::spawn(cmd);
     let line = forward.line().await;
-    assert_eq!(line, format!("Forwarding rstrm://{name} (private) -> {local}"));
+    assert_eq!(line, format!("Forwarding rstrm://{name} (private) -> {local} (over quic)"));
     forward
 }
 
@@ -177,7 +178,7 @@ async fn no_publish_is_private_and_no_hint_turns_a_flag_around() {
     let mut cmd = engine.strait("alice");
     cmd.args(["forward", &echo.to_string(), "--no-publish", "--name", "quiet"]);
     let mut forward = Running::spawn(cmd);
-    assert_eq!(forward.line().await, format!("Forwarding rstrm://quiet (private) -> {echo}"));
+    assert_eq!(forward.line().await, format!("Forwarding rstrm://quiet (private) -> {echo} (over quic)"));
     assert_eq!(engine.tunnels()["quiet"].properties.publish, Some(false));
     forward.interrupt().await;
 
@@ -222,4 +223,42 @@ async fn a_new_webhook_secret_reads_no_context_or_environment() {
         let secret = stdout.trim();
         assert!(secret.starts_with("whsec_") && secret.len() == 49, "{secret}");
     }
+}
+
+/// `auto` rides QUIC against an engine that has it; `--transport tls` (or
+/// the rstream CLI's RSTREAM_TUNNEL_TRANSPORT) pins a transport, and
+/// `forward` says which one carries it.
+#[tokio::test]
+async fn forward_says_which_transport_carries_it_and_takes_the_rstream_spellings() {
+    let engine = TestEngine::start().await;
+    let echo = echo_server().await;
+    let mut cmd = engine.strait("alice");
+    cmd.args(["forward", &echo.to_string(), "--no-publish", "--name", "pinned", "--transport", "tls"]);
+    let mut forward = Running::spawn(cmd);
+    assert_eq!(forward.line().await, format!("Forwarding rstrm://pinned (private) -> {echo} (over tls)"));
+    let metrics = &engine.engine.as_ref().unwrap().shared.metrics;
+    assert_eq!((metrics.clients_by_transport("tls"), metrics.clients_by_transport("quic")), (1, 0));
+
+    // A dial over QUIC, chosen by the environment, reaches the TLS agent.
+    let mut cmd = engine.strait("alice");
+    cmd.env("RSTREAM_TUNNEL_TRANSPORT", "quic").args(["dial", "pinned"]);
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"over quic").await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(DEADLINE, child.wait_with_output()).await.expect("dial ends").unwrap();
+    assert_eq!(out.stdout, b"over quic");
+    assert!(out.status.success(), "{out:?}");
+
+    // A bad value is named, from the flag and from the environment.
+    let mut cmd = engine.strait("alice");
+    cmd.args(["dial", "pinned", "--transport", "udp"]);
+    let out = output(&mut cmd).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auto, tls, quic"), "{out:?}");
+    let mut cmd = engine.strait("alice");
+    cmd.env("RSTREAM_TUNNEL_TRANSPORT", "carrier-pigeon").args(["dial", "pinned"]);
+    let out = output(&mut cmd).await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auto, tls, quic"), "{out:?}");
+    forward.interrupt().await;
 }

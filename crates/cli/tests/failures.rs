@@ -124,7 +124,7 @@ async fn an_engine_that_is_down_is_waited_for() {
     events.stderr_until("reconnecting in").await;
 
     engine.start_again().await;
-    assert_eq!(forward.line().await, format!("Forwarding rstrm://early (private) -> {echo}"));
+    assert_eq!(forward.line().await, format!("Forwarding rstrm://early (private) -> {echo} (over quic)"));
     let opened = run.stdout_until("opened declared").await;
     assert!(opened.last().unwrap().starts_with("opened declared: rstrm://declared"), "{opened:?}");
     let initial: serde_json::Value = serde_json::from_str(&events.line().await).unwrap();

@@ -77,6 +77,25 @@ pub struct Config {
     pub timeouts: TimeoutsConfig,
     pub limits: LimitsConfig,
     pub edge: EdgeConfig,
+    pub quic: QuicConfig,
+}
+
+/// Beyond CE: the QUIC listener for agents (ALPN `rstrm/1`, the same
+/// certificate as the TLS port).
+#[derive(Debug, Clone)]
+pub struct QuicConfig {
+    pub enabled: bool,
+    /// UDP address; `None` is the UDP side of `tls.listen_addr`'s bound
+    /// address (the same port).
+    pub listen_addr: Option<SocketAddr>,
+    /// Bidirectional streams an agent may have open at once on one QUIC
+    /// connection (its control channel, streams and dials).
+    pub max_streams_per_connection: u64,
+    /// A QUIC connection with no packet for this long is gone.
+    pub idle_timeout_seconds: u64,
+    /// The largest datagram payload (the 12-byte channel id included) the
+    /// engine accepts or sends.
+    pub max_datagram_bytes: usize,
 }
 
 /// Beyond CE: the published edge.
@@ -321,14 +340,7 @@ impl Config {
         let secret = r.required_str("auth.jwt.token_jwt_secret").map(Secret);
 
         let metrics_enabled = r.bool_or("metrics.prometheus.enabled", false);
-        let metrics_listen = match r.optional_str("metrics.prometheus.listen_addr") {
-            None => Some(None),
-            Some(a) if a.is_empty() => Some(None),
-            Some(a) => {
-                let parsed = parse_listen_addr(&a);
-                r.check("metrics.prometheus.listen_addr", parsed).map(Some)
-            }
-        };
+        let metrics_listen = r.optional_addr("metrics.prometheus.listen_addr");
         let metrics_path = r.optional_str("metrics.prometheus.path").map_or(Some("/metrics".to_string()), |p| {
             let normalised = normalise_path(&p);
             r.check("metrics.prometheus.path", normalised)
@@ -363,6 +375,11 @@ impl Config {
         let tunnels_per_principal = r.u64_or("limits.tunnels_per_principal", 1024, 1, 10_000_000);
         let label_bytes = r.u64_or("limits.label_bytes_per_principal", 1 << 20, 0, 1 << 34);
         let hostname_hold = r.u64_or("edge.hostname_hold_seconds", 300, 0, 30 * 86_400);
+        let quic_enabled = r.bool_or("quic.enabled", true);
+        let quic_listen = r.optional_addr("quic.listen_addr");
+        let quic_streams = r.u64_or("quic.max_streams_per_connection", 4096, 1, 1 << 20);
+        let quic_idle = r.u64_or("quic.idle_timeout_seconds", 30, 1, 3600);
+        let quic_datagram = r.u64_or("quic.max_datagram_bytes", 1350, 64, 65_527);
 
         let warnings = unknown_keys(tree, &r.known);
         if !r.problems.is_empty() {
@@ -415,6 +432,13 @@ impl Config {
                 label_bytes_per_principal: label_bytes.unwrap() as usize,
             },
             edge: EdgeConfig { hostname_hold_seconds: hostname_hold.unwrap() },
+            quic: QuicConfig {
+                enabled: quic_enabled.unwrap(),
+                listen_addr: quic_listen.unwrap(),
+                max_streams_per_connection: quic_streams.unwrap(),
+                idle_timeout_seconds: quic_idle.unwrap(),
+                max_datagram_bytes: quic_datagram.unwrap() as usize,
+            },
         };
         Ok(Loaded { config, warnings })
     }
@@ -481,6 +505,19 @@ impl<'a> Reader<'a> {
             _ => {
                 self.problem(path, "must be a string");
                 None
+            }
+        }
+    }
+
+    /// An address that may be absent or empty: `Some(None)` then; `None`
+    /// records a problem.
+    fn optional_addr(&mut self, path: &'static str) -> Option<Option<SocketAddr>> {
+        match self.optional_str(path) {
+            None => Some(None),
+            Some(a) if a.is_empty() => Some(None),
+            Some(a) => {
+                let parsed = parse_listen_addr(&a);
+                self.check(path, parsed).map(Some)
             }
         }
     }
@@ -738,6 +775,34 @@ mod tests {
         ];
         let c = Config::from_yaml_str(MINIMAL, env).unwrap().config;
         assert_eq!((c.edge.hostname_hold_seconds, c.limits.auth_failures_per_source), (3600, 5));
+    }
+
+    #[test]
+    fn the_quic_listener_is_on_by_default_and_its_fields_are_checked() {
+        let c = Config::from_yaml_str(MINIMAL, Vec::new()).unwrap().config;
+        assert!(c.quic.enabled && c.quic.listen_addr.is_none());
+        assert_eq!((c.quic.max_streams_per_connection, c.quic.idle_timeout_seconds), (4096, 30));
+        let yaml = format!(
+            "{MINIMAL}quic: {{enabled: maybe, listen_addr: nope, max_streams_per_connection: 0, \
+             idle_timeout_seconds: 99999, max_datagram_bytes: 10}}\n"
+        );
+        let error = Config::from_yaml_str(&yaml, Vec::new()).unwrap_err();
+        for field in [
+            "quic.enabled",
+            "quic.listen_addr",
+            "quic.max_streams_per_connection",
+            "quic.idle_timeout_seconds",
+            "quic.max_datagram_bytes",
+        ] {
+            assert!(error.names(field), "{field} missing from {error}");
+        }
+        let env = [
+            ("RSTREAM_ENGINE_QUIC__ENABLED".to_string(), "false".to_string()),
+            ("RSTREAM_ENGINE_QUIC__LISTEN_ADDR".to_string(), "127.0.0.1:4433".to_string()),
+        ];
+        let c = Config::from_yaml_str(MINIMAL, env).unwrap().config;
+        assert!(!c.quic.enabled);
+        assert_eq!(c.quic.listen_addr, Some("127.0.0.1:4433".parse().unwrap()));
     }
 
     #[test]

@@ -16,12 +16,11 @@ use strait_proto::{
     OpenTunnelReq, OpenTunnelResult, OpenTunnelRsp, Payload, ServerDetails, ServerMessage, write_message,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_rustls::server::TlsStream;
 
 use crate::Shared;
 use crate::ids;
+use crate::net::{BoxIo, Transport};
 use crate::registry::{Client, ClientInfo, Departure, RegistryError, Tunnel};
 use crate::tunnel::{self, Namespace};
 
@@ -91,10 +90,11 @@ fn open_rsp(result: OpenControlChannelResult) -> Message {
 /// engine shuts down.
 pub async fn serve(
     shared: Arc<Shared>,
-    io: TlsStream<TcpStream>,
+    io: BoxIo,
     rest: Bytes,
     req: OpenControlChannelReq,
     peer: SocketAddr,
+    transport: Transport,
 ) {
     let (read_half, mut write_half) = tokio::io::split(io);
     let details = req.client_details.unwrap_or_default();
@@ -128,6 +128,7 @@ pub async fn serve(
         protocol_version: details.protocol_version,
         labels: Default::default(),
         connected_at: Some(SystemTime::now()),
+        transport: transport.name(),
     };
     let (agent, version) = (info.agent.clone(), info.version.clone());
     // Registered before the agent hears yes, so the principal's limit is
@@ -151,9 +152,9 @@ pub async fn serve(
     tracing::info!(
         client_id = %client_id, principal = %principal,
         agent = agent.as_deref().unwrap_or("-"), version = version.as_deref().unwrap_or("-"),
-        liveness = liveness.is_some(), "client connected"
+        liveness = liveness.is_some(), transport = transport.name(), "client connected"
     );
-    shared.metrics.client_connected();
+    shared.metrics.client_connected(transport.name());
 
     let writer = tokio::spawn(async move {
         while let Some(message) = outbox_rx.recv().await {
@@ -197,7 +198,7 @@ pub async fn serve(
     };
 
     let tunnels = shared.registry.remove_client(&client_id, departure);
-    shared.metrics.client_disconnected();
+    shared.metrics.client_disconnected(transport.name());
     shared.pending.fail_client(&client_id);
     for tunnel in &tunnels {
         shared.metrics.tunnel_closed(metric_protocol(tunnel));

@@ -37,7 +37,7 @@ use crate::edge::headers;
 use crate::edge::http::Edge;
 use crate::edge::relay::Framing;
 use crate::edge::relay::fuzzing::{Request, Response, request, response};
-use crate::listener::{self, Route};
+use crate::net::tls::{self as listener, Route};
 use crate::registry::{Client, ClientInfo, Tunnel};
 use crate::tunnel::{Namespace, normalize};
 use crate::{Engine, dev};
@@ -732,7 +732,14 @@ fn to_env(c: &Config) -> Vec<(String, String)> {
         ("LIMITS__PENDING_STREAMS_PER_CLIENT", c.limits.pending_streams_per_client.to_string()),
         ("LIMITS__CONTROL_IDLE_SECONDS", c.limits.control_idle_seconds.to_string()),
         ("LIMITS__MAX_CONNECTIONS", c.limits.max_connections.to_string()),
+        ("QUIC__ENABLED", c.quic.enabled.to_string()),
+        ("QUIC__MAX_STREAMS_PER_CONNECTION", c.quic.max_streams_per_connection.to_string()),
+        ("QUIC__IDLE_TIMEOUT_SECONDS", c.quic.idle_timeout_seconds.to_string()),
+        ("QUIC__MAX_DATAGRAM_BYTES", c.quic.max_datagram_bytes.to_string()),
     ];
+    if let Some(addr) = c.quic.listen_addr {
+        env.push(("QUIC__LISTEN_ADDR", addr.to_string()));
+    }
     if let Some(port) = c.tls.public_port {
         env.push(("TLS__PUBLIC_PORT", port.to_string()));
     }
@@ -782,6 +789,8 @@ pub fn config(data: &[u8]) {
     assert!((1..=3600).contains(&c.timeouts.stream_request_seconds));
     assert!(c.timeouts.shutdown_drain_seconds <= 3600);
     assert!(c.limits.max_connections >= 1 && c.limits.handshake_seconds >= 1);
+    assert!(c.quic.max_streams_per_connection >= 1 && (1..=3600).contains(&c.quic.idle_timeout_seconds));
+    assert!((64..=65_527).contains(&c.quic.max_datagram_bytes));
     assert!(!c.auth.jwt.token_jwt_secret.expose().trim().is_empty());
 
     // Secrets never print: Debug is the same whatever they are.

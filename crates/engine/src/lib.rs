@@ -26,6 +26,7 @@ pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod certs;
+pub mod channel;
 pub mod check;
 pub mod config;
 pub mod control;
@@ -35,8 +36,8 @@ pub mod edge;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ids;
-pub mod listener;
 pub mod metrics;
+pub mod net;
 pub mod prometheus;
 pub mod registry;
 pub mod streams;
@@ -155,14 +156,58 @@ pub enum StartError {
     Tls(#[from] rustls::Error),
 }
 
+/// Binds the TLS port and, when `quic.enabled`, the QUIC port: by default
+/// the UDP side of the TLS address. With port 0 the kernel picks the TCP
+/// port; should that port be taken on UDP, both are picked again.
+async fn bind_agent_ports(
+    config: &Config,
+    certs: Arc<CertStore>,
+    provider: Arc<CryptoProvider>,
+) -> Result<(TcpListener, Option<quinn::Endpoint>), StartError> {
+    let addr = config.tls.listen_addr;
+    let bind_tls = || async move {
+        TcpListener::bind(addr).await.map_err(|source| StartError::Bind { what: "tls.listen_addr", addr, source })
+    };
+    let mut attempts = 0;
+    loop {
+        let tcp = bind_tls().await?;
+        if !config.quic.enabled {
+            return Ok((tcp, None));
+        }
+        let quic_config = net::quic::server_config(certs.clone(), provider.clone(), &config.quic)?;
+        let (what, udp_addr) = match config.quic.listen_addr {
+            Some(udp) => ("quic.listen_addr", udp),
+            None => {
+                ("tls.listen_addr (its UDP side, for QUIC)", tcp.local_addr().expect("bound socket has an address"))
+            }
+        };
+        match net::quic::bind(quic_config, udp_addr) {
+            Ok(endpoint) => return Ok((tcp, Some(endpoint))),
+            Err(source)
+                if source.kind() == std::io::ErrorKind::AddrInUse
+                    && addr.port() == 0
+                    && config.quic.listen_addr.is_none()
+                    && attempts < 16 =>
+            {
+                attempts += 1;
+            }
+            Err(source) => return Err(StartError::Bind { what, addr: udp_addr, source }),
+        }
+    }
+}
+
 /// A started engine.
 pub struct Engine {
     pub shared: Arc<Shared>,
     pub tls_addr: SocketAddr,
+    /// The QUIC listener's UDP address, when `quic.enabled`.
+    pub quic_addr: Option<SocketAddr>,
     /// The metrics listener, when `metrics.prometheus` has one.
     pub metrics_addr: Option<SocketAddr>,
     /// The HTTP redirect listener's address, when `http.enabled`.
     pub http_addr: Option<SocketAddr>,
+    /// Closed at the end of a shutdown, so its UDP port is free at once.
+    quic_endpoint: Option<quinn::Endpoint>,
 }
 
 impl Engine {
@@ -174,12 +219,8 @@ impl Engine {
             &config.certs.r#static.key_file,
             provider.clone(),
         )?);
-        let tls = TlsConfigs::new(certs.clone(), provider)?;
-        let tls_listener = TcpListener::bind(config.tls.listen_addr).await.map_err(|source| StartError::Bind {
-            what: "tls.listen_addr",
-            addr: config.tls.listen_addr,
-            source,
-        })?;
+        let tls = TlsConfigs::new(certs.clone(), provider.clone())?;
+        let (tls_listener, quic_endpoint) = bind_agent_ports(&config, certs.clone(), provider).await?;
         let metrics_listener = prometheus::bind(&config.metrics.prometheus).await?;
         let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr().expect("bound socket has an address"));
         let tls_addr = tls_listener.local_addr().expect("bound socket has an address");
@@ -210,8 +251,13 @@ impl Engine {
             tasks: TaskTracker::new(),
             listening: AtomicBool::new(false),
         });
-        shared.tasks.spawn(listener::run(shared.clone(), tls_listener));
+        shared.tasks.spawn(net::tls::run(shared.clone(), tls_listener));
         tracing::info!(addr = %tls_addr, host = %shared.config.engine.host, "TLS listener up");
+        let quic_addr = quic_endpoint.as_ref().map(|e| e.local_addr().expect("bound socket has an address"));
+        if let Some(endpoint) = quic_endpoint.clone() {
+            shared.tasks.spawn(net::quic::run(shared.clone(), endpoint));
+            tracing::info!(addr = ?quic_addr, "QUIC listener up");
+        }
         if let Some(listener) = metrics_listener {
             shared.tasks.spawn(prometheus::serve(shared.clone(), listener));
             tracing::info!(
@@ -224,7 +270,7 @@ impl Engine {
             tracing::info!(%addr, "HTTP redirect listener up");
         }
         shared.listening.store(true, Ordering::Release);
-        Ok(Engine { shared, tls_addr, metrics_addr, http_addr })
+        Ok(Engine { shared, tls_addr, quic_addr, metrics_addr, http_addr, quic_endpoint })
     }
 
     /// Graceful shutdown with the configured drain
@@ -242,15 +288,22 @@ impl Engine {
         shared.shutdown.cancel();
         shared.tasks.close();
         tracing::info!(connections = shared.tasks.len(), drain_seconds = drain.as_secs(), "draining");
-        if tokio::time::timeout(drain, shared.tasks.wait()).await.is_ok() {
+        let drained = tokio::time::timeout(drain, shared.tasks.wait()).await.is_ok();
+        if drained {
             tracing::info!("drained");
-            return true;
+        } else {
+            tracing::warn!(connections = shared.tasks.len(), "drain time is up; cutting the streams still open");
+            shared.abort.cancel();
+            if tokio::time::timeout(ABORT_GRACE, shared.tasks.wait()).await.is_err() {
+                tracing::warn!(connections = shared.tasks.len(), "connections still open after the cut");
+            }
         }
-        tracing::warn!(connections = shared.tasks.len(), "drain time is up; cutting the streams still open");
-        shared.abort.cancel();
-        if tokio::time::timeout(ABORT_GRACE, shared.tasks.wait()).await.is_err() {
-            tracing::warn!(connections = shared.tasks.len(), "connections still open after the cut");
+        if let Some(endpoint) = self.quic_endpoint {
+            // Streams that finished may still wait for their last
+            // acknowledgements (QuicStream lingers); the drain is over.
+            endpoint.close(net::quic::close::NORMAL, b"engine stopped");
+            let _ = tokio::time::timeout(ABORT_GRACE, endpoint.wait_idle()).await;
         }
-        false
+        drained
     }
 }

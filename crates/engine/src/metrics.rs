@@ -44,6 +44,12 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    /// `tls` or `quic`.
+    pub transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BuildLabel {
     pub version: &'static str,
     pub protocol: &'static str,
@@ -52,6 +58,9 @@ pub struct BuildLabel {
 pub struct Metrics {
     pub registry: Registry,
     clients: Gauge,
+    clients_by_transport: Family<TransportLabel, Gauge>,
+    quic_connections: Gauge,
+    quic_handshake_failures: Counter,
     tunnels: Family<ProtocolLabel, Gauge>,
     streams_active: Family<KindLabel, Gauge>,
     streams_total: Family<KindLabel, Counter>,
@@ -77,6 +86,9 @@ impl Metrics {
         let mut registry = Registry::with_prefix("strait");
         let m = Self {
             clients: Gauge::default(),
+            clients_by_transport: Family::default(),
+            quic_connections: Gauge::default(),
+            quic_handshake_failures: Counter::default(),
             tunnels: Family::default(),
             streams_active: Family::default(),
             streams_total: Family::default(),
@@ -91,6 +103,17 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("clients_connected", "Agents with an open control channel", m.clients.clone());
+        registry.register(
+            "clients_by_transport",
+            "Agents with an open control channel, by what carries it",
+            m.clients_by_transport.clone(),
+        );
+        registry.register("quic_connections", "Open QUIC connections from agents", m.quic_connections.clone());
+        registry.register(
+            "quic_handshake_failures",
+            "QUIC connections that failed their handshake (or offered another ALPN)",
+            m.quic_handshake_failures.clone(),
+        );
         registry.register(
             "tunnels",
             "Live tunnels by protocol (private tunnels count as \"private\")",
@@ -134,12 +157,36 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    pub fn client_connected(&self) {
+    pub fn client_connected(&self, transport: &'static str) {
         self.clients.inc();
+        self.clients_by_transport.get_or_create(&TransportLabel { transport }).inc();
     }
 
-    pub fn client_disconnected(&self) {
+    pub fn client_disconnected(&self, transport: &'static str) {
         self.clients.dec();
+        self.clients_by_transport.get_or_create(&TransportLabel { transport }).dec();
+    }
+
+    pub fn clients_by_transport(&self, transport: &'static str) -> i64 {
+        self.clients_by_transport.get_or_create(&TransportLabel { transport }).get()
+    }
+
+    /// A QUIC connection is up; the gauge falls when the guard drops.
+    pub fn quic_connection(&self) -> GaugeGuard {
+        self.quic_connections.inc();
+        GaugeGuard { active: self.quic_connections.clone() }
+    }
+
+    pub fn quic_connections(&self) -> i64 {
+        self.quic_connections.get()
+    }
+
+    pub fn quic_handshake_failed(&self) {
+        self.quic_handshake_failures.inc();
+    }
+
+    pub fn quic_handshake_failures(&self) -> u64 {
+        self.quic_handshake_failures.get()
     }
 
     /// `protocol` is the tunnel's published protocol or `private`.
@@ -152,7 +199,7 @@ impl Metrics {
     }
 
     /// A stream paired; keep the guard alive while it carries bytes.
-    pub fn stream_started(&self, kind: &'static str, pairing: Option<Duration>) -> StreamGuard {
+    pub fn stream_started(&self, kind: &'static str, pairing: Option<Duration>) -> GaugeGuard {
         let label = KindLabel { kind };
         self.streams_total.get_or_create(&label).inc();
         let active = self.streams_active.get_or_create(&label).clone();
@@ -160,7 +207,7 @@ impl Metrics {
         if let Some(pairing) = pairing {
             self.stream_pairing.observe(pairing.as_secs_f64());
         }
-        StreamGuard { active }
+        GaugeGuard { active }
     }
 
     /// Bytes a finished (or finishing) stream carried.
@@ -223,11 +270,13 @@ impl Metrics {
 }
 
 /// Decrements the active-stream gauge when the stream ends.
-pub struct StreamGuard {
+/// Holds one unit of a gauge (a stream active, a QUIC connection open);
+/// gives it back when dropped.
+pub struct GaugeGuard {
     active: Gauge,
 }
 
-impl Drop for StreamGuard {
+impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.active.dec();
     }
@@ -240,7 +289,7 @@ mod tests {
     #[test]
     fn every_family_is_exposed() {
         let m = Metrics::new();
-        m.client_connected();
+        m.client_connected("quic");
         m.tunnel_opened("http");
         let guard = m.stream_started("published", Some(Duration::from_millis(3)));
         m.stream_bytes(10, 20);
@@ -250,6 +299,7 @@ mod tests {
         let text = m.encode();
         for needle in [
             "strait_clients_connected 1",
+            "strait_clients_by_transport{transport=\"quic\"} 1",
             "strait_tunnels{protocol=\"http\"} 1",
             "strait_streams_active{kind=\"published\"} 1",
             "strait_streams_total{kind=\"published\"} 1",

@@ -30,6 +30,8 @@ pub struct ClientInfo {
     pub protocol_version: Option<String>,
     pub labels: HashMap<String, String>,
     pub connected_at: Option<SystemTime>,
+    /// What carries the control channel: `tls` or `quic`.
+    pub transport: &'static str,
 }
 
 /// A live control channel.

@@ -20,17 +20,16 @@ use strait_proto::{
     StreamResult, StreamRsp, write_message,
 };
 use subtle::ConstantTimeEq;
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio_rustls::server::TlsStream;
 
 use crate::Shared;
 use crate::ids;
+use crate::net::{BoxIo, Transport};
 use crate::registry::{Dial, Tunnel};
 use strait_proto::splice::splice;
 
 /// An agent's reverse-dialled connection, ready to carry raw bytes.
-pub type AgentIo = Prefixed<TlsStream<TcpStream>>;
+pub type AgentIo = Prefixed<BoxIo>;
 
 /// Why an inbound connection could not be paired with its agent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -198,7 +197,7 @@ pub async fn open_to_agent(
 }
 
 /// An agent dialled back with `ProxyReq`.
-pub async fn accept_agent_stream(shared: &Shared, mut io: TlsStream<TcpStream>, rest: Bytes, req: ProxyReq) {
+pub async fn accept_agent_stream(shared: &Shared, mut io: BoxIo, rest: Bytes, req: ProxyReq) {
     let zero_rtt = req.zero_rtt.unwrap_or(false);
     let secret = req.client_details.and_then(|d| d.token).unwrap_or_default();
     match shared.pending.take_matching(&req.stream_id, &secret) {
@@ -237,10 +236,11 @@ pub fn ip_allowed(trusted: &[String], ip: IpAddr) -> bool {
 /// A private dial: `StreamReq{token, tunnel_id_name, zero_rtt}`.
 pub async fn private_dial(
     shared: Arc<Shared>,
-    mut io: TlsStream<TcpStream>,
+    mut io: BoxIo,
     rest: Bytes,
     req: StreamReq,
     peer: SocketAddr,
+    transport: Transport,
 ) {
     let zero_rtt = req.zero_rtt.unwrap_or(false);
     let target = req.tunnel_id_name.trim().to_string();
@@ -253,7 +253,11 @@ pub async fn private_dial(
             Error::new(ErrorCode::Unauthorized, e.to_string())
         })?;
         if req.datagram_channel == Some(true) {
-            return Err(Error::new(ErrorCode::FeatureNotAvailable, "datagram channels need the QUIC transport"));
+            let why = match transport {
+                Transport::Tls => "datagram channels need the QUIC transport",
+                Transport::Quic(_) => "datagram channels are not served by this engine yet",
+            };
+            return Err(Error::new(ErrorCode::FeatureNotAvailable, why));
         }
         let tunnel = match shared.registry.resolve_dial(&principal, &target) {
             Dial::Live(tunnel) => tunnel,

@@ -12,11 +12,14 @@ pub mod frame;
 /// What the fuzz targets (`fuzz/`) and the property tests check.
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod io;
 pub mod messages;
 pub mod prefixed;
+pub mod quic;
 pub mod splice;
 
 pub use frame::{FrameError, FrameReader, MAX_FRAME_LEN, encode, write_message};
+pub use io::{BoxIo, Io};
 pub use messages::*;
 pub use prefixed::Prefixed;
 

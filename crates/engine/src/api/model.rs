@@ -47,6 +47,8 @@ pub struct Client {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protocol_version: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// What carries the agent's control channel: `tls` or `quic` (beyond CE).
+    pub transport: String,
 }
 
 impl Client {
@@ -62,6 +64,7 @@ impl Client {
             arch: info.arch.clone(),
             protocol_version: info.protocol_version.clone(),
             labels: info.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            transport: info.transport.to_string(),
         }
     }
 }

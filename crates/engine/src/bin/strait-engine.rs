@@ -232,6 +232,9 @@ async fn serve(config: Config, warnings: Vec<String>, print_ready: bool) -> Exit
         if let Some(http) = engine.http_addr {
             ready["http"] = http.to_string().into();
         }
+        if let Some(quic) = engine.quic_addr {
+            ready["quic"] = quic.to_string().into();
+        }
         println!("{ready}");
     }
     run_until_signal(engine).await

@@ -109,7 +109,7 @@ pub async fn serve(
     };
     let activity = Activity::new();
     let start = StartHandshake::from_parts(accepted, Tracked::new(tcp, activity.clone()));
-    let tls = crate::listener::handshake(&shared, start, config, "http tunnel").await;
+    let tls = crate::net::tls::handshake(&shared, start, config, "http tunnel").await;
     drop(slot);
     let Some(mut tls) = tls else { return };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");

@@ -25,7 +25,7 @@ use crate::Shared;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn run(shared: Arc<Shared>, listener: TcpListener) {
-    crate::listener::accept_loop(shared, listener, "HTTP", serve).await;
+    crate::net::accept::accept_loop(shared, listener, "HTTP", serve).await;
 }
 
 async fn serve(shared: Arc<Shared>, tcp: tokio::net::TcpStream, _peer: SocketAddr) {

@@ -122,7 +122,7 @@ async fn terminated(
         }
     };
     let start = StartHandshake::from_parts(accepted, tcp);
-    let public = crate::listener::handshake(&shared, start, config, "tls tunnel").await;
+    let public = crate::net::tls::handshake(&shared, start, config, "tls tunnel").await;
     drop(slot);
     let Some(mut public) = public else { return };
     // The negotiated protocol, offered again to a TLS upstream.

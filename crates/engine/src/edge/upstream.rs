@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::errors::Refusal;
 use crate::Shared;
-use crate::metrics::StreamGuard;
+use crate::metrics::GaugeGuard;
 use crate::registry::Tunnel;
 use crate::streams;
 
@@ -55,7 +55,7 @@ pub struct AgentStream {
     shared: Arc<Shared>,
     towards_agent: u64,
     from_agent: u64,
-    _guard: StreamGuard,
+    _guard: GaugeGuard,
 }
 
 impl Drop for AgentStream {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use rustls::pki_types::ServerName;
-use strait_agent::{Client, ClientConfig};
+use strait_agent::{Client, ClientConfig, TransportMode};
 use strait_engine::Engine;
 use strait_engine::config::Config;
 use strait_proto::{FrameReader, MAX_FRAME_LEN, Message, Payload, write_message};
@@ -63,14 +63,26 @@ impl TestEngine {
         strait_engine::auth::mint_with(SECRET.as_bytes(), sub, Some(3600), true)
     }
 
+    /// A client over TLS: most tests are about the protocol, and TLS is
+    /// what every rstream agent can speak. tests/quic.rs runs them over
+    /// QUIC and auto.
     pub fn client_config(&self, sub: &str) -> ClientConfig {
+        self.client_config_over(sub, TransportMode::Tls)
+    }
+
+    pub fn client_config_over(&self, sub: &str, transport: TransportMode) -> ClientConfig {
         let mut config = ClientConfig::new(format!("localhost:{}", self.addr.port()), Some(self.token(sub)));
         config.ca_file = Some(self.ca.clone());
+        config.transport = transport;
         config
     }
 
     pub fn client(&self, sub: &str) -> Client {
         Client::new(self.client_config(sub)).unwrap()
+    }
+
+    pub fn client_over(&self, sub: &str, transport: TransportMode) -> Client {
+        Client::new(self.client_config_over(sub, transport)).unwrap()
     }
 
     /// A raw TLS connection with ALPN `rstrm/1`, for hand-made frames.

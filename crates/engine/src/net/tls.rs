@@ -1,4 +1,4 @@
-//! The TLS listener: accept, read the ClientHello, route on (SNI, ALPN).
+//! The TLS port: accept, read the ClientHello, route on (SNI, ALPN).
 //!
 //! - `rstrm/1` anywhere but the tunnel namespace: the agent protocol;
 //! - other ALPNs on `engine.host` (or no SNI): the Engine API;
@@ -15,15 +15,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rustls::server::{Accepted, Acceptor};
-use strait_proto::{FrameError, FrameReader, Payload};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_rustls::StartHandshake;
-use tracing::Instrument;
 
-use crate::admission::{HandshakeSlot, Refusal};
-use crate::{Shared, control, edge, streams};
+use super::Transport;
+use super::accept::{accept_loop, refuse};
+use crate::admission::HandshakeSlot;
+use crate::{Shared, channel, edge};
 
 /// The largest ClientHello we wait for. Post-quantum key shares make them
 /// grow past 1 KiB; 64 KiB is far beyond any real client.
@@ -61,62 +60,6 @@ pub fn route(engine_host: &str, sni: Option<&str>, offers_rstrm: bool) -> Route 
 /// Accepts on the TLS port until shutdown.
 pub async fn run(shared: Arc<Shared>, listener: TcpListener) {
     accept_loop(shared, listener, "TLS", handle).await;
-}
-
-/// The accept loop every listener uses: each connection holds a permit, so
-/// at most `limits.max_connections` are open per listener, and runs `serve`
-/// as a task the shutdown drain waits for. A connection beyond the limit is
-/// closed at once rather than left waiting in the kernel's backlog, where it
-/// would stall everyone behind it.
-pub async fn accept_loop<F, Fut>(shared: Arc<Shared>, listener: TcpListener, what: &'static str, serve: F)
-where
-    F: Fn(Arc<Shared>, TcpStream, SocketAddr) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let permits = Arc::new(Semaphore::new(shared.config.limits.max_connections));
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let accepted = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                backoff = Duration::from_millis(5);
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    refuse(&shared, tcp, peer, Refusal::Capacity);
-                    continue;
-                };
-                let _ = tcp.set_nodelay(true);
-                // One span per connection: every line it logs says which
-                // peer and which route, without passing them to each one.
-                let span = tracing::info_span!("conn", listener = what, %peer, route = tracing::field::Empty);
-                let connection = serve(shared.clone(), tcp, peer);
-                shared.tasks.spawn(
-                    async move {
-                        connection.await;
-                        drop(permit);
-                    }
-                    .instrument(span),
-                );
-            }
-            Err(error) => {
-                // EMFILE and friends: wait for descriptors to free up
-                // instead of spinning on the same error.
-                tracing::error!(%error, listener = what, "accept failed; backing off {:?}", backoff);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
-        }
-    }
-}
-
-/// Closes a connection the limits refuse: counted, and logged at most once
-/// per few seconds (a flood must not become a flood of log lines).
-fn refuse(shared: &Shared, tcp: TcpStream, peer: SocketAddr, refusal: Refusal) {
-    shared.metrics.connection_refused(refusal.label());
-    shared.admission.log_refusal(peer.ip(), refusal);
-    drop(tcp);
 }
 
 /// Reads the ClientHello into a rustls `Acceptor`, keeping the raw bytes so
@@ -221,51 +164,13 @@ where
     None
 }
 
-/// An agent-protocol connection: its first frame says what it is. The
-/// handshake and the first read run in their own allocation, so the
-/// connection's long-lived state is only what its kind needs.
+/// An agent-protocol connection: the TLS handshake, then the channel it
+/// carries. The handshake runs in its own allocation, so the connection's
+/// long-lived state is only what its kind needs.
 async fn agent_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr, slot: HandshakeSlot) {
-    let first = Box::pin(first_frame(&shared, accepted, tcp)).await;
-    // An agent connection is past its handshake once its first frame is in.
-    drop(slot);
-    let Some((tls, rest, first)) = first else { return };
-    match first.payload {
-        Some(Payload::OpenControlChannelReq(req)) => Box::pin(control::serve(shared, tls, rest, req, peer)).await,
-        Some(Payload::ProxyReq(req)) => Box::pin(streams::accept_agent_stream(&shared, tls, rest, req)).await,
-        Some(Payload::StreamReq(req)) => Box::pin(streams::private_dial(shared, tls, rest, req, peer)).await,
-        Some(other) => {
-            tracing::warn!(message = other.name(), "agent connection refused: unexpected first frame");
-        }
-        None => tracing::warn!("agent connection refused: empty first frame"),
-    }
-}
-
-async fn first_frame(
-    shared: &Shared,
-    accepted: Accepted,
-    tcp: TcpStream,
-) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, Bytes, strait_proto::Message)> {
     let start = StartHandshake::from_parts(accepted, tcp);
-    let tls = handshake(shared, start, shared.tls.agent.clone(), "agent").await?;
-    let mut reader = FrameReader::new(tls, shared.config.limits.max_frame_bytes);
-    let deadline = Duration::from_secs(shared.config.limits.first_frame_seconds);
-    let first = match tokio::time::timeout(deadline, reader.read_message()).await {
-        Ok(Ok(message)) => message,
-        Ok(Err(FrameError::Closed)) => {
-            tracing::debug!("agent connection closed before its first frame");
-            return None;
-        }
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "agent connection refused: bad first frame");
-            return None;
-        }
-        Err(_) => {
-            tracing::warn!("agent connection refused: no first frame within {}s", deadline.as_secs());
-            return None;
-        }
-    };
-    let (tls, rest) = reader.into_parts();
-    Some((tls, rest, first))
+    let Some(tls) = handshake(&shared, start, shared.tls.agent.clone(), "agent").await else { return };
+    channel::serve(shared, Box::new(tls), peer, Transport::Tls, Some(slot)).await;
 }
 
 async fn api_route(shared: Arc<Shared>, accepted: Accepted, tcp: TcpStream, peer: SocketAddr, slot: HandshakeSlot) {

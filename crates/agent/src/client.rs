@@ -17,6 +17,7 @@ use tokio_rustls::client::TlsStream;
 
 use crate::AgentError;
 use crate::control::ControlChannel;
+use crate::datagram::PacketConn;
 use crate::transport::{Carrier, QuicSide, TransportMode};
 
 /// A channel to the engine (a TLS connection or a QUIC stream) carrying raw
@@ -180,27 +181,66 @@ impl Client {
 
     /// [`Client::dial`], saying which transport carries the stream.
     pub async fn dial_carried(&self, tunnel: &str) -> Result<(Stream, Carrier), AgentError> {
-        let (mut tls, carrier) = self.open_first().await?;
-        let zero_rtt = self.config.zero_rtt;
+        let (io, carrier) = self.open_first().await?;
+        let (stream, _) = self.stream_req(io, tunnel, self.config.zero_rtt, false).await?;
+        Ok((stream, carrier))
+    }
+
+    /// Dials a datagram tunnel: QUIC datagrams when the client is on QUIC
+    /// and the tunnel allows them, else packets framed in a stream (the
+    /// engine refuses a datagram channel with FEATURE_NOT_AVAILABLE for a
+    /// tunnel that guarantees delivery, and the dial falls back, as the
+    /// rstream Go SDK's PacketDial does).
+    pub async fn dial_packets(&self, tunnel: &str) -> Result<PacketConn, AgentError> {
+        let (io, carrier) = self.open_first().await?;
+        let io = match &carrier {
+            Carrier::Quic(conn) => match self.stream_req(io, tunnel, false, true).await {
+                Ok((lifeline, Some(stream_id))) => {
+                    let id = strait_proto::packet::channel_id(&stream_id)
+                        .ok_or_else(|| AgentError::Protocol(format!("stream id {stream_id:?} is not 24 hex")))?;
+                    let registration = self.quic.channels.register(id);
+                    return Ok(PacketConn::quic(conn.clone(), id, registration, lifeline));
+                }
+                Ok((_, None)) => return Err(AgentError::Protocol("StreamRsp without a stream id".into())),
+                Err(error) if error.engine_code() == Some(strait_proto::ErrorCode::FeatureNotAvailable) => {
+                    self.open_on(&carrier).await?
+                }
+                Err(error) => return Err(error),
+            },
+            Carrier::Tls => io,
+        };
+        let (stream, _) = self.stream_req(io, tunnel, self.config.zero_rtt, false).await?;
+        Ok(PacketConn::framed(stream))
+    }
+
+    /// Sends `StreamReq` on a fresh channel and, unless zero-RTT, reads the
+    /// answer; returns the stream and the stream id the engine gave.
+    async fn stream_req(
+        &self,
+        mut io: BoxIo,
+        tunnel: &str,
+        zero_rtt: bool,
+        datagram_channel: bool,
+    ) -> Result<(Stream, Option<String>), AgentError> {
         let req = StreamReq {
             client_details: Some(client_details(self.config.token.clone())),
             tunnel_id_name: tunnel.trim().to_string(),
             zero_rtt: Some(zero_rtt),
-            datagram_channel: None,
+            datagram_channel: datagram_channel.then_some(true),
         };
-        write_message(&mut tls, &Message::from(Payload::StreamReq(req))).await?;
+        write_message(&mut io, &Message::from(Payload::StreamReq(req))).await?;
         if zero_rtt {
-            return Ok((Prefixed::new(Default::default(), tls), carrier));
+            return Ok((Prefixed::new(Default::default(), io), None));
         }
-        let mut reader = FrameReader::new(tls, MAX_FRAME_LEN);
+        let mut reader = FrameReader::new(io, MAX_FRAME_LEN);
         let rsp = tokio::time::timeout(self.config.operation_timeout, reader.read_message())
             .await
             .map_err(|_| AgentError::Timeout("waiting for StreamRsp"))??;
         match rsp.payload {
             Some(Payload::StreamRsp(rsp)) => match rsp.payload {
-                Some(StreamResult::StreamId(_)) => {
-                    let (tls, rest) = reader.into_parts();
-                    Ok((Prefixed::new(rest, tls), carrier))
+                Some(StreamResult::StreamId(id)) => {
+                    let (io, rest) = reader.into_parts();
+                    Ok((Prefixed::new(rest, io), Some(id)))
                 }
                 Some(StreamResult::Error(e)) => Err(AgentError::Engine(e)),
                 None => Err(AgentError::Protocol("empty StreamRsp".into())),

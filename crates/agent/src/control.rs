@@ -31,10 +31,21 @@ const TUNNEL_BACKLOG: usize = 256;
 
 type OpenReply = oneshot::Sender<Result<TunnelProperties, Error>>;
 
+/// An open tunnel: where its streams go, and whether its packets ride QUIC
+/// datagram channels (a datagram tunnel without guaranteed delivery).
+#[derive(Clone)]
+struct Open {
+    streams: mpsc::Sender<Stream>,
+    datagrams: bool,
+}
+
 #[derive(Default)]
 struct State {
     opening: HashMap<String, (OpenReply, mpsc::Sender<Stream>)>,
-    tunnels: HashMap<String, mpsc::Sender<Stream>>,
+    tunnels: HashMap<String, Open>,
+    /// Datagram channels by stream id, for the engine's
+    /// `DatagramChannelClose`.
+    channels: HashMap<String, tokio_util::sync::CancellationToken>,
     /// Waiters for `CloseTunnelRsp`, with the engine's refusal if any.
     closing: HashMap<String, Vec<oneshot::Sender<Option<strait_proto::Error>>>>,
 }
@@ -67,6 +78,9 @@ impl Inner {
         let mut state = self.lock();
         state.opening.clear();
         state.tunnels.clear();
+        for (_, closed) in state.channels.drain() {
+            closed.cancel();
+        }
         state.closing.clear();
     }
 
@@ -318,7 +332,9 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
                 match rsp.payload {
                     Some(OpenTunnelResult::TunnelProperties(p)) => {
                         if let Some(id) = p.id.clone() {
-                            inner.lock().tunnels.insert(id, streams);
+                            let datagrams =
+                                p.r#type.as_deref() == Some("datagram") && p.datagram_guaranteed_delivery != Some(true);
+                            inner.lock().tunnels.insert(id, Open { streams, datagrams });
                             let _ = reply.send(Ok(p));
                         } else {
                             let _ = reply.send(Err(Error::new(ErrorCode::Internal, "engine returned no tunnel id")));
@@ -342,7 +358,21 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
             }
             Some(Payload::ProxyConnReq(req)) => {
                 let inner = inner.clone();
-                tokio::spawn(async move { dial_back(inner, req).await });
+                let open = inner.lock().tunnels.get(&req.tunnel_id).cloned();
+                match (open, &inner.carrier) {
+                    (Some(Open { streams, datagrams: true }), Carrier::Quic(conn)) => {
+                        let conn = conn.clone();
+                        tokio::spawn(async move { datagrams_back(inner, req, conn, streams).await });
+                    }
+                    _ => {
+                        tokio::spawn(async move { dial_back(inner, req).await });
+                    }
+                }
+            }
+            Some(Payload::DatagramChannelClose(close)) => {
+                if let Some(closed) = inner.lock().channels.remove(&close.stream_id) {
+                    closed.cancel();
+                }
             }
             Some(Payload::Heartbeat(hb)) => {
                 if timeout.is_none()
@@ -365,7 +395,7 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
 /// Answers a `ProxyConnReq`: dial the engine, present the stream secret,
 /// hand the stream to its tunnel, report the outcome.
 async fn dial_back(inner: Arc<Inner>, req: ProxyConnReq) {
-    let Some(streams) = inner.lock().tunnels.get(&req.tunnel_id).cloned() else {
+    let Some(Open { streams, .. }) = inner.lock().tunnels.get(&req.tunnel_id).cloned() else {
         let error = Error::new(ErrorCode::InvalidStream, "tunnel is not open on this client");
         let _ = inner.send(Payload::ProxyConnRsp(ProxyConnRsp { stream_id: req.stream_id, error: Some(error) })).await;
         return;
@@ -409,4 +439,35 @@ async fn dial_back(inner: Arc<Inner>, req: ProxyConnReq) {
         Err(e) => Some(Error::new(ErrorCode::InvalidStream, e.to_string())),
     };
     let _ = inner.send(Payload::ProxyConnRsp(ProxyConnRsp { stream_id: req.stream_id, error })).await;
+}
+
+/// Answers a `ProxyConnReq` of a datagram tunnel on QUIC: no stream, a
+/// channel registered under the stream id, reported ready; the tunnel gets
+/// it as a stream of framed packets.
+async fn datagrams_back(inner: Arc<Inner>, req: ProxyConnReq, conn: quinn::Connection, streams: mpsc::Sender<Stream>) {
+    let Some(id) = strait_proto::packet::channel_id(&req.stream_id) else {
+        let error = Error::new(ErrorCode::InvalidStream, "stream id is not 24 hex characters");
+        let _ = inner.send(Payload::ProxyConnRsp(ProxyConnRsp { stream_id: req.stream_id, error: Some(error) })).await;
+        return;
+    };
+    let registration = inner.client.quic.channels.register(id);
+    let closed = tokio_util::sync::CancellationToken::new();
+    inner.lock().channels.insert(req.stream_id.clone(), closed.clone());
+    let (stream, pump) = crate::datagram::pipe(conn, id, registration, closed);
+    let error = streams
+        .try_send(stream)
+        .err()
+        .map(|_| Error::new(ErrorCode::CapacityExhausted, "tunnel backlog is full or closed"));
+    let refused = error.is_some();
+    let rsp = ProxyConnRsp { stream_id: req.stream_id.clone(), error };
+    if inner.send(Payload::ProxyConnRsp(rsp)).await.is_err() || refused {
+        inner.lock().channels.remove(&req.stream_id);
+        return;
+    }
+    let ended_here = pump.await;
+    inner.lock().channels.remove(&req.stream_id);
+    if ended_here {
+        let close = strait_proto::DatagramChannelClose { stream_id: req.stream_id, error: None };
+        let _ = inner.send(Payload::DatagramChannelClose(close)).await;
+    }
 }

@@ -14,12 +14,14 @@
 
 mod client;
 mod control;
+mod datagram;
 mod tls;
 mod transport;
 mod tunnel;
 
 pub use client::{Client, ClientConfig, Stream};
 pub use control::ControlChannel;
+pub use datagram::PacketConn;
 pub use strait_proto::TunnelProperties;
 pub use tls::client_config as tls_client_config;
 pub use transport::{AUTO_TLS_DELAY, Carrier, TransportMode};

@@ -93,6 +93,8 @@ impl Carrier {
 pub(crate) struct QuicSide {
     endpoint: tokio::sync::OnceCell<quinn::Endpoint>,
     connection: tokio::sync::Mutex<Option<quinn::Connection>>,
+    /// The datagram channels on it (on each connection made, in turn).
+    pub(crate) channels: Arc<crate::datagram::Channels>,
 }
 
 impl Client {
@@ -176,6 +178,7 @@ impl Client {
                 slot = self.quic.connection.lock().await;
             }
             let conn = self.connect_quic().await?;
+            self.quic.channels.spawn_reader(conn.clone());
             *slot = Some(conn.clone());
             drop(slot);
             let io = open_bi(&conn).await?;

@@ -133,7 +133,11 @@ pub async fn serve(
     let (agent, version) = (info.agent.clone(), info.version.clone());
     // Registered before the agent hears yes, so the principal's limit is
     // checked and taken in one step.
-    if let Err(refused) = shared.registry.add_client(Arc::new(Client { info, outbox: outbox.clone() })) {
+    let quic = match &transport {
+        Transport::Quic(conn) => Some(conn.clone()),
+        Transport::Tls => None,
+    };
+    if let Err(refused) = shared.registry.add_client(Arc::new(Client { info, outbox: outbox.clone(), quic })) {
         tracing::warn!(principal = %principal, error = %refused, "control channel refused");
         let error = Error::new(ErrorCode::CapacityExhausted, refused.to_string());
         let _ = write_message(&mut write_half, &open_rsp(OpenControlChannelResult::Error(error))).await;
@@ -170,7 +174,11 @@ pub async fn serve(
         Some(l) => Duration::from_millis(l.heartbeat_timeout_ms as u64),
         None => Duration::from_secs(shared.config.limits.control_idle_seconds),
     };
-    let channel = Channel { shared: &shared, client_id: &client_id, principal: &principal.id, outbox: &outbox };
+    let quic = match &transport {
+        Transport::Quic(conn) => Some(conn),
+        Transport::Tls => None,
+    };
+    let channel = Channel { shared: &shared, client_id: &client_id, principal: &principal.id, outbox: &outbox, quic };
     let (reason, departure) = loop {
         let message = tokio::select! {
             _ = shared.shutdown.cancelled() => {
@@ -200,6 +208,7 @@ pub async fn serve(
     let tunnels = shared.registry.remove_client(&client_id, departure);
     shared.metrics.client_disconnected(transport.name());
     shared.pending.fail_client(&client_id);
+    shared.datagrams.close_client(&client_id);
     for tunnel in &tunnels {
         shared.metrics.tunnel_closed(metric_protocol(tunnel));
         tracing::info!(tunnel_id = %tunnel.id, client_id = %client_id, reason = "control channel ended", "tunnel closed");
@@ -216,6 +225,8 @@ struct Channel<'a> {
     client_id: &'a str,
     principal: &'a str,
     outbox: &'a mpsc::Sender<Message>,
+    /// The agent's QUIC connection, for `DatagramChannelClose`.
+    quic: Option<&'a quinn::Connection>,
 }
 
 impl Channel<'_> {
@@ -250,6 +261,11 @@ impl Channel<'_> {
                 self.send(Payload::CloseTunnelRsp(CloseTunnelRsp { tunnel_id: req.tunnel_id, error })).await;
             }
             Payload::ProxyConnRsp(report) => self.shared.pending.agent_reported(self.client_id, report),
+            Payload::DatagramChannelClose(close) => {
+                if let (Some(conn), Some(id)) = (self.quic, strait_proto::packet::channel_id(&close.stream_id)) {
+                    self.shared.datagrams.close(conn.stable_id(), id);
+                }
+            }
             Payload::Heartbeat(hb) => {
                 // Old agents send empty heartbeats and expect nothing back; an
                 // engine that negotiated no liveness never sends one.

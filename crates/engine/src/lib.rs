@@ -30,6 +30,7 @@ pub mod channel;
 pub mod check;
 pub mod config;
 pub mod control;
+pub mod datagram;
 pub mod dev;
 pub mod edge;
 /// What the fuzz targets (`fuzz/`) and the property tests check.
@@ -95,6 +96,7 @@ pub struct Shared {
     pub registry: registry::Registry,
     pub admission: Arc<admission::Admission>,
     pub pending: streams::Pending,
+    pub datagrams: Arc<datagram::Router>,
     pub verifier: auth::Verifier,
     pub certs: Arc<CertStore>,
     pub tls: TlsConfigs,
@@ -242,6 +244,7 @@ impl Engine {
             admission: Arc::new(admission::Admission::new(&config.limits)),
             config,
             pending: streams::Pending::default(),
+            datagrams: Arc::default(),
             certs,
             tls,
             metrics: metrics::Metrics::new(),

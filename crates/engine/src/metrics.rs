@@ -61,6 +61,8 @@ pub struct Metrics {
     clients_by_transport: Family<TransportLabel, Gauge>,
     quic_connections: Gauge,
     quic_handshake_failures: Counter,
+    datagrams_relayed: Counter,
+    datagrams_dropped: Family<ReasonLabel, Counter>,
     tunnels: Family<ProtocolLabel, Gauge>,
     streams_active: Family<KindLabel, Gauge>,
     streams_total: Family<KindLabel, Counter>,
@@ -89,6 +91,8 @@ impl Metrics {
             clients_by_transport: Family::default(),
             quic_connections: Gauge::default(),
             quic_handshake_failures: Counter::default(),
+            datagrams_relayed: Counter::default(),
+            datagrams_dropped: Family::default(),
             tunnels: Family::default(),
             streams_active: Family::default(),
             streams_total: Family::default(),
@@ -109,6 +113,16 @@ impl Metrics {
             m.clients_by_transport.clone(),
         );
         registry.register("quic_connections", "Open QUIC connections from agents", m.quic_connections.clone());
+        registry.register(
+            "datagrams_relayed",
+            "Datagram-tunnel packets carried between a dialer and an agent (QUIC datagrams or framed)",
+            m.datagrams_relayed.clone(),
+        );
+        registry.register(
+            "datagrams_dropped",
+            "QUIC datagrams dropped: short, oversized, unknown_channel, queue_full",
+            m.datagrams_dropped.clone(),
+        );
         registry.register(
             "quic_handshake_failures",
             "QUIC connections that failed their handshake (or offered another ALPN)",
@@ -187,6 +201,18 @@ impl Metrics {
 
     pub fn quic_handshake_failures(&self) -> u64 {
         self.quic_handshake_failures.get()
+    }
+
+    pub fn datagrams_relayed(&self, packets: u64) {
+        self.datagrams_relayed.inc_by(packets);
+    }
+
+    pub fn datagram_dropped(&self, reason: &'static str) {
+        self.datagrams_dropped.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn datagrams_dropped(&self, reason: &'static str) -> u64 {
+        self.datagrams_dropped.get_or_create(&ReasonLabel { reason }).get()
     }
 
     /// `protocol` is the tunnel's published protocol or `private`.

@@ -40,6 +40,9 @@ pub struct Client {
     pub info: ClientInfo,
     /// Frames to send on the control channel, drained by its writer task.
     pub outbox: mpsc::Sender<Message>,
+    /// The agent's QUIC connection, when it is on QUIC: its datagram
+    /// tunnels' packets ride it.
+    pub quic: Option<quinn::Connection>,
 }
 
 /// A live tunnel with the complete properties the engine serves.
@@ -606,7 +609,7 @@ mod tests {
     fn client(registry: &Registry, id: &str, principal: &str) {
         let (outbox, _) = mpsc::channel(1);
         let info = ClientInfo { id: id.into(), principal: principal.into(), ..Default::default() };
-        registry.add_client(Arc::new(Client { info, outbox })).unwrap();
+        registry.add_client(Arc::new(Client { info, outbox, quic: None })).unwrap();
     }
 
     fn tunnel(id: &str, client: &str, principal: &str, hostname: &str) -> Tunnel {

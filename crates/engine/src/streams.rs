@@ -23,6 +23,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use crate::Shared;
+use crate::datagram::{self, Leg};
 use crate::ids;
 use crate::net::{BoxIo, Transport};
 use crate::registry::{Dial, Tunnel};
@@ -59,7 +60,10 @@ impl StreamFailure {
 struct Waiter {
     secret: String,
     client_id: String,
-    tx: oneshot::Sender<Result<AgentIo, StreamFailure>>,
+    /// The agent answers with a QUIC datagram channel: its `ProxyConnRsp`
+    /// without an error completes the pairing (`None`), no stream comes.
+    datagrams: bool,
+    tx: oneshot::Sender<Result<Option<AgentIo>, StreamFailure>>,
 }
 
 #[derive(Default)]
@@ -118,14 +122,18 @@ impl Pending {
 
     /// The agent reported a failure for a stream still pending.
     pub fn agent_reported(&self, client_id: &str, report: ProxyConnRsp) {
-        let Some(error) = report.error else { return };
         let mut state = self.lock();
-        if state.waiters.get(&report.stream_id).is_some_and(|w| w.client_id == client_id)
-            && let Some(waiter) = Self::remove_locked(&mut state, &report.stream_id)
-        {
-            let reason = error.message.unwrap_or_else(|| format!("error code {}", error.code));
-            let _ = waiter.tx.send(Err(StreamFailure::Refused(reason)));
+        let Some(waiter) = state.waiters.get(&report.stream_id).filter(|w| w.client_id == client_id) else { return };
+        if report.error.is_none() && !waiter.datagrams {
+            return;
         }
+        let Some(waiter) = Self::remove_locked(&mut state, &report.stream_id) else { return };
+        let _ = waiter.tx.send(match report.error {
+            Some(error) => {
+                Err(StreamFailure::Refused(error.message.unwrap_or_else(|| format!("error code {}", error.code))))
+            }
+            None => Ok(None),
+        });
     }
 
     /// A control channel ended: every stream it was asked for fails now.
@@ -168,11 +176,58 @@ pub async fn open_to_agent(
     tunnel: &Tunnel,
     source: IpAddr,
 ) -> Result<(String, AgentIo), StreamFailure> {
+    match pair(shared, tunnel, source, None).await? {
+        (stream_id, Some(io)) => Ok((stream_id, io)),
+        (_, None) => Err(StreamFailure::Refused("the agent answered with a datagram channel".into())),
+    }
+}
+
+/// Whether a tunnel's packets may ride QUIC datagrams: a datagram tunnel
+/// that does not ask for guaranteed delivery.
+pub fn datagram_channels(tunnel: &Tunnel) -> bool {
+    tunnel.properties.r#type.as_deref() == Some("datagram")
+        && tunnel.properties.datagram_guaranteed_delivery != Some(true)
+}
+
+/// The agent's leg of a datagram tunnel's channel: a QUIC datagram channel
+/// when its agent is on QUIC, else packets framed in its reverse dial.
+pub async fn open_datagrams_to_agent(
+    shared: &Shared,
+    tunnel: &Tunnel,
+    source: IpAddr,
+) -> Result<(String, crate::datagram::Leg), StreamFailure> {
+    let quic = shared.registry.client(&tunnel.client_id).and_then(|c| c.quic.clone());
+    let (conn, stream_id) = match quic {
+        Some(conn) if datagram_channels(tunnel) => (conn, ids::stream_id()),
+        _ => {
+            let (stream_id, io) = open_to_agent(shared, tunnel, source).await?;
+            return Ok((stream_id, crate::datagram::Leg::Framed(Box::new(io))));
+        }
+    };
+    let id = strait_proto::packet::channel_id(&stream_id).expect("stream ids are 24 hex characters");
+    // Registered first: the agent may send right after its answer.
+    let registration = shared.datagrams.register(&conn, id, Some(tunnel.client_id.clone()));
+    match pair(shared, tunnel, source, Some(stream_id)).await? {
+        (stream_id, None) => Ok((stream_id, crate::datagram::Leg::Quic { conn, id, registration })),
+        // An agent may still answer with a stream; its packets are framed.
+        (stream_id, Some(io)) => Ok((stream_id, crate::datagram::Leg::Framed(Box::new(io)))),
+    }
+}
+
+/// Sends `ProxyConnReq` and waits for the agent: its stream, or (for a
+/// datagram channel, `stream_id` given) its `ProxyConnRsp`.
+async fn pair(
+    shared: &Shared,
+    tunnel: &Tunnel,
+    source: IpAddr,
+    datagram_stream: Option<String>,
+) -> Result<(String, Option<AgentIo>), StreamFailure> {
     let client = shared.registry.client(&tunnel.client_id).ok_or(StreamFailure::AgentGone)?;
-    let stream_id = ids::stream_id();
+    let datagrams = datagram_stream.is_some();
+    let stream_id = datagram_stream.unwrap_or_else(ids::stream_id);
     let secret = ids::stream_secret();
     let (tx, rx) = oneshot::channel();
-    let waiter = Waiter { secret: secret.clone(), client_id: tunnel.client_id.clone(), tx };
+    let waiter = Waiter { secret: secret.clone(), client_id: tunnel.client_id.clone(), datagrams, tx };
     shared.pending.insert(stream_id.clone(), waiter, shared.config.limits.pending_streams_per_client)?;
     let _guard = PendingGuard { pending: &shared.pending, stream_id: &stream_id };
     let request = Payload::ProxyConnReq(ProxyConnReq {
@@ -215,7 +270,7 @@ pub async fn accept_agent_stream(shared: &Shared, mut io: BoxIo, rest: Bytes, re
                 return;
             }
             // The inbound side may have given up meanwhile; then this drops.
-            let _ = waiter.tx.send(Ok(Prefixed::new(rest, io)));
+            let _ = waiter.tx.send(Ok(Some(Prefixed::new(rest, io))));
         }
     }
 }
@@ -233,7 +288,15 @@ pub fn ip_allowed(trusted: &[String], ip: IpAddr) -> bool {
         })
 }
 
-/// A private dial: `StreamReq{token, tunnel_id_name, zero_rtt}`.
+/// What a private dial reaches: the agent's stream, or a datagram
+/// channel's agent leg.
+enum Reached {
+    Stream(AgentIo),
+    Packets(Leg),
+}
+
+/// A private dial: `StreamReq{token, tunnel_id_name, zero_rtt,
+/// datagram_channel}`.
 pub async fn private_dial(
     shared: Arc<Shared>,
     mut io: BoxIo,
@@ -242,7 +305,9 @@ pub async fn private_dial(
     peer: SocketAddr,
     transport: Transport,
 ) {
-    let zero_rtt = req.zero_rtt.unwrap_or(false);
+    let wants_channel = req.datagram_channel == Some(true);
+    // A datagram channel's id is in the answer: it is always sent.
+    let zero_rtt = req.zero_rtt.unwrap_or(false) && !wants_channel;
     let target = req.tunnel_id_name.trim().to_string();
     let mut pairing_started = None;
     // Boxed: its state (waiting for the agent) is gone once it resolves.
@@ -252,12 +317,8 @@ pub async fn private_dial(
             shared.auth_failed(peer.ip());
             Error::new(ErrorCode::Unauthorized, e.to_string())
         })?;
-        if req.datagram_channel == Some(true) {
-            let why = match transport {
-                Transport::Tls => "datagram channels need the QUIC transport",
-                Transport::Quic(_) => "datagram channels are not served by this engine yet",
-            };
-            return Err(Error::new(ErrorCode::FeatureNotAvailable, why));
+        if wants_channel && matches!(transport, Transport::Tls) {
+            return Err(Error::new(ErrorCode::FeatureNotAvailable, "datagram channels need the QUIC transport"));
         }
         let tunnel = match shared.registry.resolve_dial(&principal, &target) {
             Dial::Live(tunnel) => tunnel,
@@ -270,12 +331,27 @@ pub async fn private_dial(
         if !ip_allowed(&tunnel.properties.trusted_ips, peer.ip()) {
             return Err(Error::new(ErrorCode::Unauthorized, "source address is not in the tunnel's trusted_ips"));
         }
+        // rstream dialers fall back to a stream of framed packets on this
+        // refusal.
+        if wants_channel && !datagram_channels(&tunnel) {
+            let why = if tunnel.properties.r#type.as_deref() == Some("datagram") {
+                "the tunnel guarantees delivery: dial a stream of framed packets"
+            } else {
+                "the tunnel carries a byte stream, not datagrams"
+            };
+            return Err(Error::new(ErrorCode::FeatureNotAvailable, why));
+        }
         pairing_started = Some(Instant::now());
-        open_to_agent(&shared, &tunnel, peer.ip()).await.map_err(|f| f.to_error())
+        let reached = if datagram_channels(&tunnel) {
+            open_datagrams_to_agent(&shared, &tunnel, peer.ip()).await.map(|(id, leg)| (id, Reached::Packets(leg)))
+        } else {
+            open_to_agent(&shared, &tunnel, peer.ip()).await.map(|(id, io)| (id, Reached::Stream(io)))
+        };
+        reached.map(|r| (r, tunnel.client_id.clone())).map_err(|f| f.to_error())
     })
     .await;
     drop(req);
-    match outcome {
+    let ((stream_id, reached), agent_client) = match outcome {
         Err(error) => {
             tracing::warn!(tunnel = %target, %error, "private dial refused");
             if !zero_rtt {
@@ -283,29 +359,63 @@ pub async fn private_dial(
                 let _ = write_message(&mut io, &Message::from(Payload::StreamRsp(rsp))).await;
             }
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+            return;
         }
-        Ok((stream_id, mut agent)) => {
-            if !zero_rtt {
-                let rsp = StreamRsp { payload: Some(StreamResult::StreamId(stream_id.clone())) };
-                if write_message(&mut io, &Payload::StreamRsp(rsp).into()).await.is_err() {
-                    return;
+        Ok(reached) => reached,
+    };
+    if !zero_rtt {
+        let rsp = StreamRsp { payload: Some(StreamResult::StreamId(stream_id.clone())) };
+        if write_message(&mut io, &Payload::StreamRsp(rsp).into()).await.is_err() {
+            return;
+        }
+    }
+    let _active = shared.metrics.stream_started("private", pairing_started.map(|t| t.elapsed()));
+    let dialer = Prefixed::new(rest, io);
+    match reached {
+        Reached::Stream(agent) => splice_private(&shared, &stream_id, dialer, agent).await,
+        Reached::Packets(Leg::Framed(agent)) if !wants_channel => {
+            splice_private(&shared, &stream_id, dialer, agent).await
+        }
+        Reached::Packets(agent) => {
+            let agent_on_quic = matches!(agent, Leg::Quic { .. });
+            let carried = match (wants_channel, &transport) {
+                (true, Transport::Quic(conn)) => {
+                    let id = strait_proto::packet::channel_id(&stream_id).expect("stream ids are 24 hex characters");
+                    let registration = shared.datagrams.register(conn, id, None);
+                    let (read, mut write) = tokio::io::split(dialer);
+                    datagram::watch_lifeline(read, registration.closed_token());
+                    let leg = Leg::Quic { conn: conn.clone(), id, registration };
+                    let carried = datagram::bridge(&shared, leg, agent).await;
+                    datagram::close_lifeline(&mut write, &stream_id).await;
+                    carried
                 }
-            }
-            let _active = shared.metrics.stream_started("private", pairing_started.map(|t| t.elapsed()));
-            let mut dialer = Prefixed::new(rest, io);
-            // A graceful shutdown lets this finish; only the end of the
-            // drain (`abort`) cuts it.
-            let copied = tokio::select! {
-                copied = splice(&mut dialer, &mut agent) => copied,
-                _ = shared.abort.cancelled() => {
-                    tracing::info!(%stream_id, "private stream cut: shutdown drain time is up");
-                    return;
-                }
+                _ => datagram::bridge(&shared, Leg::Framed(Box::new(dialer)), agent).await,
             };
-            match copied {
-                Ok((to_agent, from_agent)) => shared.metrics.stream_bytes(to_agent, from_agent),
-                Err(error) => tracing::debug!(%error, "private stream ended with an error"),
+            if agent_on_quic && let Some(client) = shared.registry.client(&agent_client) {
+                let close = strait_proto::DatagramChannelClose { stream_id: stream_id.clone(), error: None };
+                let _ = client.outbox.try_send(Payload::DatagramChannelClose(close).into());
             }
+            tracing::debug!(%stream_id, to_agent = carried.to_agent, from_agent = carried.from_agent, "datagram channel ended");
         }
+    }
+}
+
+/// Splices a private dial with the agent's stream until both ends are
+/// done; only the end of a shutdown drain (`abort`) cuts it.
+async fn splice_private<A, B>(shared: &Shared, stream_id: &str, mut dialer: A, mut agent: B)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let copied = tokio::select! {
+        copied = splice(&mut dialer, &mut agent) => copied,
+        _ = shared.abort.cancelled() => {
+            tracing::info!(%stream_id, "private stream cut: shutdown drain time is up");
+            return;
+        }
+    };
+    match copied {
+        Ok((to_agent, from_agent)) => shared.metrics.stream_bytes(to_agent, from_agent),
+        Err(error) => tracing::debug!(%error, "private stream ended with an error"),
     }
 }

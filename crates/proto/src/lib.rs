@@ -14,6 +14,7 @@ pub mod frame;
 pub mod fuzzing;
 pub mod io;
 pub mod messages;
+pub mod packet;
 pub mod prefixed;
 pub mod quic;
 pub mod splice;

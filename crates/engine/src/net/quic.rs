@@ -135,6 +135,7 @@ async fn connection(
     };
     let _open = shared.metrics.quic_connection();
     tracing::debug!("QUIC connection up");
+    tokio::spawn(crate::datagram::read_datagrams(shared.clone(), conn.clone()));
     let transport = Transport::Quic(conn.clone());
     let first_stream = Duration::from_secs(shared.config.limits.first_frame_seconds);
     let mut slot = Some(slot);

@@ -1,0 +1,294 @@
+//! Datagram channels: the packets of a datagram tunnel as QUIC DATAGRAM
+//! frames (a 12-byte channel id, then the packet), so a lost packet holds
+//! up nobody and a late one is not waited for.
+//!
+//! A channel has two legs, the dialer's and the agent's. Each is either a
+//! QUIC datagram channel on that peer's connection or packets framed in a
+//! stream (`strait_proto::packet`: a TLS peer, a tunnel with guaranteed
+//! delivery, a dialer that asked for a plain stream). [`bridge`] carries
+//! packets between any two legs. The [`Router`] finds the channel a QUIC
+//! datagram belongs to: unknown ids, short and oversized datagrams are
+//! dropped and counted, never buffered without bound.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use strait_proto::packet::{self, read_packet, write_packet};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+
+/// Packets queued per channel leg; a peer sending faster than the other
+/// side takes them loses the excess, as UDP would.
+const QUEUE: usize = 64;
+
+/// Why a datagram was dropped: the `reason` of
+/// `strait_datagrams_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// Shorter than its 12-byte channel id.
+    Short,
+    /// Larger than `quic.max_datagram_bytes`, or than the path takes.
+    Oversized,
+    /// No channel with this id on this connection.
+    UnknownChannel,
+    /// The channel's queue is full.
+    QueueFull,
+}
+
+impl Dropped {
+    pub fn label(self) -> &'static str {
+        match self {
+            Dropped::Short => "short",
+            Dropped::Oversized => "oversized",
+            Dropped::UnknownChannel => "unknown_channel",
+            Dropped::QueueFull => "queue_full",
+        }
+    }
+}
+
+struct Entry {
+    tx: mpsc::Sender<Bytes>,
+    closed: CancellationToken,
+    /// The agent's client id, for an agent's leg: its control channel's
+    /// end closes it.
+    client_id: Option<String>,
+}
+
+/// The datagram channels of every QUIC connection.
+#[derive(Default)]
+pub struct Router {
+    channels: Mutex<HashMap<(usize, [u8; 12]), Entry>>,
+}
+
+impl Router {
+    fn lock(&self) -> MutexGuard<'_, HashMap<(usize, [u8; 12]), Entry>> {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers channel `id` on `conn`; the registration removes it when
+    /// dropped.
+    pub fn register(
+        self: &Arc<Self>,
+        conn: &quinn::Connection,
+        id: [u8; 12],
+        client_id: Option<String>,
+    ) -> Registration {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let closed = CancellationToken::new();
+        let key = (conn.stable_id(), id);
+        self.lock().insert(key, Entry { tx, closed: closed.clone(), client_id });
+        Registration { router: self.clone(), key, rx, closed }
+    }
+
+    /// Hands a datagram from `conn` to its channel.
+    pub fn deliver(&self, conn: usize, datagram: Bytes, max: usize) -> Result<(), Dropped> {
+        if datagram.len() < 12 {
+            return Err(Dropped::Short);
+        }
+        if datagram.len() > max {
+            return Err(Dropped::Oversized);
+        }
+        let id: [u8; 12] = datagram[..12].try_into().expect("checked above");
+        let channels = self.lock();
+        let entry = channels.get(&(conn, id)).ok_or(Dropped::UnknownChannel)?;
+        entry.tx.try_send(datagram.slice(12..)).map_err(|_| Dropped::QueueFull)
+    }
+
+    /// The peer closed channel `id` on `conn` (`DatagramChannelClose`).
+    pub fn close(&self, conn: usize, id: [u8; 12]) -> bool {
+        self.lock().get(&(conn, id)).map(|e| e.closed.cancel()).is_some()
+    }
+
+    /// An agent's control channel ended: its legs end too.
+    pub fn close_client(&self, client_id: &str) {
+        for entry in self.lock().values().filter(|e| e.client_id.as_deref() == Some(client_id)) {
+            entry.closed.cancel();
+        }
+    }
+
+    /// Open channels, for tests and metrics.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A channel's place in the [`Router`].
+pub struct Registration {
+    router: Arc<Router>,
+    key: (usize, [u8; 12]),
+    rx: mpsc::Receiver<Bytes>,
+    closed: CancellationToken,
+}
+
+impl Registration {
+    /// Cancelled when the channel is closed from outside.
+    pub fn closed_token(&self) -> CancellationToken {
+        self.closed.clone()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.router.lock().remove(&self.key);
+    }
+}
+
+/// Reads one QUIC connection's datagrams until it closes.
+pub async fn read_datagrams(shared: Arc<Shared>, conn: quinn::Connection) {
+    let max = shared.config.quic.max_datagram_bytes;
+    let id = conn.stable_id();
+    while let Ok(datagram) = conn.read_datagram().await {
+        if let Err(dropped) = shared.datagrams.deliver(id, datagram, max) {
+            shared.metrics.datagram_dropped(dropped.label());
+        }
+    }
+}
+
+/// One side of a channel.
+pub enum Leg {
+    /// DATAGRAM frames on this connection under this channel id.
+    Quic { conn: quinn::Connection, id: [u8; 12], registration: Registration },
+    /// Packets framed in a stream.
+    Framed(Box<dyn strait_proto::Io>),
+}
+
+/// How a bridge ended.
+#[derive(Debug, Default)]
+pub struct Carried {
+    pub to_agent: u64,
+    pub from_agent: u64,
+}
+
+/// Carries packets between the dialer's leg and the agent's until either
+/// ends or the drain is over.
+pub async fn bridge(shared: &Shared, dialer: Leg, agent: Leg) -> Carried {
+    let mut carried = Carried::default();
+    let (mut dialer_rx, dialer_tx, dialer_task) = open(shared, dialer);
+    let (mut agent_rx, agent_tx, agent_task) = open(shared, agent);
+    loop {
+        tokio::select! {
+            packet = dialer_rx.recv() => match packet {
+                Some(packet) => {
+                    if !agent_tx.send(shared, packet).await {
+                        break;
+                    }
+                    carried.to_agent += 1;
+                }
+                None => break,
+            },
+            packet = agent_rx.recv() => match packet {
+                Some(packet) => {
+                    if !dialer_tx.send(shared, packet).await {
+                        break;
+                    }
+                    carried.from_agent += 1;
+                }
+                None => break,
+            },
+            _ = shared.abort.cancelled() => break,
+        }
+    }
+    for task in [dialer_task, agent_task].into_iter().flatten() {
+        task.abort();
+    }
+    shared.metrics.datagrams_relayed(carried.to_agent + carried.from_agent);
+    carried
+}
+
+/// Where a bridge sends a leg's packets.
+enum Sender {
+    Quic { conn: quinn::Connection, id: [u8; 12] },
+    Framed(tokio::sync::Mutex<tokio::io::WriteHalf<Box<dyn strait_proto::Io>>>),
+}
+
+impl Sender {
+    /// Sends one packet; false once the leg can take no more.
+    async fn send(&self, shared: &Shared, packet: Bytes) -> bool {
+        match self {
+            Sender::Quic { conn, id } => {
+                let datagram = packet::datagram(id, &packet);
+                let fits = datagram.len() <= shared.config.quic.max_datagram_bytes
+                    && conn.max_datagram_size().is_some_and(|max| datagram.len() <= max);
+                if !fits {
+                    shared.metrics.datagram_dropped(Dropped::Oversized.label());
+                    return true;
+                }
+                match conn.send_datagram(datagram) {
+                    Ok(()) => true,
+                    Err(quinn::SendDatagramError::TooLarge) => {
+                        shared.metrics.datagram_dropped(Dropped::Oversized.label());
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            Sender::Framed(writer) => write_packet(&mut *writer.lock().await, &packet).await.is_ok(),
+        }
+    }
+}
+
+/// A leg's packets as a queue (a QUIC leg's is its registration's; a
+/// framed leg's is filled by a reader task), and where to send.
+fn open(_shared: &Shared, leg: Leg) -> (Receiver, Sender, Option<tokio::task::JoinHandle<()>>) {
+    match leg {
+        Leg::Quic { conn, id, registration } => (Receiver::Quic(registration), Sender::Quic { conn, id }, None),
+        Leg::Framed(io) => {
+            let (mut read, write) = tokio::io::split(io);
+            let (tx, rx) = mpsc::channel(QUEUE);
+            let task = tokio::spawn(async move {
+                while let Ok(Some(packet)) = read_packet(&mut read).await {
+                    if tx.send(packet).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            (Receiver::Framed(rx), Sender::Framed(tokio::sync::Mutex::new(write)), Some(task))
+        }
+    }
+}
+
+enum Receiver {
+    Quic(Registration),
+    Framed(mpsc::Receiver<Bytes>),
+}
+
+impl Receiver {
+    /// The next packet; `None` once the leg has ended.
+    async fn recv(&mut self) -> Option<Bytes> {
+        match self {
+            Receiver::Quic(registration) => tokio::select! {
+                biased;
+                _ = registration.closed.cancelled() => None,
+                packet = registration.rx.recv() => packet,
+            },
+            Receiver::Framed(rx) => rx.recv().await,
+        }
+    }
+}
+
+/// Watches a QUIC dialer's lifeline stream: its end, or a
+/// `DatagramChannelClose` on it, closes the channel.
+pub fn watch_lifeline<R: AsyncRead + Unpin + Send + 'static>(mut read: R, closed: CancellationToken) {
+    tokio::spawn(async move {
+        let mut reader = strait_proto::FrameReader::new(&mut read, strait_proto::MAX_FRAME_LEN);
+        tokio::select! {
+            _ = closed.cancelled() => {}
+            _ = reader.read_message() => closed.cancel(),
+        }
+    });
+}
+
+/// Tells a QUIC dialer on its lifeline that the channel is over.
+pub async fn close_lifeline<W: AsyncWrite + Unpin>(write: &mut W, stream_id: &str) {
+    let close = strait_proto::DatagramChannelClose { stream_id: stream_id.to_string(), error: None };
+    let _ = strait_proto::write_message(write, &strait_proto::Payload::DatagramChannelClose(close).into()).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(write).await;
+}

@@ -25,7 +25,7 @@ pub use datagram::PacketConn;
 pub use strait_proto::TunnelProperties;
 pub use tls::client_config as tls_client_config;
 pub use transport::{AUTO_TLS_DELAY, Carrier, TransportMode};
-pub use tunnel::{Tunnel, forward_stream};
+pub use tunnel::{Tunnel, forward_packets, forward_stream};
 
 /// Re-exported so binaries install the same crypto provider.
 pub use rustls;

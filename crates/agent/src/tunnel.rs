@@ -75,3 +75,43 @@ pub async fn forward_stream(mut stream: Stream, local: String) {
         Err(error) => tracing::warn!(%local, %error, "cannot reach the local service"),
     }
 }
+
+/// Serves one stream of a datagram tunnel: its framed packets to the local
+/// UDP service `local` and the service's answers back, until the stream
+/// ends (the dialer closed the channel) or the service goes.
+pub async fn forward_packets(mut stream: Stream, local: String) {
+    let bind = if local.parse::<std::net::SocketAddr>().is_ok_and(|a| a.is_ipv6()) { "[::]:0" } else { "0.0.0.0:0" };
+    let udp = match tokio::net::UdpSocket::bind(bind).await {
+        Ok(udp) => udp,
+        Err(error) => return tracing::warn!(%error, "cannot open a UDP socket"),
+    };
+    if let Err(error) = udp.connect(&local).await {
+        return tracing::warn!(%local, %error, "cannot reach the local UDP service");
+    }
+    let (mut read, mut write) = tokio::io::split(&mut stream);
+    let outbound = async {
+        while let Ok(Some(packet)) = strait_proto::packet::read_packet(&mut read).await {
+            // A refused send (nothing listens yet) loses the packet, as UDP would.
+            let _ = udp.send(&packet).await;
+        }
+    };
+    let inbound = async {
+        let mut buf = vec![0u8; strait_proto::packet::MAX_PACKET];
+        loop {
+            match udp.recv(&mut buf).await {
+                Ok(n) => {
+                    if strait_proto::packet::write_packet(&mut write, &buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                // ICMP port unreachable from an earlier send: keep going.
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+                Err(_) => return,
+            }
+        }
+    };
+    tokio::select! {
+        _ = outbound => {}
+        _ = inbound => {}
+    }
+}

@@ -34,6 +34,14 @@ pub struct TunnelOptions {
     /// Same as --protocol tcp.
     #[arg(long)]
     pub tcp: bool,
+    /// A datagram tunnel: the local service is UDP (private tunnels; over
+    /// QUIC its packets ride QUIC datagrams).
+    #[arg(long, conflicts_with_all = ["http", "tls", "tcp", "protocol"])]
+    pub datagram: bool,
+    /// A datagram tunnel whose packets always travel in a stream (no loss,
+    /// in order), never as QUIC datagrams.
+    #[arg(long, requires = "datagram")]
+    pub datagram_guaranteed_delivery: bool,
     /// Hostname (or label) to publish on, under .t.<engine host>.
     #[arg(long)]
     pub host: Option<String>,
@@ -92,7 +100,9 @@ impl TunnelOptions {
         TunnelProperties {
             name: self.name.clone(),
             publish: Some(publish),
-            protocol: self.protocol().or_else(|| publish.then(|| "http".to_string())),
+            protocol: self.protocol().or_else(|| (publish && !self.datagram).then(|| "http".to_string())),
+            r#type: self.datagram.then(|| "datagram".to_string()),
+            datagram_guaranteed_delivery: self.datagram_guaranteed_delivery.then_some(true),
             labels: self.labels.iter().cloned().collect::<HashMap<_, _>>(),
             hostname: self.host.clone(),
             token_auth: self.token_auth.then_some(true),
@@ -124,6 +134,7 @@ impl TunnelOptions {
     /// be read on the way (h2c and upstream TLS are spliced as they are).
     pub fn logs_requests(&self) -> bool {
         let http1 = !self.private
+            && !self.datagram
             && self.protocol().as_deref().unwrap_or("http") == "http"
             && !self.upstream_tls
             && self.http_version.as_deref() != Some("h2c");
@@ -137,8 +148,11 @@ impl TunnelOptions {
 
 /// Serves a tunnel's streams until it closes.
 async fn serve_streams(tunnel: &mut strait_agent::Tunnel, local: &str, log_requests: bool) {
+    let datagrams = tunnel.properties().r#type.as_deref() == Some("datagram");
     while let Some(stream) = tunnel.accept().await {
-        if log_requests {
+        if datagrams {
+            tokio::spawn(strait_agent::forward_packets(stream, local.to_string()));
+        } else if log_requests {
             tokio::spawn(crate::request_log::serve(stream, local.to_string()));
         } else {
             tokio::spawn(strait_agent::forward_stream(stream, local.to_string()));
@@ -271,6 +285,12 @@ mod tests {
         let private = properties(&["--no-publish", "--name", "db"]).unwrap();
         assert_eq!((private.publish, private.protocol), (Some(false), None));
         assert!(properties(&["--http", "--tls"]).is_err());
+        let udp = properties(&["--datagram", "--no-publish", "--datagram-guaranteed-delivery"]).unwrap();
+        assert_eq!(
+            (udp.r#type.as_deref(), udp.protocol, udp.datagram_guaranteed_delivery),
+            (Some("datagram"), None, Some(true))
+        );
+        assert!(properties(&["--datagram-guaranteed-delivery"]).is_err());
         assert!(properties(&["--tcp", "--protocol", "http"]).is_err());
     }
 }

@@ -262,3 +262,44 @@ async fn forward_says_which_transport_carries_it_and_takes_the_rstream_spellings
     assert!(String::from_utf8_lossy(&out.stderr).contains("auto, tls, quic"), "{out:?}");
     forward.interrupt().await;
 }
+
+/// `forward --datagram` serves a local UDP service through a datagram
+/// tunnel: a dialer's packets (QUIC datagrams here) reach it and its
+/// answers come back.
+#[tokio::test]
+async fn forward_datagram_serves_a_local_udp_service() {
+    let engine = TestEngine::start().await;
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = udp.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+            let mut answer = b"echo:".to_vec();
+            answer.extend_from_slice(&buf[..n]);
+            let _ = udp.send_to(&answer, from).await;
+        }
+    });
+    let mut cmd = engine.strait("alice");
+    cmd.args(["forward", &local.to_string(), "--datagram", "--no-publish", "--name", "udp", "--transport", "quic"]);
+    let mut forward = Running::spawn(cmd);
+    assert_eq!(forward.line().await, format!("Forwarding rstrm://udp (private) -> {local} (over quic)"));
+
+    let mut config =
+        strait_agent::ClientConfig::new(format!("localhost:{}", engine.addr.port()), Some(engine.token("alice")));
+    config.ca_file = Some(engine.ca());
+    config.transport = strait_agent::TransportMode::Quic;
+    let client = strait_agent::Client::new(config).unwrap();
+    let mut conn = tokio::time::timeout(DEADLINE, client.dial_packets("udp")).await.unwrap().unwrap();
+    assert_eq!(conn.mode(), "datagrams");
+    for i in 0..100u32 {
+        let packet = i.to_be_bytes();
+        // UDP may lose a packet; on loopback it does not, and a lost one
+        // would fail the wait below rather than pass unseen.
+        conn.send(&packet).await.unwrap();
+        let back =
+            tokio::time::timeout(Duration::from_secs(5), conn.recv()).await.expect("an answer").unwrap().unwrap();
+        assert_eq!(&back[..], [&b"echo:"[..], &packet].concat());
+    }
+    conn.close().await.unwrap();
+    forward.interrupt().await;
+}

@@ -80,6 +80,17 @@ async fn served_certificate(engine: &TestEngine) -> Vec<u8> {
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
 }
 
+/// The certificate a QUIC handshake on the agent port gets.
+async fn served_quic_certificate(engine: &TestEngine) -> Vec<u8> {
+    let tls = std::sync::Arc::unwrap_or_clone(engine.public_tls_config(&[b"rstrm/1"]));
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let conn = endpoint.connect(engine.engine.quic_addr.unwrap(), "localhost").unwrap().await.unwrap();
+    let certs = conn.peer_identity().unwrap().downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().unwrap();
+    certs[0].to_vec()
+}
+
 #[tokio::test]
 async fn certificate_rotation_by_rename_and_a_bad_replacement() {
     let engine = TestEngine::start_with(METRICS).await;
@@ -102,11 +113,13 @@ async fn certificate_rotation_by_rename_and_a_bad_replacement() {
     std::fs::rename(staging.join("key.pem"), dir.join("key.pem")).unwrap();
     std::fs::rename(staging.join("cert.pem"), dir.join("cert.pem")).unwrap();
     assert_eq!(served_certificate(&engine).await, new_der, "the next handshake serves the new certificate");
+    assert_eq!(served_quic_certificate(&engine).await, new_der, "QUIC serves the same store");
 
     // A broken replacement keeps the current pair and is counted.
     std::fs::write(staging.join("cert.pem"), b"-----BEGIN CERTIFICATE-----\nnot a certificate\n").unwrap();
     std::fs::rename(staging.join("cert.pem"), dir.join("cert.pem")).unwrap();
     assert_eq!(served_certificate(&engine).await, new_der, "the old pair keeps serving");
+    assert_eq!(served_quic_certificate(&engine).await, new_der, "on QUIC too");
     assert_eq!(served_certificate(&engine).await, new_der);
     let text = engine.metrics_get("/scrape", Some("scrape-token-0123")).await.body;
     assert!(text.contains("strait_certificate_reloads_total 1"), "{text}");

@@ -294,3 +294,34 @@ async fn a_connection_holds_at_most_its_streams_and_the_next_waits() {
     drop(first);
     assert_eq!(within("fourth stream", fourth).await.unwrap(), b"4");
 }
+
+#[tokio::test]
+async fn the_engine_keeps_a_quiet_agent_connection_alive_past_its_idle_timeout() {
+    let engine = TestEngine::start_with("quic: {idle_timeout_seconds: 1}\n").await;
+    // An agent that sends nothing for a while (no QUIC keep-alives, no
+    // heartbeats): its control channel's liveness, not QUIC, decides.
+    let mut tls = Arc::unwrap_or_clone(engine.public_tls_config(&[b"rstrm/1"]));
+    tls.alpn_protocols = vec![b"rstrm/1".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(Duration::from_secs(60).try_into().unwrap())).keep_alive_interval(None);
+    config.transport_config(Arc::new(transport));
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    let conn = endpoint.connect(quic_addr(&engine), "localhost").unwrap().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    strait_proto::write_message(&mut send, &control_req(engine.token("alice")).into()).await.unwrap();
+    let mut reader = strait_proto::FrameReader::new(recv, strait_proto::MAX_FRAME_LEN);
+    within("open", reader.read_message()).await.unwrap();
+    // The property is survival across idle periods: three of them.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(conn.close_reason().is_none(), "closed: {:?}", conn.close_reason());
+    let open = strait_proto::Payload::OpenTunnelReq(strait_proto::OpenTunnelReq {
+        request_id: "r1".into(),
+        tunnel_properties: Some(private("quiet")),
+    });
+    strait_proto::write_message(&mut send, &open.into()).await.unwrap();
+    let reply = within("reply", reader.read_message()).await.unwrap();
+    assert!(matches!(reply.payload, Some(strait_proto::Payload::OpenTunnelRsp(_))), "{reply:?}");
+}

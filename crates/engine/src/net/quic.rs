@@ -58,6 +58,11 @@ pub fn server_config(
         .max_idle_timeout(Some(
             Duration::from_secs(quic.idle_timeout_seconds).try_into().expect("at most an hour fits a VarInt"),
         ))
+        // The engine keeps the connection alive itself: whether an agent
+        // is still there is its control channel's liveness to decide (a
+        // heartbeat interval may be far longer than the idle timeout); the
+        // idle timeout only finds peers that no longer answer at all.
+        .keep_alive_interval(Some(Duration::from_secs(quic.idle_timeout_seconds) / 3))
         .datagram_receive_buffer_size(Some(quic.max_datagram_bytes * 1024))
         .datagram_send_buffer_size(quic.max_datagram_bytes * 1024);
     config.transport_config(Arc::new(transport));

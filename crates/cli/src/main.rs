@@ -89,6 +89,10 @@ enum Command {
         /// auto, tls or quic (the same as --tunnel-transport).
         #[arg(long, value_name = "MODE")]
         transport: Option<strait_agent::TransportMode>,
+        /// Listen for UDP: each source gets a datagram channel to the
+        /// tunnel (a `forward --datagram` tunnel).
+        #[arg(long)]
+        udp: bool,
     },
     /// Keep the tunnels a declarative file describes.
     #[command(
@@ -301,6 +305,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             forward::run(cli.client()?, options.clone(), local, &shutdown).await
         }
         Command::Run { apply, watch } => run::run(cli.overrides(), apply.clone(), *watch, &shutdown).await,
+        Command::Connect { tunnel, listen, zero_rtt, udp: true, .. } => {
+            dial::connect_udp(cli.dialer(*zero_rtt)?, tunnel, listen, &shutdown).await
+        }
         Command::Connect { tunnel, listen, zero_rtt, .. } => {
             dial::connect(cli.dialer(*zero_rtt)?, tunnel, listen, &shutdown).await
         }

@@ -301,5 +301,31 @@ async fn forward_datagram_serves_a_local_udp_service() {
         assert_eq!(&back[..], [&b"echo:"[..], &packet].concat());
     }
     conn.close().await.unwrap();
+
+    // `connect --udp` on the other side: a local UDP port, a channel per
+    // source.
+    let mut cmd = engine.strait("alice");
+    cmd.args(["connect", "udp", "--udp", "--listen", "127.0.0.1:0"]);
+    let mut connect = Running::spawn(cmd);
+    let line = connect.line().await;
+    let listen: SocketAddr = line
+        .strip_prefix("Listening on udp://")
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected: {line}"))
+        .parse()
+        .unwrap();
+    for source in 0..2 {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.connect(listen).await.unwrap();
+        for i in 0..20u8 {
+            let packet = [source, i];
+            socket.send(&packet).await.unwrap();
+            let mut buf = [0u8; 64];
+            let n =
+                tokio::time::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await.expect("an answer").unwrap();
+            assert_eq!(&buf[..n], [&b"echo:"[..], &packet].concat());
+        }
+    }
+    connect.interrupt().await;
     forward.interrupt().await;
 }

@@ -193,6 +193,11 @@ pub async fn serve(
             read = tokio::time::timeout(grace, reader.read_message()) => match read {
                 Err(_) => break (format!("silent for {}s", grace.as_secs()), Departure::Lost),
                 Ok(Err(FrameError::Closed)) => break ("agent closed the connection".to_string(), Departure::Lost),
+                // A QUIC agent that closes its connection ends its streams
+                // with the connection's error, not a FIN.
+                Ok(Err(FrameError::Io(e))) if e.kind() == std::io::ErrorKind::NotConnected => {
+                    break (format!("agent's connection ended: {e}"), Departure::Lost)
+                }
                 Ok(Err(error)) => break (format!("protocol error: {error}"), Departure::Lost),
                 Ok(Ok(message)) => message,
             },

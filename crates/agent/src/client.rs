@@ -199,7 +199,7 @@ impl Client {
                     let id = strait_proto::packet::channel_id(&stream_id)
                         .ok_or_else(|| AgentError::Protocol(format!("stream id {stream_id:?} is not 24 hex")))?;
                     let registration = self.quic.channels.register(id);
-                    return Ok(PacketConn::quic(conn.clone(), id, registration, lifeline));
+                    return Ok(PacketConn::quic(conn.clone(), id, registration, lifeline, self.quic.clone()));
                 }
                 Ok((_, None)) => return Err(AgentError::Protocol("StreamRsp without a stream id".into())),
                 Err(error) if error.engine_code() == Some(strait_proto::ErrorCode::FeatureNotAvailable) => {

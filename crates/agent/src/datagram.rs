@@ -45,10 +45,17 @@ impl Channels {
 
     /// Reads `conn`'s datagrams into their channels until it closes;
     /// unknown ids and short datagrams are dropped.
-    pub(crate) fn spawn_reader(self: &Arc<Self>, conn: quinn::Connection) {
+    pub(crate) fn spawn_reader(self: &Arc<Self>, conn: quinn::Connection, gone: CancellationToken) {
         let channels = Arc::downgrade(self);
         tokio::spawn(async move {
-            while let Ok(datagram) = conn.read_datagram().await {
+            loop {
+                let datagram = tokio::select! {
+                    _ = gone.cancelled() => return,
+                    datagram = conn.read_datagram() => match datagram {
+                        Ok(datagram) => datagram,
+                        Err(_) => return,
+                    },
+                };
                 let Some(channels) = channels.upgrade() else { return };
                 if datagram.len() < 12 {
                     continue;
@@ -135,13 +142,23 @@ enum Inner {
         registration: Registration,
         closed: CancellationToken,
         lifeline: tokio::io::WriteHalf<Stream>,
+        /// The client's QUIC side, whose reader delivers this channel's
+        /// datagrams: kept for as long as the channel, whatever happens to
+        /// the `Client`.
+        _side: Arc<crate::transport::QuicSide>,
     },
     /// Packets framed in a stream.
     Framed(Stream),
 }
 
 impl PacketConn {
-    pub(crate) fn quic(conn: quinn::Connection, id: [u8; 12], registration: Registration, lifeline: Stream) -> Self {
+    pub(crate) fn quic(
+        conn: quinn::Connection,
+        id: [u8; 12],
+        registration: Registration,
+        lifeline: Stream,
+        side: Arc<crate::transport::QuicSide>,
+    ) -> Self {
         let closed = CancellationToken::new();
         let (mut read, write) = tokio::io::split(lifeline);
         let watch = closed.clone();
@@ -152,7 +169,7 @@ impl PacketConn {
                 _ = reader.read_message() => watch.cancel(),
             }
         });
-        Self { inner: Inner::Quic { conn, id, registration, closed, lifeline: write } }
+        Self { inner: Inner::Quic { conn, id, registration, closed, lifeline: write, _side: side } }
     }
 
     pub(crate) fn framed(stream: Stream) -> Self {

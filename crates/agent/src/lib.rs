@@ -24,7 +24,7 @@ pub use control::ControlChannel;
 pub use datagram::PacketConn;
 pub use strait_proto::TunnelProperties;
 pub use tls::client_config as tls_client_config;
-pub use transport::{AUTO_TLS_DELAY, Carrier, TransportMode};
+pub use transport::{AUTO_TLS_DELAY, Carrier, TransportMode, close_quic};
 pub use tunnel::{Tunnel, forward_packets, forward_stream};
 
 /// Re-exported so binaries install the same crypto provider.

@@ -26,8 +26,31 @@ pub const AUTO_TLS_DELAY: Duration = Duration::from_millis(300);
 const AUTO_QUIC_GRACE: Duration = Duration::from_secs(2);
 
 /// How often an idle QUIC connection proves it is alive; well inside the
-/// engine's idle timeout (30 s by default) and NAT bindings (often 30 s).
+/// engine's idle timeout (15 s by default) and NAT bindings (often 30 s).
 const QUIC_KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// The QUIC sides of this process's clients, for [`close_quic`]; weak, so
+/// a dropped client's endpoint goes with it.
+static SIDES: std::sync::Mutex<Vec<std::sync::Weak<QuicSide>>> = std::sync::Mutex::new(Vec::new());
+
+/// Closes every QUIC connection of the process and waits (up to `within`)
+/// until the engine has been told. A process that exits without this
+/// leaves the engine waiting for its idle timeout, streams in flight
+/// included, where a TCP connection would have been closed by the kernel.
+pub async fn close_quic(within: Duration) {
+    let sides = std::mem::take(&mut *SIDES.lock().unwrap_or_else(|e| e.into_inner()));
+    let endpoints: Vec<quinn::Endpoint> =
+        sides.iter().filter_map(|side| side.upgrade()?.endpoint.get().cloned()).collect();
+    for endpoint in &endpoints {
+        endpoint.close(0u32.into(), b"agent stopped");
+    }
+    let idle = async {
+        for endpoint in &endpoints {
+            endpoint.wait_idle().await;
+        }
+    };
+    let _ = tokio::time::timeout(within, idle).await;
+}
 
 /// The transport an agent asks for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -95,6 +118,16 @@ pub(crate) struct QuicSide {
     connection: tokio::sync::Mutex<Option<quinn::Connection>>,
     /// The datagram channels on it (on each connection made, in turn).
     pub(crate) channels: Arc<crate::datagram::Channels>,
+    /// Cancelled when the client is gone: its datagram reader lets go of
+    /// the connection, which then closes once its last stream is done
+    /// (the engine keeps connections alive, so none would ever idle out).
+    pub(crate) gone: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for QuicSide {
+    fn drop(&mut self) {
+        self.gone.cancel();
+    }
 }
 
 impl Client {
@@ -178,7 +211,7 @@ impl Client {
                 slot = self.quic.connection.lock().await;
             }
             let conn = self.connect_quic().await?;
-            self.quic.channels.spawn_reader(conn.clone());
+            self.quic.channels.spawn_reader(conn.clone(), self.quic.gone.clone());
             *slot = Some(conn.clone());
             drop(slot);
             let io = open_bi(&conn).await?;
@@ -216,6 +249,9 @@ impl Client {
                 let mut endpoint = quinn::Endpoint::client(SocketAddr::new(bind, 0))
                     .map_err(|source| AgentError::Connect { addr: addr.clone(), source })?;
                 endpoint.set_default_client_config(quic_client_config(self)?);
+                let mut sides = SIDES.lock().unwrap_or_else(|e| e.into_inner());
+                sides.retain(|side| side.strong_count() > 0);
+                sides.push(Arc::downgrade(&self.quic));
                 Ok::<_, AgentError>(endpoint)
             })
             .await?;

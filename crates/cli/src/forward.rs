@@ -2,7 +2,7 @@
 //! it up across engine restarts and network drops.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use strait_agent::{Client, ControlChannel, TunnelProperties};
 use tokio_util::sync::CancellationToken;
@@ -173,6 +173,12 @@ pub fn local_target(spec: Option<&str>) -> anyhow::Result<String> {
     }
 }
 
+/// How long `forward` waits for the engine to let go of a tunnel an
+/// earlier connection of the same principal still holds: a control
+/// channel's liveness (three 5 s heartbeats) with room to spare. Past it,
+/// the other tunnel is taken to be really open and the refusal stands.
+const EARLIER_CONNECTION_PATIENCE: Duration = Duration::from_secs(60);
+
 /// How long closing the tunnel may take when the command stops.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -188,6 +194,9 @@ pub async fn run(
     let log_requests = options.logs_requests();
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut announced = false;
+    // When we started waiting for the holder of our name or hostname, and
+    // when it was last heard from, as the first refusal said.
+    let mut holder_heard = None;
     loop {
         let session = async {
             let control = client.connect().await?;
@@ -197,6 +206,18 @@ pub async fn run(
         let Some(session) = shutdown.run_until_cancelled(session).await else { return Ok(()) };
         let (control, mut tunnel) = match session {
             Ok(pair) => pair,
+            Err(error) if holder_stays_silent(&error, &mut holder_heard) => {
+                let delay = backoff.next_delay();
+                eprintln!(
+                    "strait: {error}; if an earlier connection of this agent holds it, the engine lets go once \
+                     that connection's liveness runs out; retrying in {:.1}s",
+                    delay.as_secs_f32()
+                );
+                if shutdown.run_until_cancelled(tokio::time::sleep(delay)).await.is_none() {
+                    return Ok(());
+                }
+                continue;
+            }
             Err(error) if error.is_permanent(announced) => return Err(retry::explain(&error)),
             Err(error) => {
                 let delay = backoff.next_delay();
@@ -208,6 +229,7 @@ pub async fn run(
             }
         };
         backoff.reset();
+        holder_heard = None;
         // Pin the served hostname so a reconnect lands on the same address.
         if let Some(host) = tunnel.properties().hostname.clone() {
             properties.hostname = Some(host);
@@ -243,6 +265,19 @@ pub async fn run(
             return Ok(());
         }
     }
+}
+
+/// Whether to wait for the engine to let go of a tunnel our principal
+/// still holds: yes while its channel stays silent since the first refusal
+/// (an earlier connection of ours, dead), within a bound; no once it has
+/// been heard from again (another agent holding it, alive).
+fn holder_stays_silent(error: &strait_agent::AgentError, waiting: &mut Option<(Instant, Instant)>) -> bool {
+    let Some(silence) = retry::silence_of_the_holder(error) else { return false };
+    let now = Instant::now();
+    let Some(heard) = now.checked_sub(silence) else { return false };
+    let (since, first_heard) = *waiting.get_or_insert((now, heard));
+    // A second of slack for the engine's rounding and the round trip.
+    heard <= first_heard + Duration::from_secs(1) && since.elapsed() < EARLIER_CONNECTION_PATIENCE
 }
 
 /// Closes a channel, waiting at most a second for the engine.

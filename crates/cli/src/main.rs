@@ -243,7 +243,12 @@ fn main() -> ExitCode {
         .log_internal_errors(false)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-    let result = runtime.block_on(run(cli));
+    let result = runtime.block_on(async {
+        let result = run(cli).await;
+        // Tell the engine now: over QUIC nothing else will when we exit.
+        strait_agent::close_quic(std::time::Duration::from_secs(1)).await;
+        result
+    });
     // A blocking stdin read (dial) must not hold the exit.
     runtime.shutdown_background();
     match result {

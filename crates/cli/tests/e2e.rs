@@ -329,3 +329,24 @@ async fn forward_datagram_serves_a_local_udp_service() {
     connect.interrupt().await;
     forward.interrupt().await;
 }
+
+/// A QUIC agent killed with SIGKILL tells the engine nothing; restarted at
+/// once, `forward` meets its own dead channel's tunnel, waits while that
+/// channel stays silent, and is back on its name once the engine lets go
+/// (the channel's liveness, 15 s). A live holder is refused at once (see
+/// `a_refused_tunnel_exits_with_the_engines_reason`).
+#[tokio::test]
+async fn a_killed_quic_agent_restarted_at_once_gets_its_tunnel_back() {
+    let engine = TestEngine::start().await;
+    let echo = echo_server().await;
+    let mut first = forward_private(&engine, "phoenix", echo).await;
+    first.child.start_kill().unwrap();
+    first.child.wait().await.unwrap();
+    let mut cmd = engine.strait("alice");
+    cmd.args(["forward", &echo.to_string(), "--private", "--name", "phoenix"]);
+    let mut again = Running::spawn(cmd);
+    again.stderr_until("liveness runs out").await;
+    assert_eq!(again.line().await, format!("Forwarding rstrm://phoenix (private) -> {echo} (over quic)"));
+    assert_eq!(dial_alice(&engine, "phoenix", b"back").await, b"back");
+    again.interrupt().await;
+}

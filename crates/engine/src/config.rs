@@ -378,7 +378,7 @@ impl Config {
         let quic_enabled = r.bool_or("quic.enabled", true);
         let quic_listen = r.optional_addr("quic.listen_addr");
         let quic_streams = r.u64_or("quic.max_streams_per_connection", 4096, 1, 1 << 20);
-        let quic_idle = r.u64_or("quic.idle_timeout_seconds", 30, 1, 3600);
+        let quic_idle = r.u64_or("quic.idle_timeout_seconds", 15, 1, 3600);
         let quic_datagram = r.u64_or("quic.max_datagram_bytes", 1350, 64, 65_527);
 
         let warnings = unknown_keys(tree, &r.known);
@@ -781,7 +781,7 @@ mod tests {
     fn the_quic_listener_is_on_by_default_and_its_fields_are_checked() {
         let c = Config::from_yaml_str(MINIMAL, Vec::new()).unwrap().config;
         assert!(c.quic.enabled && c.quic.listen_addr.is_none());
-        assert_eq!((c.quic.max_streams_per_connection, c.quic.idle_timeout_seconds), (4096, 30));
+        assert_eq!((c.quic.max_streams_per_connection, c.quic.idle_timeout_seconds), (4096, 15));
         let yaml = format!(
             "{MINIMAL}quic: {{enabled: maybe, listen_addr: nope, max_streams_per_connection: 0, \
              idle_timeout_seconds: 99999, max_datagram_bytes: 10}}\n"

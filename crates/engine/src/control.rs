@@ -137,7 +137,8 @@ pub async fn serve(
         Transport::Quic(conn) => Some(conn.clone()),
         Transport::Tls => None,
     };
-    if let Err(refused) = shared.registry.add_client(Arc::new(Client { info, outbox: outbox.clone(), quic })) {
+    let client = Arc::new(Client::new(info, outbox.clone(), quic));
+    if let Err(refused) = shared.registry.add_client(client.clone()) {
         tracing::warn!(principal = %principal, error = %refused, "control channel refused");
         let error = Error::new(ErrorCode::CapacityExhausted, refused.to_string());
         let _ = write_message(&mut write_half, &open_rsp(OpenControlChannelResult::Error(error))).await;
@@ -202,6 +203,7 @@ pub async fn serve(
                 Ok(Ok(message)) => message,
             },
         };
+        client.heard();
         let Some(payload) = message.payload else { continue };
         if let Payload::CloseControlChannelReq(_) = payload {
             let _ = outbox.send(Payload::CloseControlChannelRsp(CloseControlChannelRsp {}).into()).await;
@@ -218,7 +220,10 @@ pub async fn serve(
         shared.metrics.tunnel_closed(metric_protocol(tunnel));
         tracing::info!(tunnel_id = %tunnel.id, client_id = %client_id, reason = "control channel ended", "tunnel closed");
     }
+    // The writer ends once every sender of the outbox is gone, the one in
+    // our `Client` included.
     drop(outbox);
+    drop(client);
     if tokio::time::timeout(FLUSH_GRACE, writer).await.is_err() {
         tracing::debug!(client_id = %client_id, "control channel writer did not flush in time");
     }
@@ -321,6 +326,26 @@ impl Channel<'_> {
             tls_config: Default::default(),
         };
         self.shared.registry.add_tunnel(tunnel).map_err(|e| {
+            let holder = match &e {
+                RegistryError::NameTaken(name) => {
+                    let principal = crate::auth::Principal { id: self.principal.to_string(), admin: false };
+                    match self.shared.registry.resolve_dial(&principal, name) {
+                        crate::registry::Dial::Live(t) => Some(t.client_id.clone()),
+                        _ => None,
+                    }
+                }
+                RegistryError::HostnameInUse(_, tunnel_id) => {
+                    self.shared.registry.tunnel(tunnel_id).map(|t| t.client_id.clone())
+                }
+                _ => None,
+            };
+            // An agent restarted after a kill (or a lost network) meets
+            // its own earlier channel: how long that one has been silent
+            // tells it whether to wait for it to time out.
+            let silence = holder
+                .and_then(|id| self.shared.registry.client(&id))
+                .map(|c| format!(" (its control channel was last heard from {:.1}s ago)", c.silence().as_secs_f64()))
+                .unwrap_or_default();
             let code = match e {
                 RegistryError::TooManyTunnels(_)
                 | RegistryError::PrincipalTunnels(_)
@@ -332,7 +357,7 @@ impl Channel<'_> {
                 | RegistryError::HostnameHeld(..)
                 | RegistryError::NameTaken(_) => ErrorCode::InvalidRequest,
             };
-            Error::new(code, e.to_string())
+            Error::new(code, format!("{e}{silence}"))
         })
     }
 }

@@ -96,7 +96,7 @@ pub fn harness() -> &'static Harness {
         let registry = &engine.shared.registry;
         let (outbox, _) = tokio::sync::mpsc::channel(1);
         let info = ClientInfo { id: "fuzz-client".into(), principal: "fuzz".into(), ..ClientInfo::default() };
-        registry.add_client(Arc::new(Client { info, outbox, quic: None })).expect("the harness client registers");
+        registry.add_client(Arc::new(Client::new(info, outbox, None))).expect("the harness client registers");
         for (label, extra) in TUNNELS {
             let mut fields: Value = serde_json::from_str(extra).expect("valid JSON");
             fields["hostname"] = json!(format!("{label}{}", NS.suffix()));

@@ -305,7 +305,10 @@ impl Engine {
             // Streams that finished may still wait for their last
             // acknowledgements (QuicStream lingers); the drain is over.
             endpoint.close(net::quic::close::NORMAL, b"engine stopped");
-            let _ = tokio::time::timeout(ABORT_GRACE, endpoint.wait_idle()).await;
+            // The close frames leave at once; a second lets them go before
+            // the process does (waiting for every connection to drain
+            // would wait on handles still held by lingering streams).
+            let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
         }
         drained
     }

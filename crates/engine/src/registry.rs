@@ -43,6 +43,31 @@ pub struct Client {
     /// The agent's QUIC connection, when it is on QUIC: its datagram
     /// tunnels' packets ride it.
     pub quic: Option<quinn::Connection>,
+    /// When the agent last sent a frame (milliseconds since the Unix
+    /// epoch): a refusal of another channel's tunnel says how long this
+    /// one has been silent.
+    pub last_heard: std::sync::atomic::AtomicU64,
+}
+
+impl Client {
+    pub fn new(info: ClientInfo, outbox: mpsc::Sender<Message>, quic: Option<quinn::Connection>) -> Self {
+        let client = Self { info, outbox, quic, last_heard: Default::default() };
+        client.heard();
+        client
+    }
+
+    /// The agent sent something.
+    pub fn heard(&self) {
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+        self.last_heard.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long the agent has been silent.
+    pub fn silence(&self) -> Duration {
+        let heard =
+            SystemTime::UNIX_EPOCH + Duration::from_millis(self.last_heard.load(std::sync::atomic::Ordering::Relaxed));
+        SystemTime::now().duration_since(heard).unwrap_or_default()
+    }
 }
 
 /// A live tunnel with the complete properties the engine serves.
@@ -609,7 +634,7 @@ mod tests {
     fn client(registry: &Registry, id: &str, principal: &str) {
         let (outbox, _) = mpsc::channel(1);
         let info = ClientInfo { id: id.into(), principal: principal.into(), ..Default::default() };
-        registry.add_client(Arc::new(Client { info, outbox, quic: None })).unwrap();
+        registry.add_client(Arc::new(Client::new(info, outbox, None))).unwrap();
     }
 
     fn tunnel(id: &str, client: &str, principal: &str, hostname: &str) -> Tunnel {

@@ -129,7 +129,7 @@ async fn a_slow_consumer_is_disconnected_with_a_reason() {
     let (outbox, _rx) = tokio::sync::mpsc::channel(1);
     for i in 0..strait_engine::registry::FEED_CAPACITY {
         let info = ClientInfo { id: format!("burst{i}"), principal: "ops".into(), ..Default::default() };
-        registry.add_client(Arc::new(Client { info, outbox: outbox.clone(), quic: None })).unwrap();
+        registry.add_client(Arc::new(Client::new(info, outbox.clone(), None))).unwrap();
         registry.remove_client(&format!("burst{i}"), Departure::Closed);
     }
     let mut last = None;

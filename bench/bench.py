@@ -251,12 +251,15 @@ class Bench:
 class Setup:
     """One way from the client to the services. `iperf` is the plain TCP
     port iperf3 connects to; `http` and `echo` are strait-bench target
-    arguments; `tunnel` are the processes whose CPU and memory count
-    (`server` side and `agent` side)."""
+    arguments (`dial`: the echo service, reached by a new dial each time);
+    `tunnel` are the processes whose CPU and memory count (`server` side
+    and `agent` side)."""
 
     name = ""
     label = ""
     scenarios = {"throughput", "parallel", "http", "latency", "streams", "agents"}
+    # The setup this one is with the agent on TLS instead of QUIC.
+    over_tls: str | None = None
 
     def __init__(self, bench: Bench) -> None:
         self.b = bench
@@ -266,6 +269,7 @@ class Setup:
         self.iperf = 0
         self.http: list[str] = []
         self.echo: list[str] = []
+        self.dial: list[str] = []
 
     def start(self) -> None: ...
 
@@ -282,17 +286,21 @@ class Setup:
 
 class Direct(Setup):
     name, label = "direct", "direct (no tunnel)"
-    scenarios = {"throughput", "parallel", "http", "latency"}
+    scenarios = {"throughput", "parallel", "http", "latency", "dial"}
 
     def start(self) -> None:
         s = self.b.services
         self.iperf = s["iperf"]
         self.http = ["--target", f"127.0.0.1:{s['http']}"]
-        self.echo = ["--target", f"127.0.0.1:{s['echo']}"]
+        self.echo = self.dial = ["--target", f"127.0.0.1:{s['echo']}"]
 
 
 class StraitEngine(Setup):
-    """An engine from a config file, the way an operator runs it."""
+    """An engine from a config file, the way an operator runs it. The
+    agent connects over `transport`; every dialer (`strait connect`,
+    `strait-bench --dial`) over TLS."""
+
+    transport = "tls"
 
     def start_engine(self) -> None:
         b = self.b
@@ -328,7 +336,12 @@ class StraitEngine(Setup):
         b = self.b
         path = b.work / f"{self.name}-tunnels.yaml"
         path.write_text("version: 1\ntunnels:\n" + tunnels)
-        agent = b.spawn(f"{self.name}-agent", [b.tool("strait"), "run", "--apply", path], b.tunnel_cpus, env=self.env())
+        agent = b.spawn(
+            f"{self.name}-agent",
+            [b.tool("strait"), "--tunnel-transport", self.transport, "run", "--apply", path],
+            b.tunnel_cpus,
+            env=self.env(),
+        )
         agent.line_matching(r"^applied .*: 3 created")
         return agent
 
@@ -338,7 +351,7 @@ class StraitEngine(Setup):
         # generator does on the published path, so it runs with the load.
         proc = b.spawn(
             f"{self.name}-connect-{tunnel}",
-            [b.tool("strait"), "connect", tunnel, "--zero-rtt"],
+            [b.tool("strait"), "connect", tunnel, "--zero-rtt", "--transport", "tls"],
             b.load_cpus,
             env=self.env(),
         )
@@ -371,7 +384,7 @@ class StraitEngine(Setup):
 
 
 class StraitPublished(StraitEngine):
-    name, label = "strait-tls", "strait, published TLS tunnel (strait agent)"
+    name, label = "strait-tls", "strait, published TLS tunnel (strait agent over TLS)"
 
     def start(self) -> None:
         self.start_engine()
@@ -399,8 +412,17 @@ class StraitPublished(StraitEngine):
             self.bridge.stop()
 
 
+class StraitPublishedQuic(StraitPublished):
+    name, label = "strait-quic", "strait, published TLS tunnel (strait agent over QUIC)"
+    transport, over_tls = "quic", "strait-tls"
+    # Idle agents: one strait-bench client's agents would share one QUIC
+    # connection.
+    scenarios = StraitPublished.scenarios - {"agents"}
+
+
 class StraitPrivate(StraitEngine):
-    name, label = "strait-private", "strait, private dial (strait agent)"
+    name, label = "strait-private", "strait, private dial (strait agent over TLS)"
+    scenarios = Setup.scenarios | {"dial"}
 
     def start(self) -> None:
         self.start_engine()
@@ -411,14 +433,22 @@ class StraitPrivate(StraitEngine):
         # strait's agent library, as an SDK client does (the load generator
         # then does the client's TLS, as on the published path).
         self.iperf = self.connect("iperf")
-        self.http = ["--target", f"localhost:{self.port}", "--dial", "http", "--token", self.b.token,
-                     "--ca", str(self.b.certs / "ca.pem")]
+        dial = lambda tunnel: ["--target", f"localhost:{self.port}", "--dial", tunnel, "--token", self.b.token,
+                               "--ca", str(self.b.certs / "ca.pem")]
+        self.http = dial("http")
+        self.dial = dial("echo")
         self.echo = ["--target", f"127.0.0.1:{self.connect('echo')}"]
 
     def start_agent(self, s: dict[str, int]) -> Proc:
         return self.apply(
             "".join(f'  - {{name: {k}, forward: "127.0.0.1:{s[k]}", tunnel: {{publish: false}}}}\n' for k in ("iperf", "http", "echo"))
         )
+
+
+class StraitPrivateQuic(StraitPrivate):
+    name, label = "strait-private-quic", "strait, private dial (strait agent over QUIC)"
+    transport, over_tls = "quic", "strait-private"
+    scenarios = StraitPrivate.scenarios - {"agents"}
 
 
 def sdk_agent(setup: StraitEngine, s: dict[str, int], publish: bool) -> Proc:
@@ -576,7 +606,11 @@ class Bore(Setup):
                 b.procs.remove(c)
 
 
-SETUPS = {s.name: s for s in (Direct, StraitPublished, StraitPrivate, StraitSdkPublished, StraitSdk, RatholeTls, RatholeTcp, Bore)}
+SETUPS = {
+    s.name: s
+    for s in (Direct, StraitPublished, StraitPublishedQuic, StraitPrivate, StraitPrivateQuic, StraitSdkPublished, StraitSdk,
+              RatholeTls, RatholeTcp, Bore)
+}
 
 # ---------------------------------------------------------------- scenarios
 
@@ -650,6 +684,20 @@ def scenario_latency(bench: Bench, setup: Setup, results: dict) -> None:
     results.setdefault("4-connect-p99-us", []).append(out["p99_us"])
 
 
+def scenario_dial(bench: Bench, setup: Setup, results: dict) -> None:
+    a = bench.args
+    out = run_json(
+        [bench.tool("strait-bench"), "latency", "--echo", *setup.dial, "--count", str(a.connections),
+         "--warmup", str(a.connections // 20)],
+        bench.load_cpus,
+        timeout=600,
+    )
+    if out["errors"]:
+        raise RuntimeError(f"dial latency through {setup.name}: {out['errors']} errors, first: {out['first_error']}")
+    results.setdefault("4-dial-p50-us", []).append(out["p50_us"])
+    results.setdefault("4-dial-p99-us", []).append(out["p99_us"])
+
+
 def scenario_streams(bench: Bench, setup: Setup, results: dict) -> None:
     a = bench.args
     procs = setup.tunnel_procs()
@@ -678,6 +726,7 @@ SCENARIOS = {
     "parallel": scenario_parallel,
     "http": scenario_http,
     "latency": scenario_latency,
+    "dial": scenario_dial,
     "streams": scenario_streams,
     "agents": scenario_agents,
 }
@@ -694,6 +743,8 @@ METRICS = [
     ("3-http-cpu-us", "3. Tunnel CPU per HTTP request", "µs", False),
     ("4-connect-p50-us", "4. New connection + request + reply, p50", "µs", False),
     ("4-connect-p99-us", "4. New connection + request + reply, p99", "µs", False),
+    ("4-dial-p50-us", "4. New private dial to the first echoed byte, p50", "µs", False),
+    ("4-dial-p99-us", "4. New private dial to the first echoed byte, p99", "µs", False),
     ("5-stream-server-kib", "5. Memory per open stream, server side", "KiB", False),
     ("5-stream-agent-kib", "5. Memory per open stream, agent side (and dialer)", "KiB", False),
     ("5-agent-server-kib", "5. Memory per idle agent, server side", "KiB", False),
@@ -778,19 +829,24 @@ def render(doc: dict, out: pathlib.Path) -> None:
         lines += [f"- {failure}" for failure in doc["failures"]]
         lines.append("")
     setups = list(summary)
-    baseline = "rathole-tls" if "rathole-tls" in summary else None
+    # Ratio columns: each setup against these when they ran, and a QUIC
+    # agent's setup against the same setup with the agent on TLS.
+    baselines = [b for b in ("direct", "rathole-tls") if b in summary]
+    over_tls = {s: SETUPS[s].over_tls for s in setups if s in SETUPS and SETUPS[s].over_tls in summary}
+    ratio = lambda v, base: f" {v / base:.2f}x |" if base else " – |"
     for key, title, unit, higher in METRICS:
         rows = [(s, summary[s][key]) for s in setups if key in summary[s]]
         if not rows:
             continue
         lines += [f"### {title} ({unit}, {'higher' if higher else 'lower'} is better)", ""]
-        head = "| setup | median | range |" + (" vs rathole-tls |" if baseline else "")
-        lines += [head, "|---|---:|---:|" + ("---:|" if baseline else "")]
-        base = summary.get(baseline, {}).get(key, {}).get("median") if baseline else None
+        head = "| setup | median | range |" + "".join(f" vs {b} |" for b in baselines) + (" vs agent on TLS |" if over_tls else "")
+        lines += [head, "|---|---:|---:|" + "---:|" * (len(baselines) + bool(over_tls))]
         for s, v in rows:
             cell = f"| {labels[s]} | {fmt(v['median'])} | {fmt(v['min'])}–{fmt(v['max'])} |"
-            if baseline:
-                cell += f" {v['median'] / base:.2f}x |" if base else " – |"
+            for b in baselines:
+                cell += ratio(v["median"], summary[b].get(key, {}).get("median"))
+            if over_tls:
+                cell += ratio(v["median"], summary[over_tls[s]].get(key, {}).get("median") if s in over_tls else None)
             lines.append(cell)
         lines.append("")
     findings = ROOT / "bench" / "FINDINGS.md"

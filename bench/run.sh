@@ -22,7 +22,7 @@ if [ "${1:-}" = "--smoke" ]; then
     out="$(mktemp -d)"
     trap 'rm -rf "$out"' EXIT
     cargo build -q -p strait-engine -p strait -p strait-bench
-    exec python3 bench/bench.py --bin-dir target/debug --setups direct,strait-tls,strait-private,strait-sdk,strait-sdk-tls \
+    exec python3 bench/bench.py --bin-dir target/debug --setups direct,strait-tls,strait-quic,strait-private,strait-private-quic,strait-sdk,strait-sdk-tls \
         --rounds 1 --seconds 1 --connections 100 --streams 50 --agents 20 --out "$out" \
         --command "bench/run.sh --smoke" "$@"
 fi

@@ -35,6 +35,9 @@ pub async fn streams(target: Target, count: usize) -> anyhow::Result<()> {
 pub async fn agents(engine: String, token: String, ca: PathBuf, count: usize, tunnel: bool) -> anyhow::Result<()> {
     let mut config = strait_agent::ClientConfig::new(engine, Some(token));
     config.ca_file = Some(ca);
+    // Over TLS each control channel is a connection of its own; over QUIC
+    // the agents of one client would share a single connection.
+    config.transport = strait_agent::TransportMode::Tls;
     let client = strait_agent::Client::new(config)?;
     hold("agents", count, move |i| {
         let client = client.clone();

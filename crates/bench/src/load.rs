@@ -1,5 +1,5 @@
 //! The two HTTP measurements: new-connection latency and keep-alive
-//! requests per second.
+//! requests per second; the latency also with one echoed byte.
 
 use std::time::{Duration, Instant};
 
@@ -38,19 +38,33 @@ async fn one_exchange(target: &Target, request: &[u8], buf: &mut Vec<u8>) -> any
     }
 }
 
-pub async fn latency(target: Target, count: usize, warmup: usize) -> anyhow::Result<()> {
+/// One byte to an echo service on a new connection, and back: the time
+/// from the dial to the first echoed byte.
+async fn one_echo(target: &Target) -> anyhow::Result<()> {
+    let mut conn = target.connect().await?;
+    conn.write_all(b"x").await?;
+    let mut byte = [0u8; 1];
+    conn.read_exact(&mut byte).await?;
+    anyhow::ensure!(&byte == b"x", "echoed {byte:?}");
+    Ok(())
+}
+
+pub async fn latency(target: Target, count: usize, warmup: usize, echo: bool) -> anyhow::Result<()> {
     let request = format!("GET / HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", target.host).into_bytes();
     let mut buf = Vec::with_capacity(4096);
     let mut errors = 0usize;
     let mut first_error = None;
+    let mut exchange = async || {
+        if echo { one_echo(&target).await } else { one_exchange(&target, &request, &mut buf).await }
+    };
     for _ in 0..warmup {
-        let _ = one_exchange(&target, &request, &mut buf).await;
+        let _ = exchange().await;
     }
     let mut samples = Vec::with_capacity(count);
     let started = Instant::now();
     for _ in 0..count {
         let t = Instant::now();
-        match one_exchange(&target, &request, &mut buf).await {
+        match exchange().await {
             Ok(()) => samples.push(t.elapsed().as_secs_f64() * 1e6),
             Err(error) => {
                 errors += 1;

@@ -55,6 +55,10 @@ enum Command {
         /// Connections made first and not counted.
         #[arg(long, default_value_t = 100)]
         warmup: usize,
+        /// Send one byte to an echo service and read it back, instead of
+        /// the HTTP exchange.
+        #[arg(long)]
+        echo: bool,
     },
     /// HTTP requests per second over keep-alive connections.
     HttpLoad {
@@ -115,7 +119,9 @@ fn main() -> anyhow::Result<()> {
             Command::ServeHttp { listen } => serve::http(&listen).await,
             Command::ServeEcho { listen } => serve::echo(&listen).await,
             Command::Bridge { target, listen } => serve::bridge(target.resolve()?, &listen).await,
-            Command::Latency { target, count, warmup } => load::latency(target.resolve()?, count, warmup).await,
+            Command::Latency { target, count, warmup, echo } => {
+                load::latency(target.resolve()?, count, warmup, echo).await
+            }
             Command::HttpLoad { target, connections, seconds } => {
                 load::http(target.resolve()?, connections, Duration::from_secs_f64(seconds)).await
             }

@@ -61,6 +61,9 @@ impl TargetArgs {
         if let Some(tunnel) = self.dial {
             let mut config = strait_agent::ClientConfig::new(self.target.clone(), self.token);
             config.ca_file = self.ca;
+            // The dialer stays on TLS whatever the agent's transport, so
+            // that a setup varies one side only.
+            config.transport = strait_agent::TransportMode::Tls;
             let client = strait_agent::Client::new(config)?;
             let host = self.host.unwrap_or_else(|| tunnel.clone());
             return Ok(Target { addr: self.target, host, way: Way::Dial(client, tunnel) });

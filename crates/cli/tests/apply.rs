@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{Running, TestEngine, dial, echo_server, output};
+use common::{Running, Strait, TestEngine, dial, echo_server, output};
 
 async fn assert_echoes(engine: &TestEngine, tunnel: &str) {
     let payload = format!("hello {tunnel}");

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{DEADLINE, Running, SECRET, TestEngine, dial, echo_server, echo_through, output};
+use common::{DEADLINE, Running, SECRET, Strait, TestEngine, dial, echo_server, echo_through, output};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
@@ -52,7 +52,7 @@ async fn forward_private_then_dial_and_connect() {
 
     // Ctrl-C closes the tunnel: the engine forgets it.
     forward.interrupt().await;
-    let registry = &engine.engine.as_ref().unwrap().shared.registry;
+    let registry = &engine.engine.shared.registry;
     assert_eq!(registry.counts().1, 0);
 }
 
@@ -101,7 +101,7 @@ async fn minted_tokens_are_accepted_by_the_engine() {
         output(engine.strait("alice").args(["token", "--secret", SECRET, "--sub", "minted", "--ttl", "10m"])).await;
     assert!(out.status.success());
     let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let principal = engine.engine.as_ref().unwrap().shared.verifier.verify(Some(&token)).unwrap();
+    let principal = engine.engine.shared.verifier.verify(Some(&token)).unwrap();
     assert_eq!(principal.id, "minted");
 
     let weak = output(engine.strait("a").args(["token", "--secret", "short", "--sub", "x"])).await;
@@ -236,7 +236,7 @@ async fn forward_says_which_transport_carries_it_and_takes_the_rstream_spellings
     cmd.args(["forward", &echo.to_string(), "--no-publish", "--name", "pinned", "--transport", "tls"]);
     let mut forward = Running::spawn(cmd);
     assert_eq!(forward.line().await, format!("Forwarding rstrm://pinned (private) -> {echo} (over tls)"));
-    let metrics = &engine.engine.as_ref().unwrap().shared.metrics;
+    let metrics = &engine.engine.shared.metrics;
     assert_eq!((metrics.clients_by_transport("tls"), metrics.clients_by_transport("quic")), (1, 0));
 
     // A dial over QUIC, chosen by the environment, reaches the TLS agent.

@@ -7,7 +7,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{DEADLINE, Running, TestEngine, echo_server, output};
+use common::{DEADLINE, Running, Strait, TestEngine, echo_server, output};
 use tokio::io::AsyncReadExt;
 
 /// A declarative file with one private tunnel to `local`.

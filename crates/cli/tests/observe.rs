@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::process::Stdio;
 
-use common::{Running, TestEngine, output};
+use common::{Running, Strait, TestEngine, output};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::process::Command;

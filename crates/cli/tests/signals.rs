@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{DEADLINE, Running, TestEngine, echo_server};
+use common::{DEADLINE, Running, Strait, TestEngine, echo_server};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;

@@ -151,6 +151,7 @@ async fn shutdown_ends_watches_with_a_reason() {
     let mut sse = engine.sse("", &engine.token("ops")).await;
     assert_eq!(sse.event().await["type"], "state.initial");
     let TestEngine { engine: running, dir: _dir, .. } = engine;
+    let running = running.into_inner();
     let stopping = tokio::spawn(running.shutdown_within(std::time::Duration::from_secs(10)));
     let mut last = None;
     while let Some(item) = sse.next().await {

@@ -142,6 +142,7 @@ async fn shutdown_stops_accepting_tells_agents_and_lets_streams_finish() {
     let addr = engine.addr;
     let shared = engine.engine.shared.clone();
     let TestEngine { engine: running, dir: _dir, .. } = engine;
+    let running = running.into_inner();
     let stopping = tokio::spawn(running.shutdown_within(Duration::from_secs(20)));
 
     // The agent is told, and its control channel ends.
@@ -184,6 +185,7 @@ async fn the_drain_is_bounded() {
     let mut back = [0u8; 4];
     stream.read_exact(&mut back).await.unwrap();
     let TestEngine { engine: running, dir: _dir, .. } = engine;
+    let running = running.into_inner();
     assert!(!running.shutdown_within(Duration::from_millis(200)).await, "the idle stream outlives the drain");
     // The cut stream ends for the dialer.
     let mut rest = Vec::new();

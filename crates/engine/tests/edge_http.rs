@@ -641,7 +641,7 @@ async fn shutdown_lets_a_published_download_in_flight_finish() {
     let mut received = first.len();
 
     let shared = engine.engine.shared.clone();
-    let stopping = tokio::spawn(engine.engine.shutdown());
+    let stopping = tokio::spawn(engine.engine.into_inner().shutdown());
     shared.shutdown.cancelled().await;
     release.notify_one();
     while let Some(frame) = body.frame().await {

@@ -151,6 +151,7 @@ async fn a_drain_lets_quic_streams_finish() {
     assert_eq!(echo_roundtrip(&mut stream, b"before").await, b"before");
 
     let TestEngine { engine: running, dir: _dir, .. } = engine;
+    let running = running.into_inner();
     let stopping = tokio::spawn(running.shutdown_within(Duration::from_secs(20)));
     within("agent told", control.closed()).await;
     let payload = pattern(1 << 20, 3);

@@ -4,114 +4,29 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Output, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use strait_engine::Engine;
-use strait_engine::config::Config;
-use strait_engine::registry::Tunnel;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::net::TcpListener;
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
-pub const SECRET: &str = "cli-test-secret-cli-test-secret-0123456";
+pub use strait_testkit::{SECRET, TestEngine, echo_server};
 
 /// How long any one expected line or condition may take.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-pub struct TestEngine {
-    pub engine: Option<Engine>,
-    pub dir: tempfile::TempDir,
-    pub addr: SocketAddr,
+/// The `strait` binary pointed at a test engine.
+pub trait Strait {
+    /// `strait` with `sub`'s token and the engine's CA, in an empty
+    /// environment and home.
+    fn strait(&self, sub: &str) -> Command;
+    /// `strait` with an operator's token, which sees every principal.
+    fn strait_admin(&self, sub: &str) -> Command;
 }
 
-impl TestEngine {
-    pub async fn start() -> Self {
-        strait_engine::install_crypto_provider();
-        let dir = tempfile::tempdir().unwrap();
-        strait_engine::dev::generate_certs("localhost", dir.path()).unwrap();
-        let engine = Engine::start(Self::config(dir.path(), "127.0.0.1:0", SECRET)).await.unwrap();
-        let addr = engine.tls_addr;
-        Self { engine: Some(engine), dir, addr }
-    }
-
-    /// Starts an engine again on the address of one just stopped. The old
-    /// engine's side of a connection its peer has not closed yet can keep
-    /// the port from being bound for a moment (seen as AddrInUse in about
-    /// one restart in ten), so the bind is retried until it succeeds.
-    pub async fn boot(dir: &Path, listen: &str, secret: &str) -> Engine {
-        let deadline = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            match Engine::start(Self::config(dir, listen, secret)).await {
-                Ok(engine) => return engine,
-                Err(strait_engine::StartError::Bind { .. }) if tokio::time::Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(error) => panic!("the engine does not start again on {listen}: {error}"),
-            }
-        }
-    }
-
-    fn config(dir: &Path, listen: &str, secret: &str) -> Config {
-        let yaml = format!(
-            "engine: {{host: localhost, log_level: info}}\n\
-             tls: {{enabled: true, listen_addr: \"{listen}\"}}\n\
-             certs: {{static: {{enabled: true, cert_file: \"{}\", key_file: \"{}\"}}}}\n\
-             auth: {{jwt: {{enabled: true, token_jwt_secret: \"{secret}\"}}}}\n",
-            dir.join("cert.pem").display(),
-            dir.join("key.pem").display()
-        );
-        Config::from_yaml_str(&yaml, Vec::new()).unwrap().config
-    }
-
-    /// Stops the engine and starts a new one on the same address.
-    pub async fn restart(&mut self) {
-        self.restart_with_secret(SECRET).await;
-    }
-
-    /// Restarts on the same address with another JWT secret: tokens minted
-    /// before no longer verify.
-    pub async fn restart_with_secret(&mut self, secret: &str) {
-        self.stop().await;
-        self.engine = Some(Self::boot(self.dir.path(), &self.addr.to_string(), secret).await);
-    }
-
-    /// Stops the engine; its address refuses connections until a restart.
-    pub async fn stop(&mut self) {
-        if let Some(engine) = self.engine.take() {
-            engine.shutdown().await;
-        }
-    }
-
-    /// Starts the engine again on its address after [`TestEngine::stop`].
-    pub async fn start_again(&mut self) {
-        self.engine = Some(Self::boot(self.dir.path(), &self.addr.to_string(), SECRET).await);
-    }
-
-    pub fn ca(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
-    }
-
-    pub fn token(&self, sub: &str) -> String {
-        strait_engine::auth::mint(SECRET.as_bytes(), sub, Some(3600))
-    }
-
-    /// The engine's live tunnels by name.
-    pub fn tunnels(&self) -> HashMap<String, Arc<Tunnel>> {
-        let registry = &self.engine.as_ref().unwrap().shared.registry;
-        registry.tunnels().into_iter().map(|t| (t.name().unwrap_or_default().to_string(), t)).collect()
-    }
-
-    pub fn ids(&self) -> HashMap<String, String> {
-        self.tunnels().into_iter().map(|(name, t)| (name, t.id.clone())).collect()
-    }
-
-    /// `strait` with an operator's token, which sees every principal.
-    pub fn strait_admin(&self, sub: &str) -> Command {
+impl Strait for TestEngine {
+    fn strait_admin(&self, sub: &str) -> Command {
         let mut cmd = self.strait(sub);
         cmd.env(
             "RSTREAM_AUTHENTICATION_TOKEN",
@@ -120,7 +35,7 @@ impl TestEngine {
         cmd
     }
 
-    pub fn strait(&self, sub: &str) -> Command {
+    fn strait(&self, sub: &str) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_strait"));
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -260,20 +175,6 @@ impl Running {
         let stderr = self.drain_stderr().await;
         (self.exit_within(DEADLINE).await, stderr)
     }
-}
-
-pub async fn echo_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
 }
 
 /// Sends `payload` through a plain TCP address and reads it back.

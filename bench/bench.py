@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""strait side by side with rathole, bore and a direct connection.
+"""strait side by side with rathole, frp, bore and a direct connection.
 
 Every setup carries the same three local services (an iperf3 server, a
 small keep-alive HTTP server and a TCP echo server) and is measured by the
-same clients (iperf3 and `strait-bench`). Setups run back to back,
-alternating, for several rounds; the report gives medians and spreads.
+same clients (iperf3 and `strait-bench`); the chatty rows add a Redis
+server and a PostgreSQL cluster, measured by redis-benchmark and pgbench.
+Setups run back to back, alternating, for several rounds; the report gives
+medians and spreads.
 
 Run it through `bench/run.sh`, which builds and installs everything first.
 Standard library only, so it runs without the test venv (the SDK row needs
@@ -179,6 +181,76 @@ def wait_port_bound(port: int, timeout: float = DEADLINE) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
+def free_port_both() -> int:
+    """A port free for TCP and for UDP on 127.0.0.1 (a UDP service whose
+    number iperf3's TCP control connection uses too)."""
+    while True:
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+def wait_udp_bound(port: int, timeout: float = DEADLINE) -> None:
+    """Waits until a UDP socket is bound to PORT (on any address)."""
+    end = time.monotonic() + timeout
+    want = f":{port:04X}"
+    while time.monotonic() < end:
+        for table in ("/proc/net/udp", "/proc/net/udp6"):
+            for line in pathlib.Path(table).read_text().splitlines()[1:]:
+                if line.split()[1].endswith(want):
+                    return
+        time.sleep(0.02)
+    raise RuntimeError(f"nothing bound to UDP port {port}")
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1:PORT to 127.0.0.1:TARGET, in threads:
+    iperf3's UDP test opens its control connection over TCP to the same
+    port number as its UDP stream, and a tunnel's UDP port has no TCP
+    beside it. Only the control messages take it; the measured packets go
+    through the tunnel."""
+
+    def __init__(self, port: int, target: int) -> None:
+        import threading
+
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.target = target
+        self.threading = threading
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((conn, up), (up, conn)):
+                self.threading.Thread(target=self.pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def pump(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+            b.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        # A close alone leaves the socket listening under the thread
+        # blocked in accept(); shutdown wakes it.
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+
+
 def wait_log(proc: Proc, pattern: str, count: int = 1, timeout: float = DEADLINE) -> None:
     """Waits until the process's log holds COUNT lines matching PATTERN."""
     end = time.monotonic() + timeout
@@ -231,18 +303,82 @@ class Bench:
     def tool(self, name: str) -> str:
         return str(self.bin / name)
 
-    def start_services(self) -> None:
+    def start_services(self, scenarios: list[str]) -> None:
         # iperf3 serves one test at a time and can stay stuck on a client
         # that vanished, so each run gets a fresh one-off server.
         self.services["iperf"] = free_port()
         for kind in ("http", "echo"):
             proc = self.spawn(f"{kind}-server", [self.tool("strait-bench"), f"serve-{kind}"], self.load_cpus)
             self.services[kind] = int(proc.json_line()["listen"].rsplit(":", 1)[1])
+        # The chatty services, only when their scenarios run and Debian's
+        # packages are there (bench/run.sh installs them; the smoke run
+        # skips what is missing rather than install anything).
+        if "redis" in scenarios:
+            if shutil.which("redis-server") and shutil.which("redis-benchmark"):
+                self.start_redis()
+            else:
+                print("redis-server/redis-benchmark missing: the redis scenario is skipped", file=sys.stderr)
+        if "pgbench" in scenarios:
+            if postgres_bin():
+                self.start_postgres()
+            else:
+                print("postgresql missing: the pgbench scenario is skipped", file=sys.stderr)
+
+    def start_redis(self) -> None:
+        port = free_port()
+        self.spawn("redis-server", ["redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "",
+                   "--appendonly", "no", "--protected-mode", "no", "--daemonize", "no"], self.load_cpus,
+                   stdout_to_log=True)
+        wait_port(port)
+        self.services["redis"] = port
+
+    def start_postgres(self) -> None:
+        """An unprivileged throwaway cluster on a free port: initdb into a
+        temporary directory, the server in the foreground, no fsync (the
+        rows measure round trips, not the disk), pgbench's tables at scale
+        1. As root, initdb and postgres run as the `postgres` user (or
+        `nobody`), which owns the directory."""
+        bindir = postgres_bin()
+        data = pathlib.Path(tempfile.mkdtemp(prefix="strait-bench-pg-"))
+        self.pg_data = data
+        drop: list[str] = []
+        if os.geteuid() == 0:
+            user = "postgres" if subprocess.run(["id", "postgres"], capture_output=True).returncode == 0 else "nobody"
+            shutil.chown(data, user, user if user == "postgres" else "nogroup")
+            drop = ["setpriv", f"--reuid={user}", f"--regid={user if user == 'postgres' else 'nogroup'}", "--init-groups", "--"]
+        env = {**os.environ, "HOME": str(data), "LC_ALL": "C"}
+        subprocess.run([*drop, bindir / "initdb", "-D", data / "db", "-U", "bench", "-A", "trust", "--no-sync", "-E", "UTF8"],
+                       check=True, capture_output=True, env=env, cwd=data)
+        port = free_port()
+        self.spawn("postgres", [*drop, bindir / "postgres", "-D", data / "db", "-p", port, "-k", data,
+                   "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+                   "-c", "full_page_writes=off", "-c", "max_connections=200"], self.load_cpus, stdout_to_log=True,
+                   env=env, cwd=data)
+        wait_port(port)
+        self.pgbench = str(bindir / "pgbench")
+        out = subprocess.run([self.pgbench, "-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p", str(port), "-U", "bench", "postgres"],
+                             capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"pgbench -i failed: {out.stderr[-1500:]}")
+        self.services["pg"] = port
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
         self.procs.clear()
+        if hasattr(self, "pg_data"):
+            shutil.rmtree(self.pg_data, ignore_errors=True)
+
+    def chatty(self) -> list[str]:
+        """The chatty services that are running."""
+        return [k for k in ("redis", "pg") if k in self.services]
+
+
+def postgres_bin() -> pathlib.Path | None:
+    """Debian's PostgreSQL server programs (initdb, postgres, pgbench), the
+    newest installed version."""
+    found = sorted(pathlib.Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    return found[-1].parent if found else None
 
 
 # ---------------------------------------------------------------- setups
@@ -258,6 +394,8 @@ class Setup:
     name = ""
     label = ""
     scenarios = {"throughput", "parallel", "http", "latency", "streams", "agents"}
+    # Setups that carry the chatty services add these.
+    chatty = {"redis", "pgbench"}
     # The setup this one is with the agent on TLS instead of QUIC.
     over_tls: str | None = None
 
@@ -270,6 +408,17 @@ class Setup:
         self.http: list[str] = []
         self.echo: list[str] = []
         self.dial: list[str] = []
+        # Plain TCP ports reaching the chatty services (redis, pg).
+        self.ports: dict[str, int] = {}
+        # The UDP port reaching the iperf3 server's UDP socket; 0: none.
+        self.udp = 0
+
+    def carries_udp(self) -> bool:
+        return "udp" in self.scenarios and "udp" in self.b.args.scenarios.split(",")
+
+    def carries_chatty(self) -> list[str]:
+        """The chatty services this setup must carry in this run."""
+        return self.b.chatty() if self.chatty & self.scenarios & set(self.b.args.scenarios.split(",")) else []
 
     def start(self) -> None: ...
 
@@ -286,11 +435,12 @@ class Setup:
 
 class Direct(Setup):
     name, label = "direct", "direct (no tunnel)"
-    scenarios = {"throughput", "parallel", "http", "latency", "dial"}
+    scenarios = {"throughput", "parallel", "http", "latency", "dial", "udp"} | Setup.chatty
 
     def start(self) -> None:
         s = self.b.services
-        self.iperf = s["iperf"]
+        self.ports = {k: s[k] for k in self.b.chatty()}
+        self.iperf = self.udp = s["iperf"]
         self.http = ["--target", f"127.0.0.1:{s['http']}"]
         self.echo = self.dial = ["--target", f"127.0.0.1:{s['echo']}"]
 
@@ -301,6 +451,8 @@ class StraitEngine(Setup):
     `strait-bench --dial`) over TLS."""
 
     transport = "tls"
+    # More engine configuration, YAML lines.
+    engine_extra = ""
 
     def start_engine(self) -> None:
         b = self.b
@@ -315,7 +467,7 @@ class StraitEngine(Setup):
             # idle agents and held streams by design.
             "limits: {handshakes_per_source: 100000, handshake_rate_per_source: 100000, "
             "handshake_burst_per_source: 100000, control_channels_per_principal: 100000, "
-            "tunnels_per_principal: 100000}\n"
+            "tunnels_per_principal: 100000}\n" + self.engine_extra
         )
         engine = b.spawn(f"{self.name}-engine", [b.tool("strait-engine"), "--config", config, "--print-ready", "run"], b.tunnel_cpus)
         self.port = int(engine.json_line()["tls"].rsplit(":", 1)[1])
@@ -422,7 +574,7 @@ class StraitPublishedQuic(StraitPublished):
 
 class StraitPrivate(StraitEngine):
     name, label = "strait-private", "strait, private dial (strait agent over TLS)"
-    scenarios = Setup.scenarios | {"dial"}
+    scenarios = Setup.scenarios | {"dial"} | Setup.chatty
 
     def start(self) -> None:
         self.start_engine()
@@ -438,6 +590,33 @@ class StraitPrivate(StraitEngine):
         self.http = dial("http")
         self.dial = dial("echo")
         self.echo = ["--target", f"127.0.0.1:{self.connect('echo')}"]
+        for k in self.carries_chatty():
+            self.ports[k] = self.forward_private(k, s[k])
+
+    def forward_private(self, name: str, port: int) -> int:
+        """The chatty services the way a new user reaches a database:
+        `strait forward PORT --private --name NAME` beside the service,
+        `strait connect NAME --listen 127.0.0.1:0` beside the client,
+        both on this setup's transport; returns the local port."""
+        b = self.b
+        tunnel = f"bench-{name}"
+        forward = b.spawn(
+            f"{self.name}-forward-{name}",
+            [b.tool("strait"), "--tunnel-transport", self.transport, "forward", f"127.0.0.1:{port}", "--private",
+             "--name", tunnel],
+            b.tunnel_cpus,
+            env=self.env(),
+        )
+        forward.line_matching(r"^Forwarding ")
+        self.agent.append(forward)
+        proc = b.spawn(
+            f"{self.name}-connect-{tunnel}",
+            [b.tool("strait"), "connect", tunnel, "--listen", "127.0.0.1:0", "--transport", self.transport],
+            b.load_cpus,
+            env=self.env(),
+        )
+        self.client.append(proc)
+        return int(proc.line_matching(r"Listening on 127\.0\.0\.1:(\d+)").group(1))
 
     def start_agent(self, s: dict[str, int]) -> Proc:
         return self.apply(
@@ -449,6 +628,55 @@ class StraitPrivateQuic(StraitPrivate):
     name, label = "strait-private-quic", "strait, private dial (strait agent over QUIC)"
     transport, over_tls = "quic", "strait-private"
     scenarios = StraitPrivate.scenarios - {"agents"}
+
+
+class StraitPublishedTcp(StraitEngine):
+    """Published TCP and UDP ports (issue 14): `strait forward PORT
+    --protocol tcp|udp` per service, each its own agent, as a user runs
+    them; the clients reach the engine's public ports in plain TCP and UDP,
+    like rathole's, frp's and bore's visitors."""
+
+    name, label = "strait-tcp", "strait, published TCP/UDP port (strait agent over TLS)"
+    scenarios = {"throughput", "parallel", "http", "latency", "streams", "udp"} | Setup.chatty
+    engine_extra = (
+        'tcp: {enabled: true, port_range: "20000-29999"}\n'
+        'udp: {enabled: true, port_range: "30000-39999", session_idle_seconds: 60}\n'
+    )
+
+    def start(self) -> None:
+        self.start_engine()
+        s = self.b.services
+        ports = {k: self.forward_published(k, s[k], "tcp") for k in ("iperf", "http", "echo", *self.carries_chatty())}
+        self.iperf = ports["iperf"]
+        self.http = ["--target", f"127.0.0.1:{ports['http']}"]
+        self.echo = ["--target", f"127.0.0.1:{ports['echo']}"]
+        self.ports = {k: ports[k] for k in self.carries_chatty()}
+        if self.carries_udp():
+            self.udp = self.forward_published("iperf-udp", s["iperf"], "udp")
+
+    def forward_published(self, name: str, port: int, protocol: str) -> int:
+        b = self.b
+        forward = b.spawn(
+            f"{self.name}-forward-{name}",
+            [b.tool("strait"), "--tunnel-transport", self.transport, "forward", f"127.0.0.1:{port}", "--protocol", protocol,
+             "--name", f"bench-{name}"],
+            b.tunnel_cpus,
+            env=self.env(),
+            # A line per connection or session goes to stdout: to the log,
+            # so that no pipe fills up and stalls the agent.
+            stdout_to_log=True,
+        )
+        self.agent.append(forward)
+        pattern = rf"Forwarding {protocol}://[^ ]*:(\d+) "
+        wait_log(forward, pattern)
+        public = int(re.search(pattern, forward.log_path.read_text(errors="replace")).group(1))
+        (wait_udp_bound if protocol == "udp" else wait_port_bound)(public)
+        return public
+
+
+class StraitPublishedTcpQuic(StraitPublishedTcp):
+    name, label = "strait-tcp-quic", "strait, published TCP/UDP port (strait agent over QUIC)"
+    transport, over_tls = "quic", "strait-tcp"
 
 
 def sdk_agent(setup: StraitEngine, s: dict[str, int], publish: bool) -> Proc:
@@ -483,12 +711,17 @@ class StraitSdkPublished(StraitPublished):
 
 class Rathole(Setup):
     tls = False
+    scenarios = Setup.scenarios | Setup.chatty | {"udp"}
 
-    def configs(self, tag: str, services: dict[str, tuple[int, int]]) -> tuple[int, pathlib.Path, pathlib.Path]:
+    def configs(
+        self, tag: str, services: dict[str, tuple[int, int]], udp: tuple[str, ...] = ()
+    ) -> tuple[int, pathlib.Path, pathlib.Path]:
         """Server and client files for SERVICES (name: public port, local
-        port); returns the control port and both paths."""
+        port; those named in UDP are UDP services); returns the control
+        port and both paths."""
         b = self.b
         control = free_port()
+        kind = lambda k: 'type = "udp"\n' if k in udp else ""
         server_transport = client_transport = ""
         if self.tls:
             p12 = b.work / "rathole.p12"
@@ -506,12 +739,12 @@ class Rathole(Setup):
         server = b.work / f"{self.name}-{tag}-server.toml"
         server.write_text(
             f'[server]\nbind_addr = "127.0.0.1:{control}"\n{server_transport}'
-            + "".join(f'[server.services.{k}]\ntoken = "bench"\nbind_addr = "127.0.0.1:{p}"\n' for k, (p, _) in services.items())
+            + "".join(f'[server.services.{k}]\n{kind(k)}token = "bench"\nbind_addr = "127.0.0.1:{p}"\n' for k, (p, _) in services.items())
         )
         client = b.work / f"{self.name}-{tag}-client.toml"
         client.write_text(
             f'[client]\nremote_addr = "localhost:{control}"\n{client_transport}'
-            + "".join(f'[client.services.{k}]\ntoken = "bench"\nlocal_addr = "127.0.0.1:{l}"\n' for k, (_, l) in services.items())
+            + "".join(f'[client.services.{k}]\n{kind(k)}token = "bench"\nlocal_addr = "127.0.0.1:{l}"\n' for k, (_, l) in services.items())
         )
         return control, server, client
 
@@ -521,14 +754,24 @@ class Rathole(Setup):
 
     def start(self) -> None:
         s = self.b.services
-        ports = {k: free_port() for k in ("iperf", "http", "echo")}
-        control, server, client = self.configs("tunnels", {k: (p, s[k]) for k, p in ports.items()})
+        ports = {k: free_port() for k in ("iperf", "http", "echo", *self.carries_chatty())}
+        services = {k: (p, s[k]) for k, p in ports.items()}
+        if self.carries_udp():
+            self.udp = free_port_both()
+            services["iperfudp"] = (self.udp, s["iperf"])
+        control, server, client = self.configs("tunnels", services, udp=("iperfudp",))
         self.server = [self.spawn(f"{self.name}-server", "--server", server)]
         wait_port(control)
         self.agent = [self.spawn(f"{self.name}-client", "--client", client)]
-        wait_log(self.agent[0], "Control channel established", count=3)
+        wait_log(self.agent[0], "Control channel established", count=len(services))
+        # Seen listening, not connected to: a test connection is carried
+        # on to the service later, through a data channel, and could land
+        # on the next one-off iperf3 server and use it up.
         for p in ports.values():
-            wait_port(p)
+            wait_port_bound(p)
+        if self.udp:
+            wait_udp_bound(self.udp)
+        self.ports = {k: ports[k] for k in self.carries_chatty()}
         self.iperf = ports["iperf"]
         self.http = ["--target", f"127.0.0.1:{ports['http']}"]
         self.echo = ["--target", f"127.0.0.1:{ports['echo']}"]
@@ -563,6 +806,7 @@ class RatholeTcp(Rathole):
 
 class Bore(Setup):
     name, label = "bore", "bore (plain TCP)"
+    scenarios = Setup.scenarios | Setup.chatty
 
     def start(self) -> None:
         b = self.b
@@ -573,13 +817,14 @@ class Bore(Setup):
         self.server = [b.spawn(f"{self.name}-server", [bore, "server", "--bind-addr", "127.0.0.1"], b.tunnel_cpus, **peer)]
         wait_port(7835)
         ports = {}
-        for k in ("iperf", "http", "echo"):
+        for k in ("iperf", "http", "echo", *self.carries_chatty()):
             ports[k] = free_port()
             self.agent.append(
                 b.spawn(f"{self.name}-local-{k}", [bore, "local", b.services[k], "--local-host", "127.0.0.1",
                         "--to", "127.0.0.1", "--port", ports[k]], b.tunnel_cpus, **peer)
             )
             wait_log(self.agent[-1], "listening at")
+        self.ports = {k: ports[k] for k in self.carries_chatty()}
         self.iperf = ports["iperf"]
         self.http = ["--target", f"127.0.0.1:{ports['http']}"]
         self.echo = ["--target", f"127.0.0.1:{ports['echo']}"]
@@ -606,10 +851,117 @@ class Bore(Setup):
                 b.procs.remove(c)
 
 
+class Frp(Setup):
+    """frp (frps and frpc, TCP proxies) with its defaults: work connections
+    multiplexed over one connection to the server (tcpMux), and, for
+    frp-tls, that connection in TLS with the engine's certificate checked
+    against the bench CA. The visitor side (frps's remote port) is plain
+    TCP, as with rathole."""
+
+    tls = False
+    scenarios = Setup.scenarios | Setup.chatty | {"udp"}
+    # One frpc process per idle agent, as bore; a Go process costs
+    # megabytes, so fewer of them are started (the rows are per agent).
+    max_agents = 100
+
+    def configs(
+        self, tag: str, services: dict[str, tuple[int, int]], udp: tuple[str, ...] = ()
+    ) -> tuple[int, pathlib.Path, pathlib.Path]:
+        """frps.toml and frpc.toml for SERVICES (name: public port, local
+        port; those named in UDP are UDP proxies); returns the control port
+        and both paths."""
+        b = self.b
+        control = free_port()
+        common = 'auth.token = "bench"\nlog.to = "console"\nlog.level = "info"\nlog.disablePrintColor = true\n'
+        server = b.work / f"{self.name}-{tag}-frps.toml"
+        client = b.work / f"{self.name}-{tag}-frpc.toml"
+        tls_server = (
+            f'transport.tls.force = true\ntransport.tls.certFile = "{b.certs / "cert.pem"}"\n'
+            f'transport.tls.keyFile = "{b.certs / "key.pem"}"\n'
+            if self.tls
+            else ""
+        )
+        tls_client = (
+            f'transport.tls.enable = true\ntransport.tls.trustedCaFile = "{b.certs / "ca.pem"}"\n'
+            'transport.tls.serverName = "localhost"\n'
+            if self.tls
+            else "transport.tls.enable = false\n"
+        )
+        server.write_text(f'bindAddr = "127.0.0.1"\nbindPort = {control}\nproxyBindAddr = "127.0.0.1"\n{common}{tls_server}')
+        client.write_text(
+            f'serverAddr = "127.0.0.1"\nserverPort = {control}\nloginFailExit = false\n{common}{tls_client}'
+            + "".join(
+                f'[[proxies]]\nname = "{k}"\ntype = "{"udp" if k in udp else "tcp"}"\nlocalIP = "127.0.0.1"\nlocalPort = {l}\nremotePort = {p}\n'
+                for k, (p, l) in services.items()
+            )
+        )
+        return control, server, client
+
+    def spawn(self, name: str, program: str, config: pathlib.Path) -> Proc:
+        return self.b.spawn(name, [self.b.peers / program, "-c", config], self.b.tunnel_cpus, stdout_to_log=True)
+
+    def start(self) -> None:
+        s = self.b.services
+        ports = {k: free_port() for k in ("iperf", "http", "echo", *self.carries_chatty())}
+        services = {k: (p, s[k]) for k, p in ports.items()}
+        if self.carries_udp():
+            self.udp = free_port_both()
+            services["iperfudp"] = (self.udp, s["iperf"])
+        control, server, client = self.configs("tunnels", services, udp=("iperfudp",))
+        self.server = [self.spawn(f"{self.name}-server", "frps", server)]
+        wait_port(control)
+        self.agent = [self.spawn(f"{self.name}-client", "frpc", client)]
+        wait_log(self.agent[0], "start proxy success", count=len(services))
+        for p in ports.values():
+            wait_port_bound(p)
+        if self.udp:
+            wait_udp_bound(self.udp)
+        self.ports = {k: ports[k] for k in self.carries_chatty()}
+        self.iperf = ports["iperf"]
+        self.http = ["--target", f"127.0.0.1:{ports['http']}"]
+        self.echo = ["--target", f"127.0.0.1:{ports['echo']}"]
+
+    def agents(self, count: int) -> dict:
+        """A fresh frps; each agent is an frpc with one TCP proxy (its one
+        connection to the server)."""
+        count = min(count, self.max_agents)
+        echo = self.b.services["echo"]
+        control, server, _ = self.configs("agents", {})
+        srv = self.spawn(f"{self.name}-agents-server", "frps", server)
+        clients = []
+        try:
+            wait_port(control)
+            before = srv.rss_kib()
+            for i in range(count):
+                _, _, client = self.configs(f"agent-{i}", {f"s{i}": (free_port(), echo)})
+                # The same server for every client.
+                text = client.read_text()
+                client.write_text(re.sub(r"serverPort = \d+", f"serverPort = {control}", text))
+                clients.append(self.spawn(f"{self.name}-agents-{i}", "frpc", client))
+            for c in clients:
+                wait_log(c, "start proxy success", timeout=120)
+            return {"server_kib": (srv.rss_kib() - before) * self.b.args.agents / count,
+                    "agent_kib": sum(c.rss_kib() for c in clients) * self.b.args.agents / count}
+        finally:
+            for c in clients:
+                c.stop()
+                self.b.procs.remove(c)
+            srv.stop()
+            self.b.procs.remove(srv)
+
+
+class FrpTls(Frp):
+    name, label, tls = "frp-tls", "frp, TLS transport", True
+
+
+class FrpTcp(Frp):
+    name, label, tls = "frp-tcp", "frp, plain TCP transport", False
+
+
 SETUPS = {
     s.name: s
-    for s in (Direct, StraitPublished, StraitPublishedQuic, StraitPrivate, StraitPrivateQuic, StraitSdkPublished, StraitSdk,
-              RatholeTls, RatholeTcp, Bore)
+    for s in (Direct, StraitPublished, StraitPublishedQuic, StraitPrivate, StraitPrivateQuic, StraitPublishedTcp,
+              StraitPublishedTcpQuic, StraitSdkPublished, StraitSdk, RatholeTls, RatholeTcp, FrpTls, FrpTcp, Bore)
 }
 
 # ---------------------------------------------------------------- scenarios
@@ -721,6 +1073,98 @@ def scenario_agents(bench: Bench, setup: Setup, results: dict) -> None:
     results.setdefault("5-agent-agent-kib", []).append(out["agent_kib"] / a.agents)
 
 
+UDP_RATES = ("50M", "100M", "300M")
+
+
+def scenario_udp(bench: Bench, setup: Setup, results: dict) -> None:
+    """iperf3 -u at fixed offered rates, 1,200-byte packets, client to
+    service: packets/s that arrive, and the share lost."""
+    if not setup.udp:
+        return
+    a = bench.args
+    port = bench.services["iperf"]
+    for rate in a.udp_rates.split(","):
+        server = bench.spawn("iperf3-server", ["iperf3", "-s", "-1", "-p", port, "-B", "127.0.0.1"], bench.load_cpus)
+        relay = Relay(setup.udp, port) if setup.udp != port else None
+        try:
+            wait_port_bound(port)
+            out = run_json(["iperf3", "-c", "127.0.0.1", "-p", str(setup.udp), "-u", "-b", rate, "-l", "1200",
+                            "-t", str(a.seconds), "-J", "--connect-timeout", "10000"], bench.load_cpus,
+                           timeout=a.seconds + 30)
+        finally:
+            if relay:
+                relay.close()
+            server.stop()
+            bench.procs.remove(server)
+        if "error" in out:
+            raise RuntimeError(f"iperf3 -u -b {rate}: {out['error']}")
+        end = out["end"].get("sum_received") or out["end"]["sum"]
+        total = out["end"]["sum"]
+        sent, lost = total["packets"], total["lost_packets"]
+        results.setdefault(f"9-udp-{rate}-pps", []).append((sent - lost) / end["seconds"])
+        results.setdefault(f"9-udp-{rate}-loss", []).append(100.0 * lost / sent if sent else 100.0)
+
+
+def run_text(argv: list, cpus: str | None, timeout: float) -> str:
+    argv = [str(a) for a in argv]
+    if cpus:
+        argv = ["taskset", "-c", cpus, *argv]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[0]} failed ({done.returncode}): {done.stderr[-1500:]}{done.stdout[-500:]}")
+    return done.stdout
+
+
+def scenario_redis(bench: Bench, setup: Setup, results: dict) -> None:
+    """redis-benchmark: one connection, one request at a time (each GET a
+    round trip through the tunnel), then its default of 50 connections."""
+    if "redis" not in setup.ports:
+        return
+    a = bench.args
+    port = setup.ports["redis"]
+
+    def run(clients: int, requests: int, tests: str) -> dict[str, float]:
+        out = run_text(["redis-benchmark", "-h", "127.0.0.1", "-p", port, "-c", clients, "-n", requests, "-t", tests,
+                        "--csv"], bench.load_cpus, timeout=600)
+        rows = {}
+        for line in out.splitlines():
+            cells = [c.strip('"') for c in line.split(",")]
+            if len(cells) >= 2 and cells[0] in ("GET", "SET"):
+                rows[cells[0]] = float(cells[1])
+        if not rows:
+            raise RuntimeError(f"redis-benchmark through {setup.name}: no result in {out[-500:]!r}")
+        return rows
+
+    one = run(1, max(int(a.seconds * 4000), 500), "get")["GET"]
+    results.setdefault("7-redis-c1-rps", []).append(one)
+    results.setdefault("7-redis-c1-rt-us", []).append(1e6 / one)
+    many = run(50, max(int(a.seconds * 20000), 2000), "get,set")
+    results.setdefault("7-redis-c50-rps", []).append(statistics.mean(many.values()))
+
+
+def scenario_pgbench(bench: Bench, setup: Setup, results: dict) -> None:
+    """pgbench's select-only script (one statement, one round trip per
+    transaction) on one connection, then on eight."""
+    if "pg" not in setup.ports:
+        return
+    a = bench.args
+    port = setup.ports["pg"]
+
+    def run(clients: int) -> float:
+        out = run_text([bench.pgbench, "-h", "127.0.0.1", "-p", port, "-U", "bench", "-n", "-S", "-c", clients,
+                        "-j", min(clients, 2), "-T", max(int(a.seconds), 1), "postgres"], bench.load_cpus,
+                       timeout=a.seconds + 120)
+        found = re.search(r"tps = ([\d.]+) \(without initial connection time\)", out)
+        if not found:
+            raise RuntimeError(f"pgbench through {setup.name}: no tps in {out[-500:]!r}")
+        return float(found.group(1))
+
+    one = run(1)
+    results.setdefault("8-pg-c1-tps", []).append(one)
+    results.setdefault("8-pg-c1-rt-us", []).append(1e6 / one)
+    results.setdefault("8-pg-c8-tps", []).append(run(8))
+
+
 SCENARIOS = {
     "throughput": scenario_throughput,
     "parallel": scenario_parallel,
@@ -729,6 +1173,9 @@ SCENARIOS = {
     "dial": scenario_dial,
     "streams": scenario_streams,
     "agents": scenario_agents,
+    "redis": scenario_redis,
+    "pgbench": scenario_pgbench,
+    "udp": scenario_udp,
 }
 
 # ---------------------------------------------------------------- report
@@ -751,7 +1198,25 @@ METRICS = [
     ("5-agent-agent-kib", "5. Memory per idle agent, agent side", "KiB", False),
     ("6-cpu-up", "6. Tunnel CPU seconds per GB, client to service", "s/GB", False),
     ("6-cpu-down", "6. Tunnel CPU seconds per GB, service to client", "s/GB", False),
+    ("7-redis-c1-rps", "7. Redis GET requests/s, one connection (redis-benchmark -c 1)", "req/s", True),
+    ("7-redis-c1-rt-us", "7. Redis round trip, one connection (1 / requests/s)", "µs", False),
+    ("7-redis-c50-rps", "7. Redis GET and SET requests/s, 50 connections (redis-benchmark's default)", "req/s", True),
+    ("8-pg-c1-tps", "8. pgbench select-only transactions/s, one connection", "tps", True),
+    ("8-pg-c1-rt-us", "8. pgbench select-only round trip, one connection (1 / tps)", "µs", False),
+    ("8-pg-c8-tps", "8. pgbench select-only transactions/s, 8 connections", "tps", True),
+    *(
+        row
+        for rate in UDP_RATES
+        for row in (
+            (f"9-udp-{rate}-pps", f"9. UDP packets/s received, {rate}bit/s offered (iperf3 -u, 1,200 B)", "packets/s", True),
+            (f"9-udp-{rate}-loss", f"9. UDP loss, {rate}bit/s offered (iperf3 -u, 1,200 B)", "%", False),
+        )
+    ),
 ]
+
+# Rows of time per round trip: the table also gives what the tunnel adds
+# to direct's.
+ADDED = {"7-redis-c1-rt-us", "8-pg-c1-rt-us"}
 
 
 def summarise(values: list[float]) -> dict:
@@ -839,10 +1304,14 @@ def render(doc: dict, out: pathlib.Path) -> None:
         if not rows:
             continue
         lines += [f"### {title} ({unit}, {'higher' if higher else 'lower'} is better)", ""]
-        head = "| setup | median | range |" + "".join(f" vs {b} |" for b in baselines) + (" vs agent on TLS |" if over_tls else "")
-        lines += [head, "|---|---:|---:|" + "---:|" * (len(baselines) + bool(over_tls))]
+        added = key in ADDED and "direct" in summary and key in summary["direct"]
+        head = "| setup | median | range |" + (" added to direct |" if added else "")
+        head += "".join(f" vs {b} |" for b in baselines) + (" vs agent on TLS |" if over_tls else "")
+        lines += [head, "|---|---:|---:|" + "---:|" * (len(baselines) + bool(over_tls) + added)]
         for s, v in rows:
             cell = f"| {labels[s]} | {fmt(v['median'])} | {fmt(v['min'])}–{fmt(v['max'])} |"
+            if added:
+                cell += f" {v['median'] - summary['direct'][key]['median']:+.1f} |"
             for b in baselines:
                 cell += ratio(v["median"], summary[b].get(key, {}).get("median"))
             if over_tls:
@@ -869,6 +1338,7 @@ def main() -> int:
     p.add_argument("--connections", type=int, default=3000, help="new connections per latency run")
     p.add_argument("--streams", type=int, default=1000, help="open streams for the memory scenario")
     p.add_argument("--agents", type=int, default=1000, help="idle agents for the memory scenario")
+    p.add_argument("--udp-rates", default=",".join(UDP_RATES), help="offered rates for the UDP scenario: " + ", ".join(UDP_RATES))
     p.add_argument("--no-pin", dest="pin", action="store_false")
     p.add_argument("--sdk-python", default=str(ROOT / ".venv" / "bin" / "python"))
     p.add_argument("--out", default=str(ROOT / "bench"))
@@ -893,7 +1363,7 @@ def main() -> int:
     data: dict[str, dict[str, list[float]]] = {s: {} for s in setups}
     failures = []
     try:
-        bench.start_services()
+        bench.start_services(scenarios)
         for round_no in range(1, args.rounds + 1):
             # Alternate the order each round so no setup always goes first.
             order = setups if round_no % 2 else list(reversed(setups))

@@ -66,6 +66,15 @@ stage() {
 # System tools the tests drive (openssl s_client, curl, jq; iperf3 for the
 # benchmark smoke run).
 stage --tty "tools (openssl, curl, jq, iperf3)" 900 bash scripts/need.sh openssl curl jq iperf3
+# The real software the published TCP and UDP proofs drive
+# (tests/compat/test_published_ports.py): RTMP through nginx's RTMP module,
+# SRT through srt-live-transmit, ffmpeg/ffprobe to send and check the
+# streams, and an sshd with its client. need.sh installs only what is
+# missing; the RTMP module has no command of its own, so its load_module
+# file stands for it.
+stage --tty "tools (ffmpeg, nginx-rtmp, srt-tools, openssh)" 900 bash scripts/need.sh \
+    ffmpeg ffprobe:ffmpeg nginx /usr/lib/nginx/modules/ngx_rtmp_module.so:libnginx-mod-rtmp \
+    srt-live-transmit:srt-tools sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
 stage "Python venv" 600 bash scripts/venv.sh
 
 stage "building" 1200 cargo build --workspace --all-targets

@@ -89,6 +89,8 @@ class Engine:
         # The metrics listener's address, when the configuration has one.
         self.metrics: str | None = ready.get("metrics")
         self.http_addr = ready.get("http")
+        # The QUIC port's address (UDP), unless quic.enabled is false.
+        self.quic: str | None = ready.get("quic")
 
     def _read_ready_line(self) -> dict:
         assert self.proc.stdout is not None
@@ -173,11 +175,15 @@ def engine(tmp_path: pathlib.Path):
 def make_engine(tmp_path: pathlib.Path):
     started: list[Engine] = []
 
-    def start(extra_yaml: str = "", env: dict[str, str] | None = None) -> Engine:
+    def start(extra_yaml: str = "", env: dict[str, str] | None = None, quic: bool = False) -> Engine:
+        """`quic`: the test needs the QUIC port, so its ready line must
+        have one."""
         folder = tmp_path / f"engine{len(started)}"
         folder.mkdir()
         running = Engine(folder, extra_yaml, env)
         started.append(running)
+        if quic:
+            assert running.quic, f"the ready line has no quic address:\n{running.log()}"
         return running
 
     yield start

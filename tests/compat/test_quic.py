@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import pathlib
 import struct
 import time
 import uuid
@@ -51,35 +50,10 @@ NO_STREAM = 1
 # ------------------------------------------------------------------ engine
 
 
-class QuicEngine(Engine):
-    """conftest's Engine, keeping the ready line's "quic" address."""
-
-    def _read_ready_line(self) -> dict:
-        ready = super()._read_ready_line()
-        self.quic = ready.get("quic")
-        return ready
-
-
 @pytest.fixture
-def make_quic_engine(tmp_path: pathlib.Path):
-    started: list[QuicEngine] = []
-
-    def start(extra_yaml: str = "", env: dict[str, str] | None = None) -> QuicEngine:
-        folder = tmp_path / f"engine{len(started)}"
-        folder.mkdir()
-        running = QuicEngine(folder, extra_yaml, env)
-        started.append(running)
-        assert running.quic, f"the ready line has no quic address:\n{running.log()}"
-        return running
-
-    yield start
-    for running in started:
-        running.stop()
-
-
-@pytest.fixture
-def qengine(make_quic_engine) -> QuicEngine:
-    return make_quic_engine()
+def qengine(make_engine) -> Engine:
+    """conftest's engine, with the QUIC port its ready line names."""
+    return make_engine(quic=True)
 
 
 # ------------------------------------------------------------- aioquic side
@@ -132,7 +106,7 @@ class Peer(QuicConnectionProtocol):
 
 
 @contextlib.asynccontextmanager
-async def quic_connect(engine: QuicEngine, alpn: str = ALPN, wait_connected: bool = True):
+async def quic_connect(engine: Engine, alpn: str = ALPN, wait_connected: bool = True):
     """An aioquic connection to the engine's QUIC port, trusting its dev CA,
     SNI = engine.host."""
     configuration = QuicConfiguration(is_client=True, alpn_protocols=[alpn], server_name="localhost")
@@ -440,7 +414,7 @@ async def test_aioquic_agent_serves_a_published_http_tunnel(qengine):
 
 
 @contextlib.asynccontextmanager
-async def strait_forward(engine: QuicEngine, port: int, name: str):
+async def strait_forward(engine: Engine, port: int, name: str):
     """`strait forward PORT --no-publish --name NAME --transport tls`, up
     once it prints its forwarding line."""
     forward = await asyncio.create_subprocess_exec(
@@ -552,8 +526,8 @@ async def test_garbage_first_frame_closes_only_its_stream(qengine):
 
 
 @pytest.mark.timeout(60)
-async def test_a_connection_that_opens_no_stream_is_closed(make_quic_engine):
-    engine = make_quic_engine(env={"RSTREAM_ENGINE_LIMITS__FIRST_FRAME_SECONDS": "2"})
+async def test_a_connection_that_opens_no_stream_is_closed(make_engine):
+    engine = make_engine(env={"RSTREAM_ENGINE_LIMITS__FIRST_FRAME_SECONDS": "2"}, quic=True)
     started = time.monotonic()
     async with quic_connect(engine) as peer:
         await asyncio.wait_for(peer.wait_closed(), STEP)

@@ -20,7 +20,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use crate::AgentError;
 use crate::client::{Client, Stream, client_details};
 use crate::transport::Carrier;
-use crate::tunnel::Tunnel;
+use crate::tunnel::{Incoming, Tunnel};
 
 /// Dial-backs in flight at once, as the Go and Python SDKs cap them; more
 /// wait for a slot.
@@ -35,13 +35,13 @@ type OpenReply = oneshot::Sender<Result<TunnelProperties, Error>>;
 /// datagram channels (a datagram tunnel without guaranteed delivery).
 #[derive(Clone)]
 struct Open {
-    streams: mpsc::Sender<Stream>,
+    streams: mpsc::Sender<Incoming>,
     datagrams: bool,
 }
 
 #[derive(Default)]
 struct State {
-    opening: HashMap<String, (OpenReply, mpsc::Sender<Stream>)>,
+    opening: HashMap<String, (OpenReply, mpsc::Sender<Incoming>)>,
     tunnels: HashMap<String, Open>,
     /// Datagram channels by stream id, for the engine's
     /// `DatagramChannelClose`.
@@ -432,10 +432,12 @@ async fn dial_back(inner: Arc<Inner>, req: ProxyConnReq) {
     }
     .await;
     let error = match result {
-        Ok(stream) => match streams.try_send(stream) {
-            Ok(()) => None,
-            Err(_) => Some(Error::new(ErrorCode::CapacityExhausted, "tunnel backlog is full or closed")),
-        },
+        Ok(stream) => {
+            match streams.try_send(Incoming { stream, source: req.source_ip.as_ref().and_then(|ip| ip.ip()) }) {
+                Ok(()) => None,
+                Err(_) => Some(Error::new(ErrorCode::CapacityExhausted, "tunnel backlog is full or closed")),
+            }
+        }
         Err(e) => Some(Error::new(ErrorCode::InvalidStream, e.to_string())),
     };
     let _ = inner.send(Payload::ProxyConnRsp(ProxyConnRsp { stream_id: req.stream_id, error })).await;
@@ -444,7 +446,12 @@ async fn dial_back(inner: Arc<Inner>, req: ProxyConnReq) {
 /// Answers a `ProxyConnReq` of a datagram tunnel on QUIC: no stream, a
 /// channel registered under the stream id, reported ready; the tunnel gets
 /// it as a stream of framed packets.
-async fn datagrams_back(inner: Arc<Inner>, req: ProxyConnReq, conn: quinn::Connection, streams: mpsc::Sender<Stream>) {
+async fn datagrams_back(
+    inner: Arc<Inner>,
+    req: ProxyConnReq,
+    conn: quinn::Connection,
+    streams: mpsc::Sender<Incoming>,
+) {
     let Some(id) = strait_proto::packet::channel_id(&req.stream_id) else {
         let error = Error::new(ErrorCode::InvalidStream, "stream id is not 24 hex characters");
         let _ = inner.send(Payload::ProxyConnRsp(ProxyConnRsp { stream_id: req.stream_id, error: Some(error) })).await;
@@ -454,8 +461,9 @@ async fn datagrams_back(inner: Arc<Inner>, req: ProxyConnReq, conn: quinn::Conne
     let closed = tokio_util::sync::CancellationToken::new();
     inner.lock().channels.insert(req.stream_id.clone(), closed.clone());
     let (stream, pump) = crate::datagram::pipe(conn, id, registration, closed);
+    let source = req.source_ip.as_ref().and_then(|ip| ip.ip());
     let error = streams
-        .try_send(stream)
+        .try_send(Incoming { stream, source })
         .err()
         .map(|_| Error::new(ErrorCode::CapacityExhausted, "tunnel backlog is full or closed"));
     let refused = error.is_some();

@@ -85,8 +85,25 @@ impl Drop for Registration {
 /// Sends one packet as a datagram; a packet the path cannot carry is lost,
 /// as it would be on UDP, and said so.
 fn send_datagram(conn: &quinn::Connection, id: &[u8; 12], packet: &[u8]) -> io::Result<()> {
+    /// Packets dropped for size, process-wide: the first and every
+    /// thousandth are logged, so a service that sends big packets is seen
+    /// without a line per packet.
+    static TOO_LARGE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     match conn.send_datagram(packet::datagram(id, packet)) {
-        Ok(()) | Err(quinn::SendDatagramError::TooLarge) => Ok(()),
+        Ok(()) => Ok(()),
+        Err(quinn::SendDatagramError::TooLarge) => {
+            let dropped = TOO_LARGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if dropped.is_multiple_of(1000) {
+                tracing::warn!(
+                    bytes = packet.len(),
+                    max = conn.max_datagram_size().map_or(0, |m| m.saturating_sub(12)),
+                    dropped = dropped + 1,
+                    "a packet too large for a QUIC datagram was dropped; a tunnel with guaranteed delivery carries \
+                     packets of any size"
+                );
+            }
+            Ok(())
+        }
         Err(error) => Err(io::Error::new(io::ErrorKind::BrokenPipe, error.to_string())),
     }
 }

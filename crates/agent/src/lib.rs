@@ -25,7 +25,9 @@ pub use datagram::PacketConn;
 pub use strait_proto::TunnelProperties;
 pub use tls::client_config as tls_client_config;
 pub use transport::{AUTO_TLS_DELAY, Carrier, TransportMode, close_quic};
-pub use tunnel::{Tunnel, forward_packets, forward_stream};
+pub use tunnel::{
+    Carried, Incoming, PACKET_SESSION_IDLE, Tunnel, forward_packets, forward_stream, on_own_port, pin_address,
+};
 
 /// Re-exported so binaries install the same crypto provider.
 pub use rustls;
@@ -68,6 +70,27 @@ impl AgentError {
         }
     }
 
+    /// When the engine refused a tunnel because this principal's own
+    /// tunnel of that name or hostname is still open, how long that
+    /// tunnel's control channel has been silent (strait engines say, "last
+    /// heard from N s ago"). Most often it is this agent's previous
+    /// connection, which a killed process or a lost network never closed
+    /// (over QUIC nothing tells the engine; it lets go when the channel's
+    /// liveness runs out): that heals by itself, while a channel heard from
+    /// again is another agent really holding it. `None` for any other
+    /// error, and from engines that do not say.
+    pub fn holder_silence(&self) -> Option<std::time::Duration> {
+        let AgentError::Engine(refusal) = self else { return None };
+        let message = refusal.message.as_deref().unwrap_or_default();
+        let ours = message.contains("is already open for this principal")
+            || message.contains("is already served by this principal's tunnel");
+        if refusal.code() != strait_proto::ErrorCode::InvalidRequest || !ours {
+            return None;
+        }
+        let seconds = message.split("last heard from ").nth(1)?.split('s').next()?.parse::<f64>().ok()?;
+        std::time::Duration::try_from_secs_f64(seconds).ok()
+    }
+
     /// Whether trying again cannot help until the user changes something
     /// (the token, the CA, the address), as opposed to what may heal by
     /// itself: the engine restarting, the network dropping, a timeout.
@@ -106,5 +129,33 @@ impl AgentError {
             | AgentError::Frame(_)
             | AgentError::Io(_) => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use strait_proto::ErrorCode;
+
+    fn refused(code: ErrorCode, message: &str) -> AgentError {
+        AgentError::Engine(strait_proto::Error::new(code, message))
+    }
+
+    #[test]
+    fn the_holders_silence_is_read_from_our_own_refusals_only() {
+        let name = "a tunnel named \"db\" is already open for this principal \
+                    (its control channel was last heard from 12.5s ago)";
+        assert_eq!(refused(ErrorCode::InvalidRequest, name).holder_silence(), Some(Duration::from_millis(12_500)));
+        let hostname = "hostname web.t.example is already served by this principal's tunnel abc; close it first, \
+                        or wait until its control channel times out (its control channel was last heard from 0.0s ago)";
+        assert_eq!(refused(ErrorCode::InvalidRequest, hostname).holder_silence(), Some(Duration::ZERO));
+        // An engine that does not say, another code, another refusal.
+        let silent = "a tunnel named \"db\" is already open for this principal";
+        assert_eq!(refused(ErrorCode::InvalidRequest, silent).holder_silence(), None);
+        assert_eq!(refused(ErrorCode::CapacityExhausted, name).holder_silence(), None);
+        let other = "hostname web.t.example is already served by another principal's tunnel (last heard from 1s ago)";
+        assert_eq!(refused(ErrorCode::InvalidRequest, other).holder_silence(), None);
+        assert_eq!(AgentError::Timeout("opening a tunnel").holder_silence(), None);
     }
 }

@@ -125,6 +125,8 @@ struct TunnelDoc {
     #[serde(rename = "type")]
     kind: Option<Spanned<String>>,
     host: Option<Spanned<String>>,
+    /// The public port of a tcp or udp tunnel.
+    port: Option<Spanned<u16>>,
     #[serde(rename = "upstreamTLS")]
     upstream_tls: Option<bool>,
     #[serde(rename = "trustedIPs", default)]
@@ -333,8 +335,21 @@ fn properties(name: &str, t: TunnelDoc, problems: &mut Vec<Problem>) -> TunnelPr
     }
     labels.extend(MANAGED_LABELS.iter().map(|(k, v)| (k.to_string(), v.to_string())));
 
-    let protocol = one_of(&t.protocol, "protocol", &["http", "tls", "tcp"], problems);
-    let kind = one_of(&t.kind, "type", &["bytestream", "datagram"], problems);
+    let protocol = one_of(&t.protocol, "protocol", &["http", "tls", "tcp", "udp"], problems);
+    let mut kind = one_of(&t.kind, "type", &["bytestream", "datagram"], problems);
+    if protocol.as_deref() == Some("udp") {
+        match (&t.kind, kind.as_deref()) {
+            (Some(given), Some("bytestream")) => {
+                problems.push(Problem::spanned(given, "protocol: udp carries datagrams (type: datagram)"));
+            }
+            _ => kind = Some("datagram".to_string()),
+        }
+    }
+    if let Some(port) = &t.port
+        && !matches!(protocol.as_deref(), Some("tcp" | "udp"))
+    {
+        problems.push(Problem::spanned(port, "port applies to protocol: tcp and protocol: udp only"));
+    }
     let http = t.http.as_ref().map(|h| &h.value);
     let http_version = one_of(&http.and_then(|h| h.version.clone()), "http.version", &["http/1.1", "h2c"], problems);
     let tls = t.tls.as_ref().map(|t| &t.value);
@@ -373,6 +388,7 @@ fn properties(name: &str, t: TunnelDoc, problems: &mut Vec<Problem>) -> TunnelPr
         r#type: kind,
         labels,
         hostname: t.host.map(|h| h.value.trim().to_string()),
+        port: t.port.map(|p| u32::from(p.value)),
         upstream_tls: t.upstream_tls,
         trusted_ips: t.trusted_ips.into_iter().map(|s| s.value.trim().to_string()).collect(),
         geoip: t.geoip,
@@ -496,7 +512,7 @@ mod tests {
         assert_eq!(lines("version: 1\ntunnels:\n  - name: a\n    forward: 1\n    tunnel: {publish: maybe}\n"), [5]);
         assert_eq!(lines("version: 1\ntunnels:\n  - name: a\n    tunnel: {publish: true}\n"), [4]);
         assert_eq!(lines("version: 1\ntunnels:\n  - forward: 1\n"), [3]);
-        for bad in ["protocol: udp", "type: stream", "http: {version: h3}", "tls: {mode: bridged}"] {
+        for bad in ["protocol: quic", "type: stream", "http: {version: h3}", "tls: {mode: bridged}"] {
             let text = format!("version: 1\ntunnels:\n  - name: a\n    forward: 1\n    tunnel: {{{bad}}}\n");
             let p = problems(&text);
             assert_eq!(p[0].line, 5, "{bad}: {p:?}");
@@ -527,14 +543,31 @@ mod tests {
     }
 
     #[test]
+    fn tcp_and_udp_tunnels_take_a_port() {
+        let text = "version: 1\ntunnels:\n  - name: rtmp\n    forward: 1935\n    tunnel: {publish: true, protocol: tcp, \
+                    port: 20001}\n  - name: srt\n    forward: 10080\n    tunnel: {publish: true, protocol: udp}\n";
+        let plan = parse(text, env).unwrap();
+        let rtmp = &plan.tunnels[0].desired.properties;
+        assert_eq!((rtmp.protocol.as_deref(), rtmp.port, rtmp.r#type.as_deref()), (Some("tcp"), Some(20001), None));
+        let srt = &plan.tunnels[1].desired.properties;
+        assert_eq!((srt.protocol.as_deref(), srt.r#type.as_deref()), (Some("udp"), Some("datagram")));
+        let wrong = "version: 1\ntunnels:\n  - name: a\n    forward: 1\n    tunnel: {protocol: http, port: 2}\n  - name: b\n    \
+                     forward: 1\n    tunnel:\n      protocol: udp\n      type: bytestream\n";
+        let p = problems(wrong);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].message.starts_with("port applies"), "{p:?}");
+        assert!(p[1].message.contains("datagram"), "{p:?}");
+    }
+
+    #[test]
     fn every_bad_enumeration_is_reported() {
-        let text = "version: 1\ntunnels:\n  - name: a\n    forward: 1\n    tunnel:\n      protocol: udp\n      \
+        let text = "version: 1\ntunnels:\n  - name: a\n    forward: 1\n    tunnel:\n      protocol: quic\n      \
                     type: stream\n      http: {version: h3}\n  - name: b\n    forward: 2\n    tunnel:\n      \
                     protocol: tls\n      tls: {mode: bridged}\n";
         let p = problems(text);
         let at: Vec<(u32, Option<u32>)> = p.iter().map(|p| (p.line, p.column)).collect();
         assert_eq!(at, [(6, Some(17)), (7, Some(13)), (8, Some(23)), (13, Some(19))], "{p:?}");
-        assert_eq!(p[0].message, "protocol \"udp\" is not one of http, tls, tcp");
+        assert_eq!(p[0].message, "protocol \"quic\" is not one of http, tls, tcp, udp");
         assert_eq!(p[3].message, "tls.mode \"bridged\" is not one of terminated, passthrough");
     }
 

@@ -22,25 +22,35 @@ pub struct TunnelOptions {
     /// Publish the tunnel (the default).
     #[arg(long)]
     pub publish: bool,
-    /// Protocol of a published tunnel.
-    #[arg(long, value_parser = ["http", "tls", "tcp"], conflicts_with_all = ["http", "tls", "tcp"])]
+    /// Protocol of a published tunnel: http (the default), tls, or tcp and
+    /// udp on a public port of their own (`tcp://host:port`).
+    #[arg(long, value_parser = ["http", "tls", "tcp", "udp"], conflicts_with_all = ["http", "tls", "tcp", "udp"])]
     pub protocol: Option<String>,
     /// Same as --protocol http (the rstream CLI's spelling).
-    #[arg(long, conflicts_with_all = ["tls", "tcp"])]
+    #[arg(long, conflicts_with_all = ["tls", "tcp", "udp"])]
     pub http: bool,
     /// Same as --protocol tls.
-    #[arg(long, conflicts_with = "tcp")]
+    #[arg(long, conflicts_with_all = ["tcp", "udp"])]
     pub tls: bool,
     /// Same as --protocol tcp.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "udp")]
     pub tcp: bool,
+    /// Same as --protocol udp.
+    #[arg(long)]
+    pub udp: bool,
+    /// The public port to ask for (tcp and udp tunnels; within the
+    /// engine's tcp.port_range or udp.port_range). Without it the engine
+    /// picks one; reconnects keep it either way.
+    #[arg(long)]
+    pub port: Option<u16>,
     /// A datagram tunnel: the local service is UDP (private tunnels; over
-    /// QUIC its packets ride QUIC datagrams).
+    /// QUIC its packets ride QUIC datagrams). Published, it is --protocol udp.
     #[arg(long, conflicts_with_all = ["http", "tls", "tcp", "protocol"])]
     pub datagram: bool,
-    /// A datagram tunnel whose packets always travel in a stream (no loss,
-    /// in order), never as QUIC datagrams.
-    #[arg(long, requires = "datagram")]
+    /// A datagram tunnel (implied) whose packets always travel in a stream
+    /// (no loss, in order, up to 65,507 bytes), never as QUIC datagrams
+    /// (which carry at most about 1,300 bytes).
+    #[arg(long, conflicts_with_all = ["http", "tls", "tcp"])]
     pub datagram_guaranteed_delivery: bool,
     /// Hostname (or label) to publish on, under .t.<engine host>.
     #[arg(long)]
@@ -73,8 +83,9 @@ pub struct TunnelOptions {
     /// TLS tunnels: minimum TLS version (1.2 or 1.3).
     #[arg(long)]
     pub tls_min_version: Option<String>,
-    /// One line per HTTP request (method, path, status, time): `auto` shows
-    /// it when stdout is a terminal and the tunnel carries HTTP/1.1.
+    /// One line per HTTP request (method, path, status, time), or per
+    /// connection or session of a tcp or udp tunnel (source, bytes, time):
+    /// `auto` shows them when stdout is a terminal.
     #[arg(long, value_enum, default_value_t = RequestLog::Auto)]
     pub request_log: RequestLog,
 }
@@ -97,11 +108,20 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 impl TunnelOptions {
     pub fn properties(&self) -> TunnelProperties {
         let publish = !self.private;
+        let protocol = self.protocol();
+        let datagram = self.datagram || self.datagram_guaranteed_delivery || protocol.as_deref() == Some("udp");
+        let protocol = match protocol {
+            Some(p) => Some(p),
+            None if datagram && publish => Some("udp".to_string()),
+            None if publish => Some("http".to_string()),
+            None => None,
+        };
         TunnelProperties {
             name: self.name.clone(),
             publish: Some(publish),
-            protocol: self.protocol().or_else(|| (publish && !self.datagram).then(|| "http".to_string())),
-            r#type: self.datagram.then(|| "datagram".to_string()),
+            protocol,
+            port: self.port.map(u32::from),
+            r#type: datagram.then(|| "datagram".to_string()),
             datagram_guaranteed_delivery: self.datagram_guaranteed_delivery.then_some(true),
             labels: self.labels.iter().cloned().collect::<HashMap<_, _>>(),
             hostname: self.host.clone(),
@@ -126,7 +146,7 @@ impl TunnelOptions {
 impl TunnelOptions {
     /// `--protocol`, or the shorthand flag that stands for it.
     fn protocol(&self) -> Option<String> {
-        let shorthand = [(self.http, "http"), (self.tls, "tls"), (self.tcp, "tcp")];
+        let shorthand = [(self.http, "http"), (self.tls, "tls"), (self.tcp, "tcp"), (self.udp, "udp")];
         self.protocol.clone().or_else(|| shorthand.iter().find(|(set, _)| *set).map(|(_, p)| p.to_string()))
     }
 
@@ -135,6 +155,7 @@ impl TunnelOptions {
     pub fn logs_requests(&self) -> bool {
         let http1 = !self.private
             && !self.datagram
+            && !self.udp
             && self.protocol().as_deref().unwrap_or("http") == "http"
             && !self.upstream_tls
             && self.http_version.as_deref() != Some("h2c");
@@ -144,18 +165,47 @@ impl TunnelOptions {
             RequestLog::Auto => http1 && std::io::IsTerminal::is_terminal(&std::io::stdout()),
         }
     }
+
+    /// Whether a tcp or udp tunnel on a port of its own logs a line per
+    /// connection or session.
+    fn logs_sessions(&self) -> bool {
+        match self.request_log {
+            RequestLog::On => true,
+            RequestLog::Off => false,
+            RequestLog::Auto => std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        }
+    }
 }
 
-/// Serves a tunnel's streams until it closes.
-async fn serve_streams(tunnel: &mut strait_agent::Tunnel, local: &str, log_requests: bool) {
-    let datagrams = tunnel.properties().r#type.as_deref() == Some("datagram");
-    while let Some(stream) = tunnel.accept().await {
+/// Serves a tunnel's streams until it closes. A published tcp or udp
+/// tunnel logs one line per connection or session, as an HTTP tunnel logs
+/// its requests.
+async fn serve_streams(tunnel: &mut strait_agent::Tunnel, local: &str, options: &TunnelOptions) {
+    let properties = tunnel.properties();
+    let datagrams = properties.r#type.as_deref() == Some("datagram");
+    let own_port = strait_agent::on_own_port(properties) && options.logs_sessions();
+    let log_requests = options.logs_requests();
+    while let Some(incoming) = tunnel.accept_incoming().await {
+        let (stream, local) = (incoming.stream, local.to_string());
+        let source = incoming.source.map_or_else(|| "-".to_string(), |ip| ip.to_string());
         if datagrams {
-            tokio::spawn(strait_agent::forward_packets(stream, local.to_string()));
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let carried = strait_agent::forward_packets(stream, local).await;
+                if own_port {
+                    println!("{}", crate::request_log::session_line("udp", &source, &carried, started.elapsed()));
+                }
+            });
         } else if log_requests {
-            tokio::spawn(crate::request_log::serve(stream, local.to_string()));
+            tokio::spawn(crate::request_log::serve(stream, local));
         } else {
-            tokio::spawn(strait_agent::forward_stream(stream, local.to_string()));
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let carried = strait_agent::forward_stream(stream, local).await;
+                if own_port {
+                    println!("{}", crate::request_log::session_line("tcp", &source, &carried, started.elapsed()));
+                }
+            });
         }
     }
 }
@@ -191,7 +241,6 @@ pub async fn run(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let mut properties = options.properties();
-    let log_requests = options.logs_requests();
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut announced = false;
     // When we started waiting for the holder of our name or hostname, and
@@ -230,10 +279,8 @@ pub async fn run(
         };
         backoff.reset();
         holder_heard = None;
-        // Pin the served hostname so a reconnect lands on the same address.
-        if let Some(host) = tunnel.properties().hostname.clone() {
-            properties.hostname = Some(host);
-        }
+        // A reconnect lands on the same address.
+        strait_agent::pin_address(&mut properties, tunnel.properties());
         let address = tunnel.public_url().unwrap_or_else(|| {
             format!("rstrm://{} (private)", tunnel.properties().name.as_deref().unwrap_or(tunnel.id()))
         });
@@ -245,7 +292,7 @@ pub async fn run(
             announced = true;
         }
         let served = async {
-            serve_streams(&mut tunnel, &local, log_requests).await;
+            serve_streams(&mut tunnel, &local, &options).await;
             control.closed().await
         };
         let Some(reason) = shutdown.run_until_cancelled(served).await else {
@@ -325,7 +372,21 @@ mod tests {
             (udp.r#type.as_deref(), udp.protocol, udp.datagram_guaranteed_delivery),
             (Some("datagram"), None, Some(true))
         );
-        assert!(properties(&["--datagram-guaranteed-delivery"]).is_err());
+        let guaranteed = properties(&["--protocol", "udp", "--datagram-guaranteed-delivery"]).unwrap();
+        assert_eq!(
+            (guaranteed.r#type.as_deref(), guaranteed.protocol.as_deref(), guaranteed.datagram_guaranteed_delivery),
+            (Some("datagram"), Some("udp"), Some(true))
+        );
+        assert!(properties(&["--tcp", "--datagram-guaranteed-delivery"]).is_err());
         assert!(properties(&["--tcp", "--protocol", "http"]).is_err());
+        let udp = properties(&["--protocol", "udp", "--port", "21005"]).unwrap();
+        assert_eq!(
+            (udp.r#type.as_deref(), udp.protocol.as_deref(), udp.publish, udp.port),
+            (Some("datagram"), Some("udp"), Some(true), Some(21005))
+        );
+        let tcp = properties(&["--tcp"]).unwrap();
+        assert_eq!((tcp.r#type, tcp.protocol.as_deref(), tcp.port), (None, Some("tcp"), None));
+        assert_eq!(properties(&["--udp"]).unwrap().r#type.as_deref(), Some("datagram"));
+        assert!(properties(&["--udp", "--tcp"]).is_err());
     }
 }

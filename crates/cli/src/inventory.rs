@@ -36,6 +36,17 @@ fn field(item: &Value, key: &str) -> String {
     }
 }
 
+/// Where the public reaches a tunnel: its hostname, or `host:port` for a
+/// published tcp or udp tunnel on a port of its own.
+fn address(item: &Value) -> String {
+    let own_port = item.get("publish") == Some(&Value::Bool(true))
+        && matches!(item.get("protocol").and_then(Value::as_str), Some("tcp" | "udp"));
+    match (own_port, item.get("port").and_then(Value::as_u64)) {
+        (true, Some(port)) => format!("{}:{port}", field(item, "hostname")),
+        _ => field(item, "hostname"),
+    }
+}
+
 fn labels(item: &Value) -> String {
     match item.get("labels").and_then(Value::as_object) {
         Some(map) if !map.is_empty() => {
@@ -54,7 +65,7 @@ fn labels(item: &Value) -> String {
 pub fn table(kind: Kind, items: &[Value]) -> String {
     let (headers, rows): (Vec<&str>, Vec<Vec<String>>) = match kind {
         Kind::Tunnels => (
-            vec!["ID", "NAME", "STATUS", "PUBLISH", "PROTOCOL", "HOSTNAME", "CLIENT", "USER", "LABELS"],
+            vec!["ID", "NAME", "STATUS", "PUBLISH", "PROTOCOL", "ADDRESS", "CLIENT", "USER", "LABELS"],
             items
                 .iter()
                 .map(|t| {
@@ -64,7 +75,7 @@ pub fn table(kind: Kind, items: &[Value]) -> String {
                         field(t, "status"),
                         field(t, "publish"),
                         field(t, "protocol"),
-                        field(t, "hostname"),
+                        address(t),
                         field(t, "client_id"),
                         field(t, "user_id"),
                         labels(t),
@@ -128,10 +139,12 @@ mod tests {
             json!({"id": "t1", "name": "web", "status": "online", "publish": true, "protocol": "http",
                    "hostname": "abc.t.localhost", "client_id": "c1", "user_id": "alice", "labels": {"b": "2", "a": "1"}}),
             json!({"id": "t22", "name": null, "status": "online", "publish": false, "client_id": "c1", "user_id": "alice"}),
+            json!({"id": "t3", "publish": true, "protocol": "tcp", "hostname": "edge.example.com", "port": 20001}),
         ];
         let text = table(Kind::Tunnels, &items);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3);
+        assert_eq!(lines.len(), 4);
+        assert!(lines[3].contains(" edge.example.com:20001 "), "{text}");
         assert!(lines[0].starts_with("ID   NAME  STATUS  PUBLISH"));
         assert!(lines[1].ends_with("a=1,b=2"));
         assert!(lines[2].starts_with("t22  -     online  no"));

@@ -5,7 +5,8 @@
 //! preserved both ways, bodies stream, and upgrades (WebSocket) are spliced.
 //!
 //! It is used only where a line per request helps (a terminal, or
-//! `--log-requests`); otherwise streams are spliced raw.
+//! `--log-requests`); otherwise streams are spliced raw. Published tcp and
+//! udp tunnels log a [`session_line`] per connection or session instead.
 
 use std::io::Write;
 use std::time::Instant;
@@ -133,4 +134,49 @@ fn print_line(method: &http::Method, target: &str, status: Result<StatusCode, &s
         Err(why) => writeln!(out, "{method} {target} 502 {millis:.0}ms ({why})"),
     };
     let _ = out.flush();
+}
+
+/// The line a published tcp connection or udp session leaves when it ends:
+/// `tcp 203.0.113.7 in 1.2 KiB out 38.0 KiB 2.4s`.
+pub fn session_line(
+    protocol: &str,
+    source: &str,
+    carried: &strait_agent::Carried,
+    took: std::time::Duration,
+) -> String {
+    let packets = |n: u64| if protocol == "udp" { format!(" ({n} packets)") } else { String::new() };
+    format!(
+        "{protocol} {source} in {}{} out {}{} {:.1}s",
+        human_bytes(carried.to_local),
+        packets(carried.packets_to_local),
+        human_bytes(carried.from_local),
+        packets(carried.packets_from_local),
+        took.as_secs_f64()
+    )
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..1024 => format!("{n} B"),
+        1024..1_048_576 => format!("{:.1} KiB", n as f64 / 1024.0),
+        1_048_576..1_073_741_824 => format!("{:.1} MiB", n as f64 / 1_048_576.0),
+        _ => format!("{:.2} GiB", n as f64 / 1_073_741_824.0),
+    }
+}
+
+#[cfg(test)]
+mod session_tests {
+    use super::*;
+
+    #[test]
+    fn session_lines_say_who_how_much_and_how_long() {
+        let carried =
+            strait_agent::Carried { to_local: 1200, from_local: 3 << 20, packets_to_local: 4, packets_from_local: 5 };
+        let took = std::time::Duration::from_millis(2400);
+        assert_eq!(session_line("tcp", "203.0.113.7", &carried, took), "tcp 203.0.113.7 in 1.2 KiB out 3.0 MiB 2.4s");
+        assert_eq!(
+            session_line("udp", "::1", &carried, took),
+            "udp ::1 in 1.2 KiB (4 packets) out 3.0 MiB (5 packets) 2.4s"
+        );
+    }
 }

@@ -31,26 +31,14 @@ const DATES_HINT: &str = "the engine's certificate is outside its validity dates
 
 const ADDRESS_HINT: &str = "check the engine's address: --engine, RSTREAM_ENGINE or the context's engine";
 
-/// `error`, followed by what to do about it when there is a known fix.
-/// When the engine refused a tunnel because this principal's own tunnel of
-/// that name or hostname is still open, how long that tunnel's control
-/// channel has been silent (strait engines say). Most often it is this
-/// agent's previous connection, which a killed process or a lost network
-/// never closed (over QUIC nothing tells the engine; it lets go when the
-/// channel's liveness runs out): that heals by itself, while a channel
-/// heard from again is another agent really holding it.
+/// How long the control channel holding a tunnel of ours has been silent,
+/// when that is why the engine refused it: [`AgentError::holder_silence`],
+/// which the engine's tests check against what the engine says.
 pub fn silence_of_the_holder(error: &AgentError) -> Option<std::time::Duration> {
-    let AgentError::Engine(refusal) = error else { return None };
-    let message = refusal.message.as_deref().unwrap_or_default();
-    let ours = message.contains("is already open for this principal")
-        || message.contains("is already served by this principal's tunnel");
-    if refusal.code() != strait_proto::ErrorCode::InvalidRequest || !ours {
-        return None;
-    }
-    let seconds = message.split("last heard from ").nth(1)?.split('s').next()?.parse::<f64>().ok()?;
-    std::time::Duration::try_from_secs_f64(seconds).ok()
+    error.holder_silence()
 }
 
+/// `error`, followed by what to do about it when there is a known fix.
 pub fn explain(error: &AgentError) -> anyhow::Error {
     match hint(error) {
         Some(hint) => anyhow::anyhow!("{error}\n  {hint}"),

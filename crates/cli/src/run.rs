@@ -369,10 +369,8 @@ impl Runner {
                 return Err(error);
             }
         };
-        // Pin the served hostname so a reopen lands on the same address.
-        if let Some(host) = tunnel.properties().hostname.clone() {
-            managed.properties.hostname = Some(host);
-        }
+        // A reopen lands on the same address.
+        strait_agent::pin_address(&mut managed.properties, tunnel.properties());
         let address = tunnel.public_url().unwrap_or_else(|| format!("rstrm://{name} (private)"));
         managed.live = Some(spawn_forward(tunnel, managed.spec.desired.forward.clone()));
         Ok(Some(address))
@@ -543,11 +541,16 @@ async fn close(managed: &mut Managed) {
     }
 }
 
-/// A changed tunnel that stays published without naming a host keeps the
-/// hostname it was served on: a label change should not move its address.
+/// A changed tunnel that stays published without naming a host (or port)
+/// keeps the address it was served on: a label change should not move it.
 fn keep_hostname(old: &TunnelProperties, new: &TunnelProperties) -> TunnelProperties {
     let mut properties = new.clone();
-    if properties.hostname.is_none() && new.publish == Some(true) && old.publish == Some(true) {
+    let same_kind = new.publish == Some(true) && old.publish == Some(true) && new.protocol == old.protocol;
+    if strait_agent::on_own_port(new) {
+        if properties.port.is_none() && same_kind {
+            properties.port = old.port;
+        }
+    } else if properties.hostname.is_none() && new.publish == Some(true) && old.publish == Some(true) {
         properties.hostname = old.hostname.clone();
     }
     properties
@@ -567,5 +570,14 @@ mod tests {
         assert_eq!(keep_hostname(&old, &named).hostname.as_deref(), Some("web"));
         let private = TunnelProperties { publish: Some(false), ..Default::default() };
         assert_eq!(keep_hostname(&old, &private).hostname, None);
+        let tcp = |port| TunnelProperties {
+            publish: Some(true),
+            protocol: Some("tcp".into()),
+            port,
+            hostname: Some("edge.example.com".into()),
+            ..Default::default()
+        };
+        let kept = keep_hostname(&tcp(Some(20001)), &TunnelProperties { hostname: None, ..tcp(None) });
+        assert_eq!((kept.port, kept.hostname), (Some(20001), None));
     }
 }

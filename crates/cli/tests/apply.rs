@@ -123,14 +123,17 @@ async fn a_broken_file_at_start_exits_having_created_nothing() {
         "version: 1\ntunnels:\n{}{}{}",
         entry("a", &echo.to_string(), ""),
         entry("a", &echo.to_string(), ""),
-        entry("b", &echo.to_string(), "      protocol: udp\n")
+        entry("b", &echo.to_string(), "      protocol: quic\n")
     );
     write(&file, &text);
     let out = output(engine.strait("alice").args(["run", "--apply"]).arg(&file)).await;
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("{shown}:7:11: tunnel name \"a\" is already used on line 3")), "{stderr}");
-    assert!(stderr.contains(&format!("{shown}:15:17: protocol \"udp\" is not one of http, tls, tcp")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{shown}:15:17: protocol \"quic\" is not one of http, tls, tcp, udp")),
+        "{stderr}"
+    );
     assert!(stderr.contains("has 2 errors; nothing was changed"), "{stderr}");
     assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
     assert!(engine.tunnels().is_empty());

@@ -350,3 +350,62 @@ async fn a_killed_quic_agent_restarted_at_once_gets_its_tunnel_back() {
     assert_eq!(dial_alice(&engine, "phoenix", b"back").await, b"back");
     again.interrupt().await;
 }
+
+/// `forward --protocol tcp` and `--protocol udp`: a public port of its own,
+/// printed as `tcp://` / `udp://host:port`, one log line per connection or
+/// session, and the same port back after the engine restarts.
+#[tokio::test]
+async fn forward_publishes_tcp_and_udp_on_ports_that_survive_a_restart() {
+    let ports =
+        "tcp: {enabled: true, port_range: \"20000-29999\"}\nudp: {enabled: true, port_range: \"20000-29999\"}\n";
+    let mut engine = TestEngine::start_with(ports).await;
+    let echo = echo_server().await;
+    let mut cmd = engine.strait("alice");
+    cmd.args(["forward", &echo.to_string(), "--protocol", "tcp", "--transport", "tls", "--request-log", "on"]);
+    let mut tcp = Running::spawn(cmd);
+    let line = tcp.line().await;
+    let port = public_port(&line, "tcp", echo);
+    assert_eq!(echo_through(SocketAddr::from(([127, 0, 0, 1], port)), b"over tcp").await, b"over tcp");
+    let logged = tcp.line().await;
+    assert!(logged.starts_with("tcp 127.0.0.1 in 8 B out 8 B "), "{logged}");
+
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = udp.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+            let _ = udp.send_to(&buf[..n], from).await;
+        }
+    });
+    let mut cmd = engine.strait("alice");
+    cmd.args(["forward", &local.to_string(), "--udp", "--transport", "quic"]);
+    let mut forward_udp = Running::spawn(cmd);
+    let line = forward_udp.line().await;
+    let udp_port = public_port(&line, "udp", local);
+    udp_echo(udp_port, b"over udp").await;
+
+    engine.restart().await;
+    tcp.stderr_until("reconnected").await;
+    forward_udp.stderr_until("reconnected").await;
+    assert_eq!(echo_through(SocketAddr::from(([127, 0, 0, 1], port)), b"same port").await, b"same port");
+    udp_echo(udp_port, b"same udp port").await;
+    tcp.interrupt().await;
+    forward_udp.interrupt().await;
+}
+
+/// The public port in `Forwarding <scheme>://localhost:<port> -> <local> (over ...)`.
+fn public_port(line: &str, scheme: &str, local: SocketAddr) -> u16 {
+    let rest = line.strip_prefix(&format!("Forwarding {scheme}://localhost:")).unwrap_or_else(|| panic!("{line}"));
+    let (port, tail) = rest.split_once(' ').unwrap_or_else(|| panic!("{line}"));
+    assert!(tail.starts_with(&format!("-> {local} (over ")), "{line}");
+    port.parse().unwrap()
+}
+
+async fn udp_echo(port: u16, packet: &[u8]) {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.connect(("127.0.0.1", port)).await.unwrap();
+    socket.send(packet).await.unwrap();
+    let mut buf = [0u8; 2048];
+    let n = tokio::time::timeout(DEADLINE, socket.recv(&mut buf)).await.expect("an answer").unwrap();
+    assert_eq!(&buf[..n], packet);
+}

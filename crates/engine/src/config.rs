@@ -78,6 +78,41 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub edge: EdgeConfig,
     pub quic: QuicConfig,
+    pub tcp: PortsConfig,
+    pub udp: PortsConfig,
+}
+
+/// Beyond CE: published TCP (`tcp.*`) or UDP (`udp.*`) tunnels, each on a
+/// public port of its own.
+#[derive(Debug, Clone)]
+pub struct PortsConfig {
+    pub enabled: bool,
+    /// The ports tunnels are given, inclusive.
+    pub first_port: u16,
+    pub last_port: u16,
+    /// The address the ports listen on; `None` is the IP of
+    /// `tls.listen_addr`.
+    pub listen_ip: Option<IpAddr>,
+    /// The hostname agents are told to publish; `None` is `engine.host`.
+    pub public_host: Option<String>,
+    /// UDP: a session (one public source address) with no packet either
+    /// way for this long ends.
+    pub session_idle_seconds: u64,
+    /// UDP: sessions one tunnel keeps at once; past it the longest idle
+    /// one is evicted.
+    pub max_sessions_per_tunnel: usize,
+    /// UDP: the largest packet relayed; bigger ones are dropped and counted.
+    pub max_packet_bytes: usize,
+}
+
+impl PortsConfig {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first_port..=self.last_port).contains(&port)
+    }
+
+    pub fn range(&self) -> String {
+        format!("{}-{}", self.first_port, self.last_port)
+    }
 }
 
 /// Beyond CE: the QUIC listener for agents (ALPN `rstrm/1`, the same
@@ -380,6 +415,8 @@ impl Config {
         let quic_streams = r.u64_or("quic.max_streams_per_connection", 4096, 1, 1 << 20);
         let quic_idle = r.u64_or("quic.idle_timeout_seconds", 15, 1, 3600);
         let quic_datagram = r.u64_or("quic.max_datagram_bytes", 1350, 64, 65_527);
+        let tcp = r.ports("tcp", (20000, 20999));
+        let udp = r.ports("udp", (21000, 21999));
 
         let warnings = unknown_keys(tree, &r.known);
         if !r.problems.is_empty() {
@@ -439,6 +476,8 @@ impl Config {
                 idle_timeout_seconds: quic_idle.unwrap(),
                 max_datagram_bytes: quic_datagram.unwrap() as usize,
             },
+            tcp: tcp.unwrap(),
+            udp: udp.unwrap(),
         };
         Ok(Loaded { config, warnings })
     }
@@ -476,12 +515,12 @@ where
 struct Reader<'a> {
     tree: &'a Value,
     problems: Vec<Problem>,
-    known: Vec<&'static str>,
+    known: Vec<String>,
 }
 
 impl<'a> Reader<'a> {
-    fn get(&mut self, path: &'static str) -> Option<&'a Value> {
-        self.known.push(path);
+    fn get(&mut self, path: &str) -> Option<&'a Value> {
+        self.known.push(path.to_string());
         let mut node = self.tree;
         for part in path.split('.') {
             node = node.as_object()?.get(part)?;
@@ -497,7 +536,7 @@ impl<'a> Reader<'a> {
         result.map_err(|m| self.problem(field, m)).ok()
     }
 
-    fn optional_str(&mut self, path: &'static str) -> Option<String> {
+    fn optional_str(&mut self, path: &str) -> Option<String> {
         match self.get(path)? {
             Value::String(s) => Some(s.clone()),
             Value::Number(n) => Some(n.to_string()),
@@ -511,7 +550,7 @@ impl<'a> Reader<'a> {
 
     /// An address that may be absent or empty: `Some(None)` then; `None`
     /// records a problem.
-    fn optional_addr(&mut self, path: &'static str) -> Option<Option<SocketAddr>> {
+    fn optional_addr(&mut self, path: &str) -> Option<Option<SocketAddr>> {
         match self.optional_str(path) {
             None => Some(None),
             Some(a) if a.is_empty() => Some(None),
@@ -522,7 +561,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn required_str(&mut self, path: &'static str) -> Option<String> {
+    fn required_str(&mut self, path: &str) -> Option<String> {
         let present = self.get(path).is_some();
         match self.optional_str(path) {
             Some(s) if !s.trim().is_empty() => Some(s),
@@ -539,7 +578,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn bool_or(&mut self, path: &'static str, default: bool) -> Option<bool> {
+    fn bool_or(&mut self, path: &str, default: bool) -> Option<bool> {
         match self.get(path) {
             None => Some(default),
             Some(Value::Bool(b)) => Some(*b),
@@ -558,7 +597,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn optional_u64(&mut self, path: &'static str, min: u64, max: u64) -> Option<Option<u64>> {
+    fn optional_u64(&mut self, path: &str, min: u64, max: u64) -> Option<Option<u64>> {
         let value = match self.get(path) {
             None => return Some(None),
             Some(Value::Number(n)) => n.as_u64().ok_or_else(|| format!("{n} is not a whole number")),
@@ -570,11 +609,57 @@ impl<'a> Reader<'a> {
         self.check(path, value).map(Some)
     }
 
-    fn u64_or(&mut self, path: &'static str, default: u64, min: u64, max: u64) -> Option<u64> {
+    fn u64_or(&mut self, path: &str, default: u64, min: u64, max: u64) -> Option<u64> {
         self.optional_u64(path, min, max).map(|v| v.unwrap_or(default))
     }
 
-    fn addr_or(&mut self, path: &'static str, default: &str) -> Option<SocketAddr> {
+    /// `tcp.*` or `udp.*`: published ports.
+    fn ports(&mut self, section: &str, default_range: (u16, u16)) -> Option<PortsConfig> {
+        let key = |field: &str| format!("{section}.{field}");
+        let enabled = self.bool_or(&key("enabled"), false);
+        let range_key = key("port_range");
+        let range = match self.optional_str(&range_key) {
+            None => Some(default_range),
+            Some(text) => {
+                let parsed = parse_port_range(&text);
+                self.check(&range_key, parsed)
+            }
+        };
+        let ip_key = key("listen_ip");
+        let listen_ip = match self.optional_str(&ip_key) {
+            None => Some(None),
+            Some(ip) if ip.trim().is_empty() => Some(None),
+            Some(ip) => {
+                let parsed = ip.trim().parse::<IpAddr>().map_err(|_| format!("{ip:?} is not an IP address"));
+                self.check(&ip_key, parsed).map(Some)
+            }
+        };
+        let host_key = key("public_host");
+        let public_host = match self.optional_str(&host_key) {
+            None => Some(None),
+            Some(host) if host.trim().is_empty() => Some(None),
+            Some(host) => {
+                let checked = validate_host(&host);
+                self.check(&host_key, checked).map(Some)
+            }
+        };
+        let idle = self.u64_or(&key("session_idle_seconds"), 60, 1, 86_400);
+        let sessions = self.u64_or(&key("max_sessions_per_tunnel"), 1024, 1, 1_000_000);
+        let packet = self.u64_or(&key("max_packet_bytes"), 65_507, 1, 65_507);
+        let (first_port, last_port) = range?;
+        Some(PortsConfig {
+            enabled: enabled?,
+            first_port,
+            last_port,
+            listen_ip: listen_ip?,
+            public_host: public_host?,
+            session_idle_seconds: idle?,
+            max_sessions_per_tunnel: sessions? as usize,
+            max_packet_bytes: packet? as usize,
+        })
+    }
+
+    fn addr_or(&mut self, path: &str, default: &str) -> Option<SocketAddr> {
         let text = self.optional_str(path).unwrap_or_else(|| default.to_string());
         let parsed = parse_listen_addr(&text);
         self.check(path, parsed)
@@ -582,12 +667,12 @@ impl<'a> Reader<'a> {
 }
 
 /// Lists keys in the tree that no reader asked for.
-fn unknown_keys(tree: &Value, known: &[&str]) -> Vec<String> {
-    fn walk(node: &Value, prefix: &str, known: &[&str], out: &mut Vec<String>) {
+fn unknown_keys(tree: &Value, known: &[String]) -> Vec<String> {
+    fn walk(node: &Value, prefix: &str, known: &[String], out: &mut Vec<String>) {
         let Some(map) = node.as_object() else { return };
         for (key, value) in map {
             let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
-            if known.contains(&path.as_str()) {
+            if known.contains(&path) {
                 continue;
             }
             let is_section = known.iter().any(|k| k.starts_with(&format!("{path}.")));
@@ -624,6 +709,22 @@ pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
         "[::]" => Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)),
         _ => Err(format!("{text:?}: the host must be an IP address, localhost or empty")),
     }
+}
+
+/// Parses `20000-20999` (or one port, `20000`).
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let port = |p: &str| match p.trim().parse::<u16>() {
+        Ok(0) | Err(_) => Err(format!("{text:?} is not FIRST-LAST with ports 1 to 65535")),
+        Ok(p) => Ok(p),
+    };
+    let (first, last) = match text.split_once('-') {
+        Some((a, b)) => (port(a)?, port(b)?),
+        None => (port(text)?, port(text)?),
+    };
+    if first > last {
+        return Err(format!("{text:?}: the first port is above the last"));
+    }
+    Ok((first, last))
 }
 
 fn validate_host(host: &str) -> Result<String, String> {
@@ -775,6 +876,40 @@ mod tests {
         ];
         let c = Config::from_yaml_str(MINIMAL, env).unwrap().config;
         assert_eq!((c.edge.hostname_hold_seconds, c.limits.auth_failures_per_source), (3600, 5));
+    }
+
+    #[test]
+    fn published_ports_are_off_by_default_checked_and_overridable() {
+        let c = Config::from_yaml_str(MINIMAL, Vec::new()).unwrap().config;
+        assert!(!c.tcp.enabled && !c.udp.enabled);
+        assert_eq!((c.tcp.range(), c.udp.range()), ("20000-20999".to_string(), "21000-21999".to_string()));
+        assert_eq!((c.udp.session_idle_seconds, c.udp.max_packet_bytes), (60, 65_507));
+        let yaml = format!(
+            "{MINIMAL}tcp: {{enabled: sometimes, port_range: \"30000-20000\", listen_ip: \"not-an-ip\"}}\n\
+             udp: {{port_range: \"0-10\", public_host: \"https://x\", session_idle_seconds: 0, max_packet_bytes: 70000}}\n"
+        );
+        let error = Config::from_yaml_str(&yaml, Vec::new()).unwrap_err();
+        for field in [
+            "tcp.enabled",
+            "tcp.port_range",
+            "tcp.listen_ip",
+            "udp.port_range",
+            "udp.public_host",
+            "udp.session_idle_seconds",
+            "udp.max_packet_bytes",
+        ] {
+            assert!(error.names(field), "{field} missing from {error}");
+        }
+        let env = [
+            ("RSTREAM_ENGINE_TCP__ENABLED".to_string(), "true".to_string()),
+            ("RSTREAM_ENGINE_TCP__PORT_RANGE".to_string(), "25000-25009".to_string()),
+            ("RSTREAM_ENGINE_UDP__PORT_RANGE".to_string(), "26000".to_string()),
+            ("RSTREAM_ENGINE_UDP__LISTEN_IP".to_string(), "127.0.0.2".to_string()),
+        ];
+        let c = Config::from_yaml_str(MINIMAL, env).unwrap().config;
+        assert!(c.tcp.enabled && c.tcp.contains(25009) && !c.tcp.contains(25010));
+        assert_eq!((c.udp.first_port, c.udp.last_port), (26000, 26000));
+        assert_eq!(c.udp.listen_ip, Some("127.0.0.2".parse().unwrap()));
     }
 
     #[test]

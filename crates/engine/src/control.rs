@@ -19,10 +19,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use crate::Shared;
-use crate::ids;
 use crate::net::{BoxIo, Transport};
 use crate::registry::{Client, ClientInfo, Departure, RegistryError, Tunnel};
-use crate::tunnel::{self, Namespace};
+use crate::tunnel::{self, Kind, Namespace, TunnelSpec};
+use crate::{ids, net};
 
 /// Frames queued for one agent. `ProxyConnReq`s beyond this are refused
 /// with CAPACITY_EXHAUSTED rather than queued without bound.
@@ -231,7 +231,7 @@ pub async fn serve(
 }
 
 struct Channel<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     client_id: &'a str,
     principal: &'a str,
     outbox: &'a mpsc::Sender<Message>,
@@ -311,20 +311,34 @@ impl Channel<'_> {
     }
 
     fn create(&self, requested: strait_proto::TunnelProperties) -> Result<Arc<Tunnel>, Error> {
-        let ns = Namespace { engine_host: &self.shared.config.engine.host, public_port: self.shared.public_port };
+        let config = &self.shared.config;
+        let ns = Namespace::of(config, self.shared.public_port);
         let mut properties = tunnel::normalize(requested, &ns)?;
         let id = ids::tunnel_id();
-        let now = SystemTime::now();
         properties.id = Some(id.clone());
-        properties.creation_date = Some(now.into());
-        let tunnel = Tunnel {
-            id,
-            client_id: self.client_id.to_string(),
-            principal: self.principal.to_string(),
-            properties,
-            created_at: now,
-            tls_config: Default::default(),
+        properties.creation_date = Some(SystemTime::now().into());
+        // A published tcp or udp tunnel gets its port (bound) before it is
+        // registered; the registry then says whether another principal
+        // holds it.
+        let bound = match TunnelSpec::of(&properties).public_port() {
+            Some((kind, requested)) => {
+                let ports = if kind == Kind::Udp { &config.udp } else { &config.tcp };
+                let ip = net::ports::listen_ip(ports, config.tls.listen_addr);
+                let (port, bound) = net::ports::bind(kind, ports, ip, requested, &self.shared.registry)?;
+                properties.port = Some(port as u32);
+                Some(bound)
+            }
+            None => None,
         };
+        let tunnel = Tunnel::new(id, self.client_id.to_string(), self.principal.to_string(), properties);
+        let tunnel = self.register(tunnel)?;
+        if let Some(bound) = bound {
+            crate::edge::serve_port(self.shared, tunnel.clone(), bound);
+        }
+        Ok(tunnel)
+    }
+
+    fn register(&self, tunnel: Tunnel) -> Result<Arc<Tunnel>, Error> {
         self.shared.registry.add_tunnel(tunnel).map_err(|e| {
             let holder = match &e {
                 RegistryError::NameTaken(name) => {

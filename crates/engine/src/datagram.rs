@@ -3,19 +3,23 @@
 //! up nobody and a late one is not waited for.
 //!
 //! A channel has two legs, the dialer's and the agent's. Each is either a
-//! QUIC datagram channel on that peer's connection or packets framed in a
+//! QUIC datagram channel on that peer's connection, packets framed in a
 //! stream (`strait_proto::packet`: a TLS peer, a tunnel with guaranteed
-//! delivery, a dialer that asked for a plain stream). [`bridge`] carries
+//! delivery, a dialer that asked for a plain stream), or one public source
+//! of a published UDP port ([`crate::edge::udp`]). [`bridge`] carries
 //! packets between any two legs. The [`Router`] finds the channel a QUIC
 //! datagram belongs to: unknown ids, short and oversized datagrams are
 //! dropped and counted, never buffered without bound.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use strait_proto::packet::{self, read_packet, write_packet};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -23,7 +27,7 @@ use crate::Shared;
 
 /// Packets queued per channel leg; a peer sending faster than the other
 /// side takes them loses the excess, as UDP would.
-const QUEUE: usize = 64;
+pub const QUEUE: usize = 64;
 
 /// Why a datagram was dropped: the `reason` of
 /// `strait_datagrams_dropped_total`.
@@ -158,6 +162,9 @@ pub enum Leg {
     Quic { conn: quinn::Connection, id: [u8; 12], registration: Registration },
     /// Packets framed in a stream.
     Framed(Box<dyn strait_proto::Io>),
+    /// One source of a published UDP port: what it sent, as the port's
+    /// reader queued it, and where the answers go.
+    Udp { rx: mpsc::Receiver<Bytes>, socket: Arc<UdpSocket>, peer: SocketAddr },
 }
 
 /// How a bridge ended.
@@ -167,12 +174,27 @@ pub struct Carried {
     pub from_agent: u64,
 }
 
+/// When a bridge ends besides either leg ending or the drain being over.
+#[derive(Default)]
+pub struct Until {
+    /// No packet either way for this long.
+    pub idle: Option<Duration>,
+    /// Cancelled from outside (a session evicted, its tunnel closed).
+    pub stop: CancellationToken,
+}
+
 /// Carries packets between the dialer's leg and the agent's until either
-/// ends or the drain is over.
-pub async fn bridge(shared: &Shared, dialer: Leg, agent: Leg) -> Carried {
+/// ends, `until` says so, or the drain is over.
+pub async fn bridge(shared: &Shared, dialer: Leg, agent: Leg, until: Until) -> Carried {
     let mut carried = Carried::default();
-    let (mut dialer_rx, dialer_tx, dialer_task) = open(shared, dialer);
-    let (mut agent_rx, agent_tx, agent_task) = open(shared, agent);
+    let (mut dialer_rx, mut dialer_tx, dialer_task) = open(dialer);
+    let (mut agent_rx, mut agent_tx, agent_task) = open(agent);
+    // One timer for the idle limit, looked at only when it fires: a
+    // packet only notes its time (no timer work per packet).
+    let limit = until.idle.unwrap_or(Duration::from_secs(86_400 * 365));
+    let timer = tokio::time::sleep(limit);
+    tokio::pin!(timer);
+    let mut last = tokio::time::Instant::now();
     loop {
         tokio::select! {
             packet = dialer_rx.recv() => match packet {
@@ -181,6 +203,7 @@ pub async fn bridge(shared: &Shared, dialer: Leg, agent: Leg) -> Carried {
                         break;
                     }
                     carried.to_agent += 1;
+                    last = tokio::time::Instant::now();
                 }
                 None => break,
             },
@@ -190,9 +213,17 @@ pub async fn bridge(shared: &Shared, dialer: Leg, agent: Leg) -> Carried {
                         break;
                     }
                     carried.from_agent += 1;
+                    last = tokio::time::Instant::now();
                 }
                 None => break,
             },
+            _ = &mut timer, if until.idle.is_some() => {
+                if last.elapsed() >= limit {
+                    break;
+                }
+                timer.as_mut().reset(last + limit);
+            }
+            _ = until.stop.cancelled() => break,
             _ = shared.abort.cancelled() => break,
         }
     }
@@ -206,12 +237,13 @@ pub async fn bridge(shared: &Shared, dialer: Leg, agent: Leg) -> Carried {
 /// Where a bridge sends a leg's packets.
 enum Sender {
     Quic { conn: quinn::Connection, id: [u8; 12] },
-    Framed(tokio::sync::Mutex<tokio::io::WriteHalf<Box<dyn strait_proto::Io>>>),
+    Framed(tokio::io::WriteHalf<Box<dyn strait_proto::Io>>),
+    Udp { socket: Arc<UdpSocket>, peer: SocketAddr },
 }
 
 impl Sender {
     /// Sends one packet; false once the leg can take no more.
-    async fn send(&self, shared: &Shared, packet: Bytes) -> bool {
+    async fn send(&mut self, shared: &Shared, packet: Bytes) -> bool {
         match self {
             Sender::Quic { conn, id } => {
                 let datagram = packet::datagram(id, &packet);
@@ -230,16 +262,23 @@ impl Sender {
                     Err(_) => false,
                 }
             }
-            Sender::Framed(writer) => write_packet(&mut *writer.lock().await, &packet).await.is_ok(),
+            Sender::Framed(writer) => write_packet(writer, &packet).await.is_ok(),
+            // A source that went away loses its answers, as UDP would; the
+            // session ends when it goes idle.
+            Sender::Udp { socket, peer } => {
+                let _ = socket.send_to(&packet, *peer).await;
+                true
+            }
         }
     }
 }
 
 /// A leg's packets as a queue (a QUIC leg's is its registration's; a
 /// framed leg's is filled by a reader task), and where to send.
-fn open(_shared: &Shared, leg: Leg) -> (Receiver, Sender, Option<tokio::task::JoinHandle<()>>) {
+fn open(leg: Leg) -> (Receiver, Sender, Option<tokio::task::JoinHandle<()>>) {
     match leg {
         Leg::Quic { conn, id, registration } => (Receiver::Quic(registration), Sender::Quic { conn, id }, None),
+        Leg::Udp { rx, socket, peer } => (Receiver::Framed(rx), Sender::Udp { socket, peer }, None),
         Leg::Framed(io) => {
             let (mut read, write) = tokio::io::split(io);
             let (tx, rx) = mpsc::channel(QUEUE);
@@ -250,7 +289,7 @@ fn open(_shared: &Shared, leg: Leg) -> (Receiver, Sender, Option<tokio::task::Jo
                     }
                 }
             });
-            (Receiver::Framed(rx), Sender::Framed(tokio::sync::Mutex::new(write)), Some(task))
+            (Receiver::Framed(rx), Sender::Framed(write), Some(task))
         }
     }
 }
@@ -284,6 +323,14 @@ pub fn watch_lifeline<R: AsyncRead + Unpin + Send + 'static>(mut read: R, closed
             _ = reader.read_message() => closed.cancel(),
         }
     });
+}
+
+/// Tells an agent on QUIC that its datagram channel `stream_id` is over.
+pub fn close_agent_channel(shared: &Shared, client_id: &str, stream_id: &str) {
+    if let Some(client) = shared.registry.client(client_id) {
+        let close = strait_proto::DatagramChannelClose { stream_id: stream_id.to_string(), error: None };
+        let _ = client.outbox.try_send(strait_proto::Payload::DatagramChannelClose(close).into());
+    }
 }
 
 /// Tells a QUIC dialer on its lifeline that the channel is over.

@@ -20,7 +20,6 @@
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::SystemTime;
 
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey};
@@ -46,7 +45,7 @@ use crate::{Engine, dev};
 pub const HOST: &str = "edge.example.com";
 /// The JWT secret of the harness engine.
 pub const SECRET: &str = "fuzzing-secret-fuzzing-secret-0123";
-const NS: Namespace<'static> = Namespace { engine_host: HOST, public_port: 443 };
+const NS: Namespace<'static> = Namespace::hostnames(HOST, 443);
 /// The public peer of the harness edge.
 const PEER: &str = "127.0.0.1:40000";
 
@@ -113,14 +112,7 @@ pub fn harness() -> &'static Harness {
                 ..TunnelProperties::default()
             };
             let properties = normalize(requested, &NS).expect("harness tunnels are valid");
-            let tunnel = Tunnel {
-                id: format!("tunnel-{label}"),
-                client_id: "fuzz-client".into(),
-                principal: "fuzz".into(),
-                properties,
-                created_at: SystemTime::now(),
-                tls_config: OnceLock::new(),
-            };
+            let tunnel = Tunnel::new(format!("tunnel-{label}"), "fuzz-client".into(), "fuzz".into(), properties);
             registry.add_tunnel(tunnel).expect("harness tunnels register");
         }
         let edge =
@@ -591,7 +583,7 @@ fn check_normalised(p: &TunnelProperties, ns: &Namespace<'_>) {
     let kind = p.r#type.as_deref().expect("a type");
     assert!(kind == "bytestream" || kind == "datagram", "{kind}");
     let protocol = p.protocol.as_deref().expect("a protocol");
-    assert!(["http", "tls", "tcp", "dtls", "quic", "webtty"].contains(&protocol), "{protocol}");
+    assert!(["http", "tls", "tcp", "udp", "dtls", "quic", "webtty"].contains(&protocol), "{protocol}");
     assert_ne!(p.mtls_auth, Some(true));
     assert_ne!(p.rstream_auth, Some(true));
     assert_ne!(p.challenge_mode, Some(true));
@@ -599,7 +591,19 @@ fn check_normalised(p: &TunnelProperties, ns: &Namespace<'_>) {
     for entry in &p.trusted_ips {
         assert!(entry.parse::<std::net::IpAddr>().is_ok() || entry.parse::<ipnet::IpNet>().is_ok(), "{entry}");
     }
-    if p.publish.expect("publish is set") {
+    let on_own_port = p.publish == Some(true) && (protocol == "tcp" || protocol == "udp");
+    if on_own_port {
+        // The engine sets the port when it binds one; the range is the
+        // configuration's.
+        let ports = if protocol == "tcp" { ns.tcp } else { ns.udp }.expect("that kind is enabled");
+        assert_eq!(kind == "datagram", protocol == "udp");
+        let host = ports.public_host.as_deref().unwrap_or(ns.engine_host);
+        assert_eq!((p.hostname.as_deref(), p.host.as_deref()), (Some(host), Some(host)));
+        if let Some(port) = p.port {
+            assert!(u16::try_from(port).is_ok_and(|port| ports.contains(port)), "{port}");
+        }
+        assert!(p.upstream_tls.is_none() && p.tls_alpns.is_empty() && p.tls_min_version.is_none());
+    } else if p.publish.expect("publish is set") {
         assert!(protocol == "http" || protocol == "tls", "published {protocol}");
         assert_eq!(kind, "bytestream");
         let hostname = p.hostname.as_deref().expect("a published tunnel has a hostname");
@@ -634,7 +638,11 @@ fn check_normalize(requested: &TunnelProperties, ns: &Namespace<'_>) -> Option<T
         Ok(served) => {
             check_normalised(&served, ns);
             let mut again = served.clone();
-            again.port = None;
+            // A hostname tunnel's port is the TLS port, set by the engine;
+            // a tunnel on a port of its own asks for its port again.
+            if !matches!(served.protocol.as_deref(), Some("tcp" | "udp")) || served.publish != Some(true) {
+                again.port = None;
+            }
             assert_eq!(normalize(again, ns).as_ref(), Ok(&served), "normalising the served properties again");
             if requested.hostname.is_some() || requested.host.is_some() || served.publish != Some(true) {
                 assert_eq!(normalize(requested.clone(), ns).as_ref(), Ok(&served), "the same request again");
@@ -650,10 +658,22 @@ fn check_normalize(requested: &TunnelProperties, ns: &Namespace<'_>) -> Option<T
     }
 }
 
-/// Input: the protobuf bytes of the tunnel properties an agent asks for.
+/// Input: the protobuf bytes of the tunnel properties an agent asks for,
+/// checked against an engine without and one with published ports.
 pub fn tunnel(data: &[u8]) {
+    static WITH_PORTS: OnceLock<Config> = OnceLock::new();
+    let config = WITH_PORTS.get_or_init(|| {
+        let mut env = minimal_env(HOST);
+        env.extend([
+            ("RSTREAM_ENGINE_TCP__ENABLED".to_string(), "true".to_string()),
+            ("RSTREAM_ENGINE_UDP__ENABLED".to_string(), "true".to_string()),
+            ("RSTREAM_ENGINE_UDP__PUBLIC_HOST".to_string(), "udp.example.com".to_string()),
+        ]);
+        Config::from_env(env).expect("a valid configuration").config
+    });
     if let Ok(requested) = TunnelProperties::decode(data) {
         check_normalize(&requested, &NS);
+        check_normalize(&requested, &Namespace::of(config, 443));
     }
 }
 
@@ -666,7 +686,7 @@ pub fn hostname(data: &[u8]) {
     // The engine host as the configuration accepts it, else the default.
     let env = minimal_env(&engine_host);
     let engine_host = Config::from_env(env).map_or(HOST.to_string(), |l| l.config.engine.host);
-    let ns = Namespace { engine_host: &engine_host, public_port: 443 };
+    let ns = Namespace::hostnames(&engine_host, 443);
     let ask = |name: &str| {
         let name = Some(name.to_string());
         let (hostname, host) = if flags & 1 == 0 { (name, None) } else { (None, name) };

@@ -115,6 +115,14 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// A connection from `ip` the limits refuse, on any port: counted by
+    /// reason, and logged at most once per few seconds (a flood must not
+    /// become a flood of log lines). The caller closes it.
+    pub fn refused(&self, ip: std::net::IpAddr, refusal: admission::Refusal) {
+        self.metrics.connection_refused(refusal.label());
+        self.admission.log_refusal(ip, refusal);
+    }
+
     /// A token from `ip` was refused: counted, and charged to its source.
     pub fn auth_failed(&self, ip: std::net::IpAddr) {
         self.metrics.auth_failed();

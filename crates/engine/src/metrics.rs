@@ -19,6 +19,12 @@ pub struct ProtocolLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StaticProtocolLabel {
+    /// `tcp` or `udp`.
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     /// `published` (a public connection paired with the agent) or
     /// `private` (a dial by another agent).
@@ -63,6 +69,10 @@ pub struct Metrics {
     quic_handshake_failures: Counter,
     datagrams_relayed: Counter,
     datagrams_dropped: Family<ReasonLabel, Counter>,
+    published_connections: Family<StaticProtocolLabel, Gauge>,
+    udp_packets: Family<DirectionLabel, Counter>,
+    udp_packets_dropped: Family<ReasonLabel, Counter>,
+    udp_sessions_evicted: Counter,
     tunnels: Family<ProtocolLabel, Gauge>,
     streams_active: Family<KindLabel, Gauge>,
     streams_total: Family<KindLabel, Counter>,
@@ -93,6 +103,10 @@ impl Metrics {
             quic_handshake_failures: Counter::default(),
             datagrams_relayed: Counter::default(),
             datagrams_dropped: Family::default(),
+            published_connections: Family::default(),
+            udp_packets: Family::default(),
+            udp_packets_dropped: Family::default(),
+            udp_sessions_evicted: Counter::default(),
             tunnels: Family::default(),
             streams_active: Family::default(),
             streams_total: Family::default(),
@@ -122,6 +136,26 @@ impl Metrics {
             "datagrams_dropped",
             "QUIC datagrams dropped: short, oversized, unknown_channel, queue_full",
             m.datagrams_dropped.clone(),
+        );
+        registry.register(
+            "published_connections",
+            "Open connections of published tcp tunnels and sessions of published udp tunnels",
+            m.published_connections.clone(),
+        );
+        registry.register(
+            "udp_packets",
+            "Packets of published udp tunnels carried (in: towards the agent, out: to the public source)",
+            m.udp_packets.clone(),
+        );
+        registry.register(
+            "udp_packets_dropped",
+            "Packets a published udp port dropped: oversized, untrusted, queue_full",
+            m.udp_packets_dropped.clone(),
+        );
+        registry.register(
+            "udp_sessions_evicted",
+            "Idle udp sessions ended to make room (udp.max_sessions_per_tunnel)",
+            m.udp_sessions_evicted.clone(),
         );
         registry.register(
             "quic_handshake_failures",
@@ -213,6 +247,39 @@ impl Metrics {
 
     pub fn datagrams_dropped(&self, reason: &'static str) -> u64 {
         self.datagrams_dropped.get_or_create(&ReasonLabel { reason }).get()
+    }
+
+    /// A published tcp connection or udp session is open; the gauge falls
+    /// when the guard drops.
+    pub fn published_connection(&self, protocol: &'static str) -> GaugeGuard {
+        let active = self.published_connections.get_or_create(&StaticProtocolLabel { protocol }).clone();
+        active.inc();
+        GaugeGuard { active }
+    }
+
+    pub fn published_connections(&self, protocol: &'static str) -> i64 {
+        self.published_connections.get_or_create(&StaticProtocolLabel { protocol }).get()
+    }
+
+    pub fn udp_packets(&self, towards_agent: u64, from_agent: u64) {
+        self.udp_packets.get_or_create(&DirectionLabel { direction: "in" }).inc_by(towards_agent);
+        self.udp_packets.get_or_create(&DirectionLabel { direction: "out" }).inc_by(from_agent);
+    }
+
+    pub fn udp_packet_dropped(&self, reason: &'static str) {
+        self.udp_packets_dropped.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    pub fn udp_packets_dropped(&self, reason: &'static str) -> u64 {
+        self.udp_packets_dropped.get_or_create(&ReasonLabel { reason }).get()
+    }
+
+    pub fn udp_session_evicted(&self) {
+        self.udp_sessions_evicted.inc();
+    }
+
+    pub fn udp_sessions_evicted(&self) -> u64 {
+        self.udp_sessions_evicted.get()
     }
 
     /// `protocol` is the tunnel's published protocol or `private`.
@@ -322,6 +389,10 @@ mod tests {
         m.http_response(503);
         m.auth_failed();
         m.sync_certificates(2, 1);
+        let udp = m.published_connection("udp");
+        m.udp_packets(3, 4);
+        m.udp_packet_dropped("queue_full");
+        m.udp_session_evicted();
         let text = m.encode();
         for needle in [
             "strait_clients_connected 1",
@@ -336,10 +407,16 @@ mod tests {
             "strait_certificate_reloads_total 2",
             "strait_certificate_reload_failures_total 1",
             "strait_build_info{",
+            "strait_published_connections{protocol=\"udp\"} 1",
+            "strait_udp_packets_total{direction=\"out\"} 4",
+            "strait_udp_packets_dropped_total{reason=\"queue_full\"} 1",
+            "strait_udp_sessions_evicted_total 1",
         ] {
             assert!(text.contains(needle), "{needle} missing in\n{text}");
         }
         drop(guard);
+        drop(udp);
+        assert!(m.encode().contains("strait_published_connections{protocol=\"udp\"} 0"));
         assert!(m.encode().contains("strait_streams_active{kind=\"published\"} 0"));
     }
 }

@@ -14,8 +14,11 @@ use strait_proto::{Message, TunnelProperties};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::auth::Principal;
 use crate::ids;
+use crate::tunnel::{Address, TunnelSpec};
 
 /// What an agent said about itself when it opened its control channel.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -71,20 +74,44 @@ impl Client {
 }
 
 /// A live tunnel with the complete properties the engine serves.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Tunnel {
     pub id: String,
     pub client_id: String,
     pub principal: String,
     pub properties: TunnelProperties,
+    /// The properties, typed.
+    pub spec: TunnelSpec,
     pub created_at: SystemTime,
     /// The TLS server configuration of a tunnel with its own TLS options,
     /// built at its first connection and shared by the rest: one session
     /// cache per tunnel (so resumption works) instead of one per connection.
     pub tls_config: OnceLock<Arc<rustls::ServerConfig>>,
+    /// Cancelled when the tunnel leaves the registry (closed, revoked, or
+    /// its control channel gone): its listener and live connections end.
+    pub closed: CancellationToken,
 }
 
 impl Tunnel {
+    /// A tunnel with normalised `properties`.
+    pub fn new(id: String, client_id: String, principal: String, properties: TunnelProperties) -> Self {
+        Self {
+            id,
+            client_id,
+            principal,
+            spec: TunnelSpec::of(&properties),
+            properties,
+            created_at: SystemTime::now(),
+            tls_config: Default::default(),
+            closed: CancellationToken::new(),
+        }
+    }
+
+    /// Where the public reaches it, if published.
+    pub fn address(&self) -> Option<&Address> {
+        self.spec.address.as_ref()
+    }
+
     pub fn name(&self) -> Option<&str> {
         self.properties.name.as_deref()
     }
@@ -156,15 +183,15 @@ impl Change {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegistryError {
-    #[error("hostname {0} is already served by another principal's tunnel")]
-    HostnameTaken(String),
+    #[error("{0} is already served by another principal's tunnel")]
+    HostnameTaken(Address),
     #[error(
-        "hostname {0} is already served by this principal's tunnel {1}; close it first, or wait until its \
+        "{0} is already served by this principal's tunnel {1}; close it first, or wait until its \
          control channel times out"
     )]
-    HostnameInUse(String, String),
-    #[error("hostname {0} is reserved for another principal (its tunnel went offline {1}s ago); try another hostname")]
-    HostnameHeld(String, u64),
+    HostnameInUse(Address, String),
+    #[error("{0} is reserved for another principal (its tunnel went offline {1}s ago); try another one")]
+    HostnameHeld(Address, u64),
     #[error("a tunnel named {0:?} is already open for this principal")]
     NameTaken(String),
     #[error("this client already has {0} tunnels open, the limit (limits.tunnels_per_client)")]
@@ -223,8 +250,8 @@ impl Policy {
 /// What a reservation keeps for its principal.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum HoldKey {
-    /// A published hostname: nobody else may claim it.
-    Hostname(String),
+    /// A published hostname or public port: nobody else may claim it.
+    Address(Address),
     /// A private tunnel's name, within its principal: dials by name learn
     /// the agent is offline rather than that no such tunnel exists.
     Name { principal: String, name: String },
@@ -278,7 +305,8 @@ struct State {
     tunnels: HashMap<String, Arc<Tunnel>>,
     /// Tunnel ids by client, for limits and for cleanup when a channel drops.
     tunnels_by_client: HashMap<String, Vec<String>>,
-    by_hostname: HashMap<String, String>,
+    /// Tunnel ids by published hostname or port.
+    by_address: HashMap<Address, String>,
     by_name: HashMap<(String, String), String>,
     usage: HashMap<String, Usage>,
     holds: HashMap<HoldKey, Hold>,
@@ -339,10 +367,8 @@ impl State {
             return;
         }
         let mut keys = Vec::new();
-        if tunnel.published()
-            && let Some(host) = tunnel.hostname()
-        {
-            keys.push(HoldKey::Hostname(host.to_string()));
+        if let Some(address) = tunnel.address() {
+            keys.push(HoldKey::Address(address.clone()));
         }
         if how == Departure::Lost
             && let Some(name) = tunnel.name()
@@ -489,21 +515,21 @@ impl Registry {
         if used + labels > policy.label_bytes_per_principal {
             return Err(RegistryError::LabelBytes(used + labels, policy.label_bytes_per_principal));
         }
-        let host_key = tunnel.hostname().map(|h| HoldKey::Hostname(h.to_string()));
-        if let Some(HoldKey::Hostname(host)) = &host_key {
-            if let Some(live) = state.by_hostname.get(host).and_then(|id| state.tunnels.get(id)) {
+        let address_key = tunnel.address().map(|a| HoldKey::Address(a.clone()));
+        if let Some(address) = tunnel.address() {
+            if let Some(live) = state.by_address.get(address).and_then(|id| state.tunnels.get(id)) {
                 return Err(if live.principal == tunnel.principal {
-                    RegistryError::HostnameInUse(host.clone(), live.id.clone())
+                    RegistryError::HostnameInUse(address.clone(), live.id.clone())
                 } else {
-                    RegistryError::HostnameTaken(host.clone())
+                    RegistryError::HostnameTaken(address.clone())
                 });
             }
-            let key = host_key.as_ref().expect("matched");
+            let key = address_key.as_ref().expect("an address");
             if let Some(hold) = state.hold(key)
                 && hold.principal != tunnel.principal
             {
                 let ago = hold.since.elapsed().unwrap_or_default().as_secs();
-                return Err(RegistryError::HostnameHeld(host.clone(), ago));
+                return Err(RegistryError::HostnameHeld(address.clone(), ago));
             }
         }
         let name_key = tunnel.name().map(|n| (tunnel.principal.clone(), n.to_string()));
@@ -513,15 +539,15 @@ impl Registry {
             return Err(RegistryError::NameTaken(key.1.clone()));
         }
         // Admitted: the principal takes back what it held.
-        if let Some(key) = &host_key {
+        if let Some(key) = &address_key {
             state.drop_hold(key);
         }
         if let Some((principal, name)) = &name_key {
             state.drop_hold(&HoldKey::Name { principal: principal.clone(), name: name.clone() });
         }
         let tunnel = Arc::new(tunnel);
-        if let Some(host) = tunnel.hostname() {
-            state.by_hostname.insert(host.to_string(), tunnel.id.clone());
+        if let Some(address) = tunnel.address() {
+            state.by_address.insert(address.clone(), tunnel.id.clone());
         }
         if let Some(key) = name_key {
             state.by_name.insert(key, tunnel.id.clone());
@@ -553,8 +579,9 @@ impl Registry {
     /// principal.
     fn unindex(&self, state: &mut State, tunnel_id: &str, how: Departure) -> Option<Arc<Tunnel>> {
         let tunnel = state.tunnels.remove(tunnel_id)?;
-        if let Some(host) = tunnel.hostname() {
-            state.by_hostname.remove(host);
+        tunnel.closed.cancel();
+        if let Some(address) = tunnel.address() {
+            state.by_address.remove(address);
         }
         if let Some(name) = tunnel.name() {
             state.by_name.remove(&(tunnel.principal.clone(), name.to_string()));
@@ -571,7 +598,26 @@ impl Registry {
     /// The hold on a published hostname, if its tunnel is offline and the
     /// hold time is not up.
     pub fn hostname_hold(&self, hostname: &str) -> Option<Hold> {
-        self.lock().hold(&HoldKey::Hostname(hostname.to_string())).cloned()
+        self.lock().hold(&HoldKey::Address(Address::Hostname(hostname.to_string()))).cloned()
+    }
+
+    /// The public ports of `kind` that a live tunnel serves or a hold keeps.
+    pub fn ports_taken(&self, kind: crate::tunnel::Kind) -> std::collections::HashSet<u16> {
+        let mut state = self.lock();
+        state.expire_holds(Instant::now());
+        let held = state.holds.keys().filter_map(|k| match k {
+            HoldKey::Address(a) => Some(a),
+            HoldKey::Name { .. } => None,
+        });
+        state
+            .by_address
+            .keys()
+            .chain(held)
+            .filter_map(|a| match a {
+                Address::Port(k, port) if *k == kind => Some(*port),
+                _ => None,
+            })
+            .collect()
     }
 
     /// The live holds `principal` may see, oldest first.
@@ -593,7 +639,8 @@ impl Registry {
 
     pub fn tunnel_by_hostname(&self, hostname: &str) -> Option<Arc<Tunnel>> {
         let state = self.lock();
-        state.by_hostname.get(hostname).and_then(|id| state.tunnels.get(id)).cloned()
+        let address = Address::Hostname(hostname.to_string());
+        state.by_address.get(&address).and_then(|id| state.tunnels.get(id)).cloned()
     }
 
     /// Resolves what a dialer named: a tunnel id it may see, else a name of
@@ -640,18 +687,12 @@ mod tests {
     fn tunnel(id: &str, client: &str, principal: &str, hostname: &str) -> Tunnel {
         let properties = TunnelProperties {
             publish: Some(true),
+            protocol: Some("http".into()),
             hostname: Some(hostname.into()),
             name: Some(format!("n-{hostname}")),
             ..Default::default()
         };
-        Tunnel {
-            id: id.into(),
-            client_id: client.into(),
-            principal: principal.into(),
-            properties,
-            created_at: SystemTime::now(),
-            tls_config: Default::default(),
-        }
+        Tunnel::new(id.into(), client.into(), principal.into(), properties)
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ipnet::IpNet;
 use strait_proto::{
     Error, ErrorCode, Message, Payload, Prefixed, ProxyConnReq, ProxyConnRsp, ProxyReq, ProxyRsp, StreamReq,
     StreamResult, StreamRsp, write_message,
@@ -182,13 +181,6 @@ pub async fn open_to_agent(
     }
 }
 
-/// Whether a tunnel's packets may ride QUIC datagrams: a datagram tunnel
-/// that does not ask for guaranteed delivery.
-pub fn datagram_channels(tunnel: &Tunnel) -> bool {
-    tunnel.properties.r#type.as_deref() == Some("datagram")
-        && tunnel.properties.datagram_guaranteed_delivery != Some(true)
-}
-
 /// The agent's leg of a datagram tunnel's channel: a QUIC datagram channel
 /// when its agent is on QUIC, else packets framed in its reverse dial.
 pub async fn open_datagrams_to_agent(
@@ -198,7 +190,7 @@ pub async fn open_datagrams_to_agent(
 ) -> Result<(String, crate::datagram::Leg), StreamFailure> {
     let quic = shared.registry.client(&tunnel.client_id).and_then(|c| c.quic.clone());
     let (conn, stream_id) = match quic {
-        Some(conn) if datagram_channels(tunnel) => (conn, ids::stream_id()),
+        Some(conn) if tunnel.spec.datagram_channels => (conn, ids::stream_id()),
         _ => {
             let (stream_id, io) = open_to_agent(shared, tunnel, source).await?;
             return Ok((stream_id, crate::datagram::Leg::Framed(Box::new(io))));
@@ -275,19 +267,6 @@ pub async fn accept_agent_stream(shared: &Shared, mut io: BoxIo, rest: Bytes, re
     }
 }
 
-/// Whether `ip` may reach a tunnel with these `trusted_ips` (empty: anyone).
-pub fn ip_allowed(trusted: &[String], ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
-    trusted.is_empty()
-        || trusted.iter().any(|entry| match entry.parse::<IpNet>() {
-            Ok(net) => net.contains(&ip),
-            Err(_) => entry.parse::<IpAddr>().is_ok_and(|a| a == ip),
-        })
-}
-
 /// What a private dial reaches: the agent's stream, or a datagram
 /// channel's agent leg.
 enum Reached {
@@ -328,12 +307,12 @@ pub async fn private_dial(
             }
             Dial::NotFound => return Err(Error::new(ErrorCode::TunnelNotFound, format!("no tunnel {target:?}"))),
         };
-        if !ip_allowed(&tunnel.properties.trusted_ips, peer.ip()) {
+        if !tunnel.spec.allows(peer.ip()) {
             return Err(Error::new(ErrorCode::Unauthorized, "source address is not in the tunnel's trusted_ips"));
         }
         // rstream dialers fall back to a stream of framed packets on this
         // refusal.
-        if wants_channel && !datagram_channels(&tunnel) {
+        if wants_channel && !tunnel.spec.datagram_channels {
             let why = if tunnel.properties.r#type.as_deref() == Some("datagram") {
                 "the tunnel guarantees delivery: dial a stream of framed packets"
             } else {
@@ -342,7 +321,7 @@ pub async fn private_dial(
             return Err(Error::new(ErrorCode::FeatureNotAvailable, why));
         }
         pairing_started = Some(Instant::now());
-        let reached = if datagram_channels(&tunnel) {
+        let reached = if tunnel.spec.datagram_channels {
             open_datagrams_to_agent(&shared, &tunnel, peer.ip()).await.map(|(id, leg)| (id, Reached::Packets(leg)))
         } else {
             open_to_agent(&shared, &tunnel, peer.ip()).await.map(|(id, io)| (id, Reached::Stream(io)))
@@ -385,15 +364,14 @@ pub async fn private_dial(
                     let (read, mut write) = tokio::io::split(dialer);
                     datagram::watch_lifeline(read, registration.closed_token());
                     let leg = Leg::Quic { conn: conn.clone(), id, registration };
-                    let carried = datagram::bridge(&shared, leg, agent).await;
+                    let carried = datagram::bridge(&shared, leg, agent, Default::default()).await;
                     datagram::close_lifeline(&mut write, &stream_id).await;
                     carried
                 }
-                _ => datagram::bridge(&shared, Leg::Framed(Box::new(dialer)), agent).await,
+                _ => datagram::bridge(&shared, Leg::Framed(Box::new(dialer)), agent, Default::default()).await,
             };
-            if agent_on_quic && let Some(client) = shared.registry.client(&agent_client) {
-                let close = strait_proto::DatagramChannelClose { stream_id: stream_id.clone(), error: None };
-                let _ = client.outbox.try_send(Payload::DatagramChannelClose(close).into());
+            if agent_on_quic {
+                datagram::close_agent_channel(&shared, &agent_client, &stream_id);
             }
             tracing::debug!(%stream_id, to_agent = carried.to_agent, from_agent = carried.from_agent, "datagram channel ended");
         }

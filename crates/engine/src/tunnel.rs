@@ -3,6 +3,8 @@
 //!
 //! Validation refuses what CE refuses (with the same error codes) and fills
 //! in every default, so the reply tells the agent exactly what is served.
+//! [`TunnelSpec`] is the typed reading of the served properties that the
+//! rest of the engine works from.
 
 use std::net::IpAddr;
 
@@ -10,11 +12,40 @@ use ipnet::IpNet;
 use rand::RngExt;
 use strait_proto::{Error, ErrorCode, TunnelProperties};
 
-/// Where published hostnames live: `<label>.t.<engine.host>`.
+use crate::config::PortsConfig;
+
+/// Where published tunnels live: hostnames `<label>.t.<engine.host>`, and
+/// the public ports of TCP and UDP tunnels.
 pub struct Namespace<'a> {
     pub engine_host: &'a str,
     /// The TLS port published addresses report.
     pub public_port: u16,
+    /// Published TCP ports, when `tcp.enabled`.
+    pub tcp: Option<&'a PortsConfig>,
+    /// Published UDP ports, when `udp.enabled`.
+    pub udp: Option<&'a PortsConfig>,
+}
+
+impl<'a> Namespace<'a> {
+    /// The namespace of an engine with this configuration.
+    pub fn of(config: &'a crate::config::Config, public_port: u16) -> Self {
+        Self {
+            engine_host: &config.engine.host,
+            public_port,
+            tcp: config.tcp.enabled.then_some(&config.tcp),
+            udp: config.udp.enabled.then_some(&config.udp),
+        }
+    }
+
+    /// A namespace of hostnames only (no published ports).
+    pub const fn hostnames(engine_host: &'a str, public_port: u16) -> Self {
+        Self { engine_host, public_port, tcp: None, udp: None }
+    }
+
+    /// The hostname agents are given for a published port of `ports`.
+    fn port_host(&self, ports: &'a PortsConfig) -> &'a str {
+        ports.public_host.as_deref().unwrap_or(self.engine_host)
+    }
 }
 
 impl Namespace<'_> {
@@ -74,28 +105,64 @@ pub fn normalize(mut p: TunnelProperties, ns: &Namespace<'_>) -> Result<TunnelPr
     }
 
     let protocol = p.protocol.as_deref().map(str::to_ascii_lowercase);
-    let protocol = match (publish, protocol.as_deref()) {
-        (true, None) => "http".to_string(),
-        (false, None) => "tcp".to_string(),
-        (_, Some(known @ ("http" | "tls" | "tcp" | "dtls" | "quic" | "webtty"))) => known.to_string(),
-        (_, Some(other)) => {
-            return Err(invalid(format!("protocol {other:?} is not one of http, tls, tcp, dtls, quic")));
+    let datagram = kind == "datagram";
+    let protocol = match (publish, datagram, protocol.as_deref()) {
+        (true, false, None) => "http".to_string(),
+        (true, true, None) => "udp".to_string(),
+        (false, _, None) => "tcp".to_string(),
+        (_, _, Some(known @ ("http" | "tls" | "tcp" | "udp" | "dtls" | "quic" | "webtty"))) => known.to_string(),
+        (_, _, Some(other)) => {
+            return Err(invalid(format!("protocol {other:?} is not one of http, tls, tcp, udp, dtls, quic")));
         }
     };
+    // The public port a published tcp or udp tunnel gets, from which range.
+    let mut ports = None;
     if publish {
-        match protocol.as_str() {
-            "http" | "tls" => {}
-            "tcp" => return Err(unavailable("published tcp tunnels are not available on this engine")),
-            other => return Err(unavailable(format!("published {other} tunnels are not available on this engine"))),
+        match (datagram, protocol.as_str()) {
+            (false, "http" | "tls") => {}
+            (false, "tcp") => {
+                ports = Some((
+                    "tcp",
+                    ns.tcp.ok_or_else(|| unavailable("published tcp tunnels are off on this engine (tcp.enabled)"))?,
+                ));
+            }
+            (true, "udp") => {
+                ports = Some((
+                    "udp",
+                    ns.udp.ok_or_else(|| unavailable("published udp tunnels are off on this engine (udp.enabled)"))?,
+                ));
+            }
+            (false, "udp") => return Err(invalid("a udp tunnel carries datagrams: set type to datagram")),
+            (true, other) => {
+                return Err(unavailable(format!(
+                    "published datagram tunnels are udp; {other} is not available on this engine"
+                )));
+            }
+            (false, other) => {
+                return Err(unavailable(format!("published {other} tunnels are not available on this engine")));
+            }
         }
-        if kind == "datagram" {
-            return Err(unavailable("published datagram tunnels need a QUIC listener, not available on this engine"));
-        }
+    } else if protocol == "udp" && !datagram {
+        return Err(invalid("a udp tunnel carries datagrams: set type to datagram"));
     }
     p.protocol = Some(protocol.clone());
 
-    if p.port.is_some() {
-        return Err(invalid("port applies to published tcp tunnels only"));
+    match (&ports, p.port) {
+        (None, Some(_)) => return Err(invalid("port applies to published tcp and udp tunnels only")),
+        (Some((name, range)), Some(port)) if !u16::try_from(port).is_ok_and(|port| range.contains(port)) => {
+            return Err(invalid(format!("port {port} is outside this engine's {name}.port_range {}", range.range())));
+        }
+        _ => {}
+    }
+    if ports.is_some() {
+        if p.upstream_tls.is_some() {
+            return Err(invalid(format!("upstream_tls applies to http and tls tunnels, not {protocol}")));
+        }
+        if !p.tls_alpns.is_empty() || p.tls_min_version.is_some() || !p.tls_ciphers.is_empty() {
+            return Err(invalid(format!(
+                "tls_alpns, tls_min_version and tls_ciphers apply to tls tunnels, not {protocol}"
+            )));
+        }
     }
 
     // HTTP options.
@@ -153,7 +220,18 @@ pub fn normalize(mut p: TunnelProperties, ns: &Namespace<'_>) -> Result<TunnelPr
 
     // Hostname.
     let requested = p.hostname.take().or_else(|| p.host.take()).map(|h| h.trim().to_ascii_lowercase());
-    if publish {
+    if let Some((name, range)) = ports {
+        // Reached at the engine's public host and the tunnel's port; the
+        // served name may come back in a repeated request.
+        let host = ns.port_host(range);
+        if let Some(asked) = requested.filter(|h| h.trim_end_matches('.') != host) {
+            return Err(invalid(format!(
+                "hostname {asked:?} applies to http and tls tunnels; a {name} tunnel is reached at {host}:<port>"
+            )));
+        }
+        p.hostname = Some(host.to_string());
+        p.host = Some(host.to_string());
+    } else if publish {
         let hostname = match requested {
             None => format!("{}{}", random_label(), ns.suffix()),
             Some(h) => served_hostname(&h, ns)?,
@@ -165,6 +243,114 @@ pub fn normalize(mut p: TunnelProperties, ns: &Namespace<'_>) -> Result<TunnelPr
         return Err(invalid("hostname applies to published tunnels only"));
     }
     Ok(p)
+}
+
+/// What a tunnel is, read once from its served properties.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Http,
+    Tls,
+    /// A byte stream: published on a TCP port, or private.
+    Tcp,
+    /// Datagrams: published on a UDP port, or private.
+    Udp,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Http => "http",
+            Kind::Tls => "tls",
+            Kind::Tcp => "tcp",
+            Kind::Udp => "udp",
+        }
+    }
+}
+
+/// Where the public reaches a published tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Address {
+    /// An HTTPS or TLS hostname on the engine's TLS port.
+    Hostname(String),
+    /// A public port of its own (`Kind::Tcp` or `Kind::Udp`).
+    Port(Kind, u16),
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Hostname(host) => write!(f, "hostname {host}"),
+            Address::Port(kind, port) => write!(f, "{} port {port}", kind.name()),
+        }
+    }
+}
+
+/// The typed tunnel: what every part of the engine after creation reads,
+/// instead of re-testing the wire options.
+#[derive(Debug, Clone)]
+pub struct TunnelSpec {
+    pub kind: Kind,
+    pub publish: bool,
+    /// Published tunnels only.
+    pub address: Option<Address>,
+    /// `trusted_ips`, parsed; empty lets anyone in.
+    pub trusted: Vec<IpNet>,
+    /// Datagrams that may ride QUIC DATAGRAM frames (no guaranteed delivery).
+    pub datagram_channels: bool,
+}
+
+impl TunnelSpec {
+    /// Reads normalised properties (as [`normalize`] returns them).
+    pub fn of(p: &TunnelProperties) -> Self {
+        let publish = p.publish == Some(true);
+        let datagram = p.r#type.as_deref() == Some("datagram");
+        let kind = match (datagram, p.protocol.as_deref()) {
+            (true, _) => Kind::Udp,
+            (false, Some("http")) if publish => Kind::Http,
+            (false, Some("tls")) if publish => Kind::Tls,
+            _ => Kind::Tcp,
+        };
+        let address = match (publish, kind) {
+            (false, _) => None,
+            (true, Kind::Tcp | Kind::Udp) => {
+                p.port.and_then(|port| u16::try_from(port).ok()).map(|p| Address::Port(kind, p))
+            }
+            (true, _) => p.hostname.clone().map(Address::Hostname),
+        };
+        let trusted = p
+            .trusted_ips
+            .iter()
+            .filter_map(|entry| entry.parse::<IpNet>().ok().or_else(|| entry.parse::<IpAddr>().ok().map(IpNet::from)))
+            .collect();
+        Self {
+            kind,
+            publish,
+            address,
+            trusted,
+            datagram_channels: datagram && p.datagram_guaranteed_delivery != Some(true),
+        }
+    }
+
+    /// Whether `ip` may reach the tunnel. An IPv4 peer seen through an
+    /// IPv6 socket (`::ffff:a.b.c.d`) is its IPv4 address.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted.is_empty() || self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    /// A published tunnel on a port of its own: the port, to allocate.
+    pub fn public_port(&self) -> Option<(Kind, Option<u16>)> {
+        match (self.publish, self.kind) {
+            (true, kind @ (Kind::Tcp | Kind::Udp)) => Some((
+                kind,
+                match &self.address {
+                    Some(Address::Port(_, port)) => Some(*port),
+                    _ => None,
+                },
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Maps a requested hostname to the one served. Names under the namespace
@@ -237,7 +423,7 @@ pub fn known_cipher(name: &str) -> bool {
 mod tests {
     use super::*;
 
-    const NS: Namespace<'static> = Namespace { engine_host: "edge.example.com", public_port: 443 };
+    const NS: Namespace<'static> = Namespace::hostnames("edge.example.com", 443);
 
     fn props() -> TunnelProperties {
         TunnelProperties::default()
@@ -316,5 +502,59 @@ mod tests {
         .unwrap();
         assert_eq!(p.tls_mode.as_deref(), Some("terminated"));
         assert_eq!(p.tls_min_version.as_deref(), Some("1.3"));
+    }
+
+    fn ports(first: u16, last: u16) -> PortsConfig {
+        PortsConfig {
+            enabled: true,
+            first_port: first,
+            last_port: last,
+            listen_ip: None,
+            public_host: None,
+            session_idle_seconds: 60,
+            max_sessions_per_tunnel: 1024,
+            max_packet_bytes: 65_507,
+        }
+    }
+
+    #[test]
+    fn tcp_and_udp_tunnels_take_ports_of_the_range_and_no_hostname_options() {
+        let (tcp, udp) = (ports(20000, 20999), ports(21000, 21999));
+        let ns = Namespace { tcp: Some(&tcp), udp: Some(&udp), ..NS };
+        let tcp_req =
+            |port: Option<u32>| TunnelProperties { publish: Some(true), protocol: Some("tcp".into()), port, ..props() };
+        let served = normalize(tcp_req(Some(20001)), &ns).unwrap();
+        assert_eq!((served.hostname.as_deref(), served.port), (Some("edge.example.com"), Some(20001)));
+        let spec = TunnelSpec::of(&served);
+        assert_eq!((spec.kind, spec.address), (Kind::Tcp, Some(Address::Port(Kind::Tcp, 20001))));
+        let code = |p: TunnelProperties| normalize(p, &ns).unwrap_err();
+        assert!(code(tcp_req(Some(19999))).to_string().contains("tcp.port_range 20000-20999"));
+        assert!(code(tcp_req(Some(70000))).to_string().contains("outside"));
+        let named = TunnelProperties { hostname: Some("web".into()), ..tcp_req(None) };
+        assert_eq!(code(named).code(), ErrorCode::InvalidRequest);
+        // The served host may come back in a repeated request.
+        let again = TunnelProperties { hostname: Some("edge.example.com".into()), ..tcp_req(None) };
+        assert!(normalize(again, &ns).is_ok());
+
+        let udp_req = TunnelProperties { publish: Some(true), r#type: Some("datagram".into()), ..props() };
+        let served = normalize(udp_req.clone(), &ns).unwrap();
+        assert_eq!(served.protocol.as_deref(), Some("udp"));
+        let spec = TunnelSpec::of(&served);
+        assert_eq!((spec.kind, spec.datagram_channels), (Kind::Udp, true));
+        assert_eq!(spec.public_port(), Some((Kind::Udp, None)));
+        let stream_udp = TunnelProperties { protocol: Some("udp".into()), ..tcp_req(None) };
+        assert_eq!(code(stream_udp).code(), ErrorCode::InvalidRequest);
+        // Off unless enabled.
+        assert_eq!(normalize(udp_req, &NS).unwrap_err().code(), ErrorCode::FeatureNotAvailable);
+    }
+
+    #[test]
+    fn trusted_ips_are_parsed_once_and_mapped_addresses_are_their_ipv4() {
+        let p = TunnelProperties { trusted_ips: vec!["10.0.0.0/8".into(), "192.0.2.7".into()], ..props() };
+        let spec = TunnelSpec::of(&normalize(p, &NS).unwrap());
+        assert!(spec.allows("10.1.2.3".parse().unwrap()));
+        assert!(spec.allows("::ffff:192.0.2.7".parse().unwrap()));
+        assert!(!spec.allows("192.0.2.8".parse().unwrap()));
+        assert!(TunnelSpec::of(&normalize(props(), &NS).unwrap()).allows("2001:db8::1".parse().unwrap()));
     }
 }

@@ -82,11 +82,7 @@ async fn served_certificate(engine: &TestEngine) -> Vec<u8> {
 
 /// The certificate a QUIC handshake on the agent port gets.
 async fn served_quic_certificate(engine: &TestEngine) -> Vec<u8> {
-    let tls = std::sync::Arc::unwrap_or_clone(engine.public_tls_config(&[b"rstrm/1"]));
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
-    let conn = endpoint.connect(engine.engine.quic_addr.unwrap(), "localhost").unwrap().await.unwrap();
+    let conn = engine.quic_connect().await;
     let certs = conn.peer_identity().unwrap().downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().unwrap();
     certs[0].to_vec()
 }

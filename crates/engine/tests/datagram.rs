@@ -6,8 +6,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -183,17 +181,9 @@ async fn either_side_closes_the_channel() {
 #[tokio::test]
 async fn datagrams_it_cannot_place_are_dropped_and_counted() {
     let engine = TestEngine::start_with("quic: {max_datagram_bytes: 200}\n").await;
-    let addr: SocketAddr = engine.engine.quic_addr.unwrap();
-    let tls = engine.public_tls_config(&[b"rstrm/1"]);
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::unwrap_or_clone(tls)).unwrap();
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+    let conn = engine.quic_connect().await;
     // A control channel, so the connection is an agent's.
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    strait_proto::write_message(&mut send, &control_req(engine.token("alice")).into()).await.unwrap();
-    let mut reader = strait_proto::FrameReader::new(recv, strait_proto::MAX_FRAME_LEN);
-    reader.read_message().await.unwrap();
+    let _control = engine.raw_quic_control(&conn, "alice").await;
 
     let metrics = &engine.engine.shared.metrics;
     conn.send_datagram(bytes::Bytes::from_static(b"short")).unwrap();

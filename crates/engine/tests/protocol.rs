@@ -144,6 +144,33 @@ async fn tunnel_names_are_unique_per_principal_and_freed_on_close() {
 }
 
 #[tokio::test]
+async fn a_name_or_hostname_held_by_our_other_channel_is_refused_saying_how_long_it_was_silent() {
+    async fn within<F: std::future::Future>(future: F) -> F::Output {
+        tokio::time::timeout(std::time::Duration::from_secs(20), future).await.expect("an answer in time")
+    }
+    let engine = TestEngine::start().await;
+    let started = std::time::Instant::now();
+    let first = within(engine.client("alice").connect()).await.unwrap();
+    let _name = within(first.open_tunnel(private("db"))).await.unwrap();
+    let _hostname = within(first.open_tunnel(published("web"))).await.unwrap();
+    // The same principal's second control channel (a restarted agent, say).
+    let second = within(engine.client("alice").connect()).await.unwrap();
+    for props in [private("db"), published("web")] {
+        let refusal = within(second.open_tunnel(props)).await.err().expect("held by the first channel");
+        assert_eq!(refusal.engine_code(), Some(ErrorCode::InvalidRequest), "{refusal}");
+        // The CLI's own reading of the engine's words (`strait forward`
+        // waits on it for its earlier connection to time out).
+        let silence = refusal.holder_silence().unwrap_or_else(|| panic!("no silence read from: {refusal}"));
+        // Said to a tenth of a second; never longer than the channel lived.
+        assert!(silence <= started.elapsed() + std::time::Duration::from_millis(100), "{silence:?}: {refusal}");
+    }
+    // Another principal's tunnel says nothing of its channel.
+    let bob = within(engine.client("bob").connect()).await.unwrap();
+    let taken = within(bob.open_tunnel(published("web"))).await.err().expect("another principal's hostname");
+    assert_eq!(taken.holder_silence(), None, "{taken}");
+}
+
+#[tokio::test]
 async fn closing_the_control_channel_removes_its_tunnels() {
     let engine = TestEngine::start().await;
     let control = engine.client("alice").connect().await.unwrap();

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -162,30 +162,19 @@ async fn a_drain_lets_quic_streams_finish() {
     assert!(within("drain", stopping).await.unwrap(), "drained within the bound");
 }
 
-/// A raw QUIC client, for what the agent library would never send.
+/// A raw QUIC client on `from` offering `alpn`, for what the agent library
+/// would never send.
 fn raw_endpoint(engine: &TestEngine, from: IpAddr, alpn: &[u8]) -> quinn::Endpoint {
-    let tls = engine.public_tls_config(&[alpn]);
-    let mut tls = Arc::unwrap_or_clone(tls);
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     // A close lost on the way is noticed in seconds, not the default 30.
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(Duration::from_secs(5).try_into().unwrap()));
-    config.transport_config(Arc::new(transport));
-    let mut endpoint = quinn::Endpoint::client(SocketAddr::new(from, 0)).unwrap();
-    endpoint.set_default_client_config(config);
-    endpoint
-}
-
-fn quic_addr(engine: &TestEngine) -> SocketAddr {
-    engine.engine.quic_addr.expect("QUIC is on by default")
+    engine.quic_endpoint(from, alpn, transport)
 }
 
 #[tokio::test]
 async fn garbage_datagrams_and_other_alpns_are_refused_and_agents_still_served() {
     let engine = TestEngine::start().await;
-    let addr = quic_addr(&engine);
+    let addr = engine.quic_addr();
     // Random datagrams of every size, as a scanner would send.
     let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for i in 0..2000usize {
@@ -210,7 +199,7 @@ async fn garbage_datagrams_and_other_alpns_are_refused_and_agents_still_served()
 #[tokio::test]
 async fn handshakes_that_open_no_stream_are_closed_and_others_served() {
     let engine = TestEngine::start_with("limits: {first_frame_seconds: 2}\n").await;
-    let addr = quic_addr(&engine);
+    let addr = engine.quic_addr();
     let echo = echo_server().await;
     let control = engine.client_over("alice", TransportMode::Quic).connect().await.unwrap();
     let mut tunnel = control.open_tunnel(private("svc")).await.unwrap();
@@ -301,20 +290,11 @@ async fn the_engine_keeps_a_quiet_agent_connection_alive_past_its_idle_timeout()
     let engine = TestEngine::start_with("quic: {idle_timeout_seconds: 1}\n").await;
     // An agent that sends nothing for a while (no QUIC keep-alives, no
     // heartbeats): its control channel's liveness, not QUIC, decides.
-    let mut tls = Arc::unwrap_or_clone(engine.public_tls_config(&[b"rstrm/1"]));
-    tls.alpn_protocols = vec![b"rstrm/1".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();
     transport.max_idle_timeout(Some(Duration::from_secs(60).try_into().unwrap())).keep_alive_interval(None);
-    config.transport_config(Arc::new(transport));
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(config);
-    let conn = endpoint.connect(quic_addr(&engine), "localhost").unwrap().await.unwrap();
-    let (mut send, recv) = conn.open_bi().await.unwrap();
-    strait_proto::write_message(&mut send, &control_req(engine.token("alice")).into()).await.unwrap();
-    let mut reader = strait_proto::FrameReader::new(recv, strait_proto::MAX_FRAME_LEN);
-    within("open", reader.read_message()).await.unwrap();
+    let endpoint = engine.quic_endpoint([127, 0, 0, 1].into(), strait_proto::ALPN, transport);
+    let conn = within("handshake", endpoint.connect(engine.quic_addr(), "localhost").unwrap()).await.unwrap();
+    let (mut send, mut reader) = engine.raw_quic_control(&conn, "alice").await;
     // The property is survival across idle periods: three of them.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(conn.close_reason().is_none(), "closed: {:?}", conn.close_reason());
@@ -325,4 +305,40 @@ async fn the_engine_keeps_a_quiet_agent_connection_alive_past_its_idle_timeout()
     strait_proto::write_message(&mut send, &open.into()).await.unwrap();
     let reply = within("reply", reader.read_message()).await.unwrap();
     assert!(matches!(reply.payload, Some(strait_proto::Payload::OpenTunnelRsp(_))), "{reply:?}");
+}
+
+/// Whether a QUIC handshake ended in the engine's CONNECTION_REFUSED.
+fn refused_outright(outcome: Result<quinn::Connection, quinn::ConnectionError>) -> bool {
+    matches!(outcome, Err(quinn::ConnectionError::ConnectionClosed(close))
+        if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED)
+}
+
+#[tokio::test]
+async fn quic_connections_past_the_limits_are_refused_and_counted_as_on_tls() {
+    let engine = TestEngine::start_with("limits: {handshakes_per_source: 2, max_connections: 3}\n").await;
+    let addr = engine.quic_addr();
+    // Connections that open no stream hold their source's handshake slot;
+    // keep-alives keep them up for as long as the test needs them.
+    let endpoint = |from: [u8; 4]| {
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(1)));
+        engine.quic_endpoint(from.into(), strait_proto::ALPN, transport)
+    };
+    let flood = endpoint([127, 0, 0, 2]);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(within("handshake", flood.connect(addr, "localhost").unwrap()).await.unwrap());
+    }
+    let metrics = &engine.engine.shared.metrics;
+    let third = within("refusal", flood.connect(addr, "localhost").unwrap()).await;
+    assert!(refused_outright(third), "a third handshake from one source is refused");
+    assert_eq!(metrics.connections_refused("handshakes_per_source"), 1);
+
+    // Another source takes the last of max_connections; one more is refused.
+    let other = endpoint([127, 0, 0, 3]);
+    held.push(within("handshake", other.connect(addr, "localhost").unwrap()).await.unwrap());
+    let fourth = within("refusal", endpoint([127, 0, 0, 4]).connect(addr, "localhost").unwrap()).await;
+    assert!(refused_outright(fourth), "a connection past max_connections is refused");
+    assert_eq!(metrics.connections_refused("max_connections"), 1);
+    assert!(held.iter().all(|conn| conn.close_reason().is_none()), "the admitted ones stay up");
 }

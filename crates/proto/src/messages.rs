@@ -83,6 +83,16 @@ pub struct IpAddressMsg {
     pub addr: Option<IpAddress>,
 }
 
+impl IpAddressMsg {
+    /// The address, if it is a well-formed IPv4 or IPv6 one.
+    pub fn ip(&self) -> Option<std::net::IpAddr> {
+        match self.addr.as_ref()? {
+            IpAddress::V4(v4) => Some(std::net::Ipv4Addr::from(*v4).into()),
+            IpAddress::V6(v6) => <[u8; 16]>::try_from(v6.as_slice()).ok().map(|o| std::net::Ipv6Addr::from(o).into()),
+        }
+    }
+}
+
 impl From<std::net::IpAddr> for IpAddressMsg {
     fn from(ip: std::net::IpAddr) -> Self {
         let addr = match ip {

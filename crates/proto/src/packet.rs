@@ -5,7 +5,7 @@
 
 use std::io;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// The largest packet a stream may carry, as for a protocol frame.
@@ -30,15 +30,17 @@ pub async fn read_packet<R: AsyncRead + Unpin + ?Sized>(reader: &mut R) -> io::R
     Ok(Some(packet.into()))
 }
 
-/// Writes one packet and flushes it.
+/// Writes one packet and flushes it, without copying it: the length and
+/// the packet go out as one vectored write where the writer takes those
+/// (TLS: one record), else as two writes, then one flush.
 pub async fn write_packet<W: AsyncWrite + Unpin + ?Sized>(writer: &mut W, packet: &[u8]) -> io::Result<()> {
     if packet.len() > MAX_PACKET {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("packet of {} bytes", packet.len())));
     }
-    let mut framed = Vec::with_capacity(4 + packet.len());
-    framed.extend_from_slice(&(packet.len() as u32).to_be_bytes());
-    framed.extend_from_slice(packet);
-    writer.write_all(&framed).await?;
+    let len = (packet.len() as u32).to_be_bytes();
+    // Called on `&mut W`, which is sized, so `W` may be a trait object.
+    let mut writer = writer;
+    AsyncWriteExt::write_all_buf(&mut writer, &mut Buf::chain(&len[..], packet)).await?;
     writer.flush().await
 }
 
@@ -57,6 +59,11 @@ pub fn channel_id(stream_id: &str) -> Option<[u8; 12]> {
 }
 
 /// A QUIC datagram: the channel id, then the packet.
+///
+/// This one allocation per datagram stays: `quinn::Connection::send_datagram`
+/// takes the datagram whole, as one owned `Bytes` (quinn queues it until a
+/// packet has room), so id and packet must be contiguous in a buffer of
+/// their own; the packet arrives without room in front for the id.
 pub fn datagram(id: &[u8; 12], packet: &[u8]) -> Bytes {
     let mut datagram = Vec::with_capacity(12 + packet.len());
     datagram.extend_from_slice(id);
@@ -82,6 +89,67 @@ mod tests {
         let mut cut = &[0, 0, 0, 9, 1, 2][..];
         assert!(read_packet(&mut cut).await.is_err());
         assert!(write_packet(&mut Vec::new(), &vec![0; MAX_PACKET + 1]).await.is_err());
+    }
+
+    /// A writer that records each call it gets, vectored or not.
+    struct Recorder {
+        vectored: bool,
+        writes: Vec<Vec<u8>>,
+        flushes: usize,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.writes.push(buf.to_vec());
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let joined: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            let len = joined.len();
+            self.writes.push(joined);
+            std::task::Poll::Ready(Ok(len))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.vectored
+        }
+
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            self.flushes += 1;
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_packet_is_one_vectored_write_and_one_flush() {
+        let mut tls_like = Recorder { vectored: true, writes: Vec::new(), flushes: 0 };
+        write_packet(&mut tls_like, b"abc").await.unwrap();
+        assert_eq!(tls_like.writes, [b"\0\0\0\x03abc".to_vec()]);
+        assert_eq!(tls_like.flushes, 1);
+        // A writer without vectored writes gets the length, then the packet.
+        let mut plain = Recorder { vectored: false, writes: Vec::new(), flushes: 0 };
+        write_packet(&mut plain, b"abc").await.unwrap();
+        assert_eq!(plain.writes, [b"\0\0\0\x03".to_vec(), b"abc".to_vec()]);
+        assert_eq!(plain.flushes, 1);
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub const SECRET: &str = "test-secret-test-secret-test-secret-0123";
 /// How long a restarted engine may take to bind its old address again.
 const REBIND: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// The most a raw client's handshake or first answer may take on a loaded
+/// machine; only a broken engine reaches it.
+const STEP: std::time::Duration = std::time::Duration::from_secs(20);
+
 pub struct TestEngine {
     pub engine: EngineSlot,
     pub dir: tempfile::TempDir,
@@ -212,6 +216,66 @@ impl TestEngine {
         let mut raw = self.raw().await;
         roundtrip(&mut raw, control_req(self.token(sub))).await;
         raw
+    }
+}
+
+impl TestEngine {
+    /// The engine's QUIC address (the UDP side of its TLS port).
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.engine.quic_addr.expect("QUIC is on by default")
+    }
+
+    /// A raw QUIC client endpoint bound to `from` (port 0), trusting the
+    /// engine's CA and offering `alpn` alone, with `transport`'s settings:
+    /// for what the agent library would never send.
+    pub fn quic_endpoint(
+        &self,
+        from: std::net::IpAddr,
+        alpn: &[u8],
+        transport: quinn::TransportConfig,
+    ) -> quinn::Endpoint {
+        let tls = Arc::unwrap_or_clone(self.public_tls_config(&[alpn]));
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("TLS 1.3 for QUIC");
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(transport));
+        // The engine's own socket helper: large kernel buffers, so a burst
+        // of a thousand handshakes' closes is not lost on the way in.
+        let socket = strait_engine::net::udp_socket(SocketAddr::new(from, 0)).unwrap();
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let mut endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime).unwrap();
+        endpoint.set_default_client_config(config);
+        endpoint
+    }
+
+    /// A raw QUIC connection to the agent port from 127.0.0.1: ALPN
+    /// `rstrm/1`, quinn's default transport, the handshake done.
+    pub async fn quic_connect(&self) -> quinn::Connection {
+        let endpoint = self.quic_endpoint([127, 0, 0, 1].into(), strait_proto::ALPN, Default::default());
+        let connecting = endpoint.connect(self.quic_addr(), "localhost").unwrap();
+        tokio::time::timeout(STEP, connecting).await.expect("a QUIC handshake in time").expect("the QUIC handshake")
+    }
+
+    /// A hand-driven control channel for `sub` on a stream of `conn`,
+    /// already open: its sending side and a reader of what comes back.
+    pub async fn raw_quic_control(
+        &self,
+        conn: &quinn::Connection,
+        sub: &str,
+    ) -> (quinn::SendStream, FrameReader<quinn::RecvStream>) {
+        let open = async {
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            write_message(&mut send, &control_req(self.token(sub)).into()).await.unwrap();
+            let mut reader = FrameReader::new(recv, MAX_FRAME_LEN);
+            let answer = reader.read_message().await.unwrap();
+            (send, reader, answer)
+        };
+        let (send, reader, answer) = tokio::time::timeout(STEP, open).await.expect("a control channel in time");
+        let opened = match &answer.payload {
+            Some(Payload::OpenControlChannelRsp(rsp)) => rsp.payload.as_ref(),
+            _ => None,
+        };
+        assert!(matches!(opened, Some(strait_proto::OpenControlChannelResult::Ok(_))), "{answer:?}");
+        (send, reader)
     }
 }
 

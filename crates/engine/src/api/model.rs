@@ -84,7 +84,7 @@ pub struct Tunnel {
     pub kind: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub publish: Option<bool>,
-    /// `http`, `tls`, `tcp`, `dtls`, `quic` or `webtty`.
+    /// `http`, `tls`, `tcp`, `udp`, `dtls`, `quic` or `webtty`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
     pub labels: BTreeMap<String, String>,
@@ -285,16 +285,19 @@ pub struct WatchParams {
 pub enum ReservationKind {
     /// A published hostname: only its principal may claim it.
     Hostname,
+    /// A published TCP or UDP port (`tcp:20001`): only its principal may
+    /// claim it.
+    Port,
     /// A private tunnel's name: dials by it learn the agent is offline.
     Name,
 }
 
-/// A hostname or name kept for its principal after its tunnel went offline
+/// A hostname, port or name kept for its principal after its tunnel went offline
 /// (`edge.hostname_hold_seconds`). Beyond CE.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Reservation {
     pub kind: ReservationKind,
-    /// The hostname, or the tunnel name.
+    /// The hostname, the port (`tcp:20001`), or the tunnel name.
     pub value: String,
     /// The principal it is kept for.
     pub user_id: String,
@@ -309,8 +312,10 @@ pub struct Reservation {
 impl Reservation {
     pub fn from_hold(hold: &crate::registry::Hold) -> Self {
         use crate::registry::HoldKey;
+        use crate::tunnel::Address;
         let (kind, value) = match &hold.key {
-            HoldKey::Hostname(host) => (ReservationKind::Hostname, host.clone()),
+            HoldKey::Address(Address::Hostname(host)) => (ReservationKind::Hostname, host.clone()),
+            HoldKey::Address(Address::Port(kind, port)) => (ReservationKind::Port, format!("{}:{port}", kind.name())),
             HoldKey::Name { name, .. } => (ReservationKind::Name, name.clone()),
         };
         Self {

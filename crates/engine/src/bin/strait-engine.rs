@@ -159,7 +159,9 @@ async fn run_dev(dir: Option<PathBuf>, listen: Option<String>, demo: bool, print
         "engine: {{host: localhost, log_level: info}}\n\
          tls: {{enabled: true, listen_addr: \"{listen}\"}}\n\
          certs: {{static: {{enabled: true, cert_file: \"{}\", key_file: \"{}\"}}}}\n\
-         auth: {{jwt: {{enabled: true, token_jwt_secret: \"{secret}\"}}}}\n",
+         auth: {{jwt: {{enabled: true, token_jwt_secret: \"{secret}\"}}}}\n\
+         tcp: {{enabled: true}}\n\
+         udp: {{enabled: true}}\n",
         files.cert.display(),
         files.key.display()
     );
@@ -200,6 +202,8 @@ async fn run_dev(dir: Option<PathBuf>, listen: Option<String>, demo: bool, print
     println!(
         "Publish your own service (here, port 3000) with the strait agent:\n\n    \
          cargo run --release -p strait -- forward 3000 --engine localhost:{port} --ca-file {ca} --token {token}\n\n\
+         Add --protocol tcp or --protocol udp for a public port of its own (tcp://localhost:20000-20999,\n    \
+         udp://localhost:21000-21999).\n\n\
          The same engine, CA and token work with any rstream agent or SDK:\n\n    \
          RSTREAM_ENGINE=localhost:{port} SSL_CERT_FILE={ca} RSTREAM_AUTHENTICATION_TOKEN={token}\n"
     );

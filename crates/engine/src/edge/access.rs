@@ -13,17 +13,10 @@ use http::{HeaderValue, Uri};
 
 use super::errors::Refusal;
 use crate::Shared;
-use crate::registry::Tunnel;
-use crate::streams;
 
 /// The query parameter that carries a token when a header cannot
 /// (browsers opening a WebSocket, links).
 pub const TOKEN_PARAM: &str = "rstream.token";
-
-/// Whether `ip` may reach the tunnel at all.
-pub fn ip_allowed(tunnel: &Tunnel, ip: IpAddr) -> bool {
-    streams::ip_allowed(&tunnel.properties.trusted_ips, ip)
-}
 
 /// Where a request carried its token.
 #[derive(Debug, PartialEq, Eq)]

@@ -283,8 +283,7 @@ impl Edge {
 
     /// Whether `name` is under `.t.<engine.host>`.
     fn is_published(&self, name: &str) -> bool {
-        let namespace =
-            Namespace { engine_host: &self.shared.config.engine.host, public_port: self.shared.public_port };
+        let namespace = Namespace::hostnames(&self.shared.config.engine.host, self.shared.public_port);
         namespace.label_of(name).is_some()
     }
 
@@ -314,10 +313,10 @@ impl Edge {
             .registry
             .tunnel_by_hostname(&host)
             .ok_or_else(|| fail(Refusal::unrouted(&self.shared, &host)))?;
-        if tunnel.protocol() != Some("http") {
+        if tunnel.spec.kind != crate::tunnel::Kind::Http {
             return Err(fail(Refusal::NotHttp(host.clone())));
         }
-        if !access::ip_allowed(&tunnel, self.peer.ip()) {
+        if !tunnel.spec.allows(self.peer.ip()) {
             return Err(fail(Refusal::Forbidden));
         }
         if tunnel.properties.token_auth == Some(true) {

@@ -1,5 +1,7 @@
 //! Published tunnels: traffic for `<label>.t.<engine.host>` on the TLS port,
-//! and the optional HTTP listener that redirects to it.
+//! the optional HTTP listener that redirects to it, and the public ports of
+//! published TCP ([`tcp`]) and UDP ([`udp`]) tunnels (bound by
+//! [`crate::net::ports`], served from [`serve_port`]).
 //!
 //! The listener hands over a connection whose SNI is under the namespace,
 //! with the ClientHello already read. What happens next depends on the
@@ -27,7 +29,9 @@ pub mod headers;
 pub mod http;
 pub mod redirect;
 pub mod relay;
+pub mod tcp;
 pub mod tls;
+pub mod udp;
 pub mod upstream;
 pub mod websocket;
 
@@ -40,6 +44,8 @@ use tokio::net::TcpStream;
 
 use crate::Shared;
 use crate::admission::HandshakeSlot;
+use crate::net::ports::Bound;
+use crate::registry::Tunnel;
 
 /// A public connection as the listener hands it over: the ClientHello read,
 /// its SNI under the tunnel namespace.
@@ -61,7 +67,7 @@ pub async fn serve(shared: Arc<Shared>, connection: Connection) {
     let Connection { accepted, tcp, raw_hello, hostname, peer, slot } = connection;
     let tunnel = shared.registry.tunnel_by_hostname(&hostname);
     match tunnel {
-        Some(tunnel) if tunnel.protocol() == Some("tls") => {
+        Some(tunnel) if tunnel.spec.kind == crate::tunnel::Kind::Tls => {
             Box::pin(tls::serve(shared, tunnel, accepted, tcp, raw_hello, peer, slot)).await;
         }
         tunnel => {
@@ -70,4 +76,13 @@ pub async fn serve(shared: Arc<Shared>, connection: Connection) {
             Box::pin(http::serve(shared, tunnel, accepted, tcp, hostname, peer, slot)).await
         }
     }
+}
+
+/// Serves a published tcp or udp tunnel's port for as long as the tunnel
+/// lives.
+pub fn serve_port(shared: &Arc<Shared>, tunnel: Arc<Tunnel>, bound: Bound) {
+    match bound {
+        Bound::Tcp(listener) => shared.tasks.spawn(tcp::run(shared.clone(), tunnel, listener)),
+        Bound::Udp(socket) => shared.tasks.spawn(udp::run(shared.clone(), tunnel, socket)),
+    };
 }

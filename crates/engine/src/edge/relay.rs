@@ -490,10 +490,10 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
     let name = edge.published_name(Some(given_host));
     let Some(tunnel) = edge.shared.registry.tunnel_by_hostname(&name) else { return Parsed::Other };
     let properties = &tunnel.properties;
-    if tunnel.protocol() != Some("http")
+    if tunnel.spec.kind != crate::tunnel::Kind::Http
         || properties.token_auth == Some(true)
         || upstream::h2c(&tunnel)
-        || !super::access::ip_allowed(&tunnel, edge.peer.ip())
+        || !tunnel.spec.allows(edge.peer.ip())
     {
         return Parsed::Other;
     }

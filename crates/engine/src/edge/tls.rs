@@ -21,7 +21,6 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::StartHandshake;
 
-use super::access;
 use super::upstream::{self, AgentStream};
 use crate::Shared;
 use crate::admission::HandshakeSlot;
@@ -81,7 +80,7 @@ pub async fn serve(
     peer: SocketAddr,
     slot: HandshakeSlot,
 ) {
-    if !access::ip_allowed(&tunnel, peer.ip()) {
+    if !tunnel.spec.allows(peer.ip()) {
         tracing::info!(tunnel_id = %tunnel.id, "connection refused: source address not in trusted_ips");
         return;
     }

@@ -32,7 +32,8 @@ where
             Ok((tcp, peer)) => {
                 backoff = Duration::from_millis(5);
                 let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    refuse(&shared, tcp, peer, Refusal::Capacity);
+                    shared.refused(peer.ip(), Refusal::Capacity);
+                    drop(tcp);
                     continue;
                 };
                 let _ = tcp.set_nodelay(true);
@@ -57,12 +58,4 @@ where
             }
         }
     }
-}
-
-/// Closes a connection the limits refuse: counted, and logged at most once
-/// per few seconds (a flood must not become a flood of log lines).
-pub fn refuse(shared: &Shared, tcp: TcpStream, peer: SocketAddr, refusal: Refusal) {
-    shared.metrics.connection_refused(refusal.label());
-    shared.admission.log_refusal(peer.ip(), refusal);
-    drop(tcp);
 }

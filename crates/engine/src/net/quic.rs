@@ -69,9 +69,12 @@ pub fn server_config(
     Ok(config)
 }
 
-/// Binds the QUIC endpoint.
+/// Binds the QUIC endpoint, on a socket with large kernel buffers: a
+/// burst of handshakes (or of their closes) waits there instead of being
+/// dropped while the engine is busy.
 pub fn bind(config: quinn::ServerConfig, addr: SocketAddr) -> std::io::Result<Endpoint> {
-    Endpoint::server(config, addr)
+    let socket = super::udp_socket(addr)?;
+    Endpoint::new(quinn::EndpointConfig::default(), Some(config), socket, Arc::new(quinn::TokioRuntime))
 }
 
 /// Accepts QUIC connections until shutdown.
@@ -84,14 +87,17 @@ pub async fn run(shared: Arc<Shared>, endpoint: Endpoint) {
         };
         let Some(incoming) = incoming else { break };
         let peer = incoming.remote_address();
+        // A refusal is QUIC's CONNECTION_REFUSED, sent at once.
         let Ok(permit) = permits.clone().try_acquire_owned() else {
-            refuse(&shared, incoming, crate::admission::Refusal::Capacity);
+            shared.refused(peer.ip(), crate::admission::Refusal::Capacity);
+            incoming.refuse();
             continue;
         };
         let slot = match shared.admission.admit(peer.ip()) {
             Ok(slot) => slot,
             Err(refusal) => {
-                refuse(&shared, incoming, refusal);
+                shared.refused(peer.ip(), refusal);
+                incoming.refuse();
                 continue;
             }
         };
@@ -100,12 +106,6 @@ pub async fn run(shared: Arc<Shared>, endpoint: Endpoint) {
     }
     // Streams in flight keep their connections; new ones are refused.
     endpoint.set_server_config(None);
-}
-
-fn refuse(shared: &Shared, incoming: Incoming, refusal: crate::admission::Refusal) {
-    shared.metrics.connection_refused(refusal.label());
-    shared.admission.log_refusal(incoming.remote_address().ip(), refusal);
-    incoming.refuse();
 }
 
 /// One agent's QUIC connection: the handshake, then a task per stream.

@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::StartHandshake;
 
 use super::Transport;
-use super::accept::{accept_loop, refuse};
+use super::accept::accept_loop;
 use crate::admission::HandshakeSlot;
 use crate::{Shared, channel, edge};
 
@@ -102,7 +102,11 @@ async fn handle(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
     // among its source's handshakes, given back once the handshake is over.
     let slot = match shared.admission.admit(peer.ip()) {
         Ok(slot) => slot,
-        Err(refusal) => return refuse(&shared, tcp, peer, refusal),
+        Err(refusal) => {
+            shared.refused(peer.ip(), refusal);
+            drop(tcp);
+            return;
+        }
     };
     let deadline = Duration::from_secs(shared.config.limits.handshake_seconds);
     let (accepted, raw_hello) = match tokio::time::timeout(deadline, Box::pin(read_client_hello(&mut tcp))).await {

@@ -18,6 +18,14 @@ started=$SECONDS
 # timeout stops every process of it, cargo's and pytest's children too).
 # Ctrl-C reaches only this script, which stops the stage in flight.
 running=""
+# How long each stage took, printed at the end (and on failure), so the
+# budget's headroom is visible in every CI log.
+timings=()
+print_timings() {
+    printf '\n== stage timings\n'
+    printf '%s\n' "${timings[@]}"
+}
+trap print_timings EXIT
 interrupted() {
     if [ -n "$running" ]; then
         kill -TERM -- "-$running" 2>/dev/null || true
@@ -46,7 +54,7 @@ stage() {
         return 124
     fi
     log "$name"
-    local status=0
+    local status=0 stage_started=$SECONDS
     if [ -n "$tty" ]; then
         timeout --foreground --kill-after=30 "$limit" "$@" || status=$?
     else
@@ -60,6 +68,7 @@ stage() {
     if ((status == 124 || status == 137)); then
         printf '\n== TIMED OUT: stage "%s" did not finish in %ss\n' "$name" "$limit" >&2
     fi
+    timings+=("$(printf '%5ss  %s' "$((SECONDS - stage_started))" "$name")")
     return "$status"
 }
 

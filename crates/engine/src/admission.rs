@@ -84,23 +84,23 @@ impl Refusal {
 
 /// A token bucket, refilled lazily from the time of its last use.
 #[derive(Debug, Clone, Copy)]
-struct Bucket {
+pub(crate) struct Bucket {
     tokens: f64,
     at: Instant,
 }
 
 impl Bucket {
-    fn full(capacity: f64, now: Instant) -> Self {
+    pub(crate) fn full(capacity: f64, now: Instant) -> Self {
         Self { tokens: capacity, at: now }
     }
 
-    fn refill(&mut self, capacity: f64, per_second: f64, now: Instant) {
+    pub(crate) fn refill(&mut self, capacity: f64, per_second: f64, now: Instant) {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.tokens = (self.tokens + elapsed * per_second).min(capacity);
         self.at = now;
     }
 
-    fn take(&mut self, capacity: f64, per_second: f64, now: Instant) -> bool {
+    pub(crate) fn take(&mut self, capacity: f64, per_second: f64, now: Instant) -> bool {
         self.refill(capacity, per_second, now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -110,7 +110,7 @@ impl Bucket {
         }
     }
 
-    fn is_full(&self, capacity: f64, per_second: f64, now: Instant) -> bool {
+    pub(crate) fn is_full(&self, capacity: f64, per_second: f64, now: Instant) -> bool {
         let mut probe = *self;
         probe.refill(capacity, per_second, now);
         probe.tokens >= capacity

@@ -140,6 +140,9 @@ pub struct EdgeConfig {
     /// reserved for its principal after its tunnel went offline; 0 turns
     /// holds off.
     pub hostname_hold_seconds: u64,
+    /// `edge.default_policy`: merged under every published http tunnel's
+    /// `strait.policy` (its denied paths always hold).
+    pub default_policy: crate::policy::Policy,
 }
 
 #[derive(Debug, Clone)]
@@ -410,6 +413,12 @@ impl Config {
         let tunnels_per_principal = r.u64_or("limits.tunnels_per_principal", 1024, 1, 10_000_000);
         let label_bytes = r.u64_or("limits.label_bytes_per_principal", 1 << 20, 0, 1 << 34);
         let hostname_hold = r.u64_or("edge.hostname_hold_seconds", 300, 0, 30 * 86_400);
+        let default_policy = match r.get("edge.default_policy") {
+            None => Some(crate::policy::Policy::default()),
+            // From the environment the policy is a JSON string.
+            Some(Value::String(json)) => r.check("edge.default_policy", crate::policy::Policy::parse(json)),
+            Some(value) => r.check("edge.default_policy", crate::policy::Policy::from_value(value.clone())),
+        };
         let quic_enabled = r.bool_or("quic.enabled", true);
         let quic_listen = r.optional_addr("quic.listen_addr");
         let quic_streams = r.u64_or("quic.max_streams_per_connection", 4096, 1, 1 << 20);
@@ -468,7 +477,7 @@ impl Config {
                 tunnels_per_principal: tunnels_per_principal.unwrap() as usize,
                 label_bytes_per_principal: label_bytes.unwrap() as usize,
             },
-            edge: EdgeConfig { hostname_hold_seconds: hostname_hold.unwrap() },
+            edge: EdgeConfig { hostname_hold_seconds: hostname_hold.unwrap(), default_policy: default_policy.unwrap() },
             quic: QuicConfig {
                 enabled: quic_enabled.unwrap(),
                 listen_addr: quic_listen.unwrap(),

@@ -320,7 +320,8 @@ impl Channel<'_> {
         // A published tcp or udp tunnel gets its port (bound) before it is
         // registered; the registry then says whether another principal
         // holds it.
-        let bound = match TunnelSpec::of(&properties).public_port() {
+        let spec = TunnelSpec::of(&properties).under_policy(&config.edge.default_policy);
+        let bound = match spec.public_port() {
             Some((kind, requested)) => {
                 let ports = if kind == Kind::Udp { &config.udp } else { &config.tcp };
                 let ip = net::ports::listen_ip(ports, config.tls.listen_addr);
@@ -330,7 +331,13 @@ impl Channel<'_> {
             }
             None => None,
         };
-        let tunnel = Tunnel::new(id, self.client_id.to_string(), self.principal.to_string(), properties);
+        let mut spec = spec;
+        if let Some(port) = properties.port.and_then(|p| u16::try_from(p).ok())
+            && let Some((kind, _)) = spec.public_port()
+        {
+            spec.address = Some(crate::tunnel::Address::Port(kind, port));
+        }
+        let tunnel = Tunnel::with_spec(id, self.client_id.to_string(), self.principal.to_string(), properties, spec);
         let tunnel = self.register(tunnel)?;
         if let Some(bound) = bound {
             crate::edge::serve_port(self.shared, tunnel.clone(), bound);
@@ -348,7 +355,7 @@ impl Channel<'_> {
                         _ => None,
                     }
                 }
-                RegistryError::HostnameInUse(_, tunnel_id) => {
+                RegistryError::HostnameInUse(_, tunnel_id) | RegistryError::PathInUse(_, _, tunnel_id) => {
                     self.shared.registry.tunnel(tunnel_id).map(|t| t.client_id.clone())
                 }
                 _ => None,
@@ -368,6 +375,7 @@ impl Channel<'_> {
                 RegistryError::NoClient => ErrorCode::ServiceUnavailable,
                 RegistryError::HostnameTaken(_)
                 | RegistryError::HostnameInUse(..)
+                | RegistryError::PathInUse(..)
                 | RegistryError::HostnameHeld(..)
                 | RegistryError::NameTaken(_) => ErrorCode::InvalidRequest,
             };

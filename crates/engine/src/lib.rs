@@ -39,6 +39,7 @@ pub mod fuzzing;
 pub mod ids;
 pub mod metrics;
 pub mod net;
+pub mod policy;
 pub mod prometheus;
 pub mod registry;
 pub mod streams;

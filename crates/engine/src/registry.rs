@@ -87,6 +87,9 @@ pub struct Tunnel {
     /// built at its first connection and shared by the rest: one session
     /// cache per tunnel (so resumption works) instead of one per connection.
     pub tls_config: OnceLock<Arc<rustls::ServerConfig>>,
+    /// The policy's rate limiter and verified proofs, built at the first
+    /// request that needs them.
+    pub policy_state: OnceLock<crate::edge::route::PolicyState>,
     /// Cancelled when the tunnel leaves the registry (closed, revoked, or
     /// its control channel gone): its listener and live connections end.
     pub closed: CancellationToken,
@@ -95,14 +98,27 @@ pub struct Tunnel {
 impl Tunnel {
     /// A tunnel with normalised `properties`.
     pub fn new(id: String, client_id: String, principal: String, properties: TunnelProperties) -> Self {
+        let spec = TunnelSpec::of(&properties);
+        Self::with_spec(id, client_id, principal, properties, spec)
+    }
+
+    /// A tunnel whose spec the caller read (and completed) already.
+    pub fn with_spec(
+        id: String,
+        client_id: String,
+        principal: String,
+        properties: TunnelProperties,
+        spec: TunnelSpec,
+    ) -> Self {
         Self {
             id,
             client_id,
             principal,
-            spec: TunnelSpec::of(&properties),
+            spec,
             properties,
             created_at: SystemTime::now(),
             tls_config: Default::default(),
+            policy_state: Default::default(),
             closed: CancellationToken::new(),
         }
     }
@@ -190,6 +206,11 @@ pub enum RegistryError {
          control channel times out"
     )]
     HostnameInUse(Address, String),
+    #[error(
+        "path {1} of {0} is already served by this principal's tunnel {2}; close it first, or wait \
+         until its control channel times out"
+    )]
+    PathInUse(Address, String, String),
     #[error("{0} is reserved for another principal (its tunnel went offline {1}s ago); try another one")]
     HostnameHeld(Address, u64),
     #[error("a tunnel named {0:?} is already open for this principal")]
@@ -245,6 +266,16 @@ impl Policy {
             hold: Duration::from_secs(config.edge.hostname_hold_seconds),
         }
     }
+}
+
+/// Where a request for a hostname and path goes.
+#[derive(Debug)]
+pub enum Lookup {
+    Found(Arc<Tunnel>),
+    /// The hostname is served, but no tunnel takes this path.
+    NoPath,
+    /// No live tunnel serves the hostname.
+    Unknown,
 }
 
 /// What a reservation keeps for its principal.
@@ -305,8 +336,9 @@ struct State {
     tunnels: HashMap<String, Arc<Tunnel>>,
     /// Tunnel ids by client, for limits and for cleanup when a channel drops.
     tunnels_by_client: HashMap<String, Vec<String>>,
-    /// Tunnel ids by published hostname or port.
-    by_address: HashMap<Address, String>,
+    /// Tunnel ids by published hostname or port. A hostname holds more
+    /// than one when its principal's http tunnels split it by path.
+    by_address: HashMap<Address, Vec<String>>,
     by_name: HashMap<(String, String), String>,
     usage: HashMap<String, Usage>,
     holds: HashMap<HoldKey, Hold>,
@@ -517,12 +549,24 @@ impl Registry {
         }
         let address_key = tunnel.address().map(|a| HoldKey::Address(a.clone()));
         if let Some(address) = tunnel.address() {
-            if let Some(live) = state.by_address.get(address).and_then(|id| state.tunnels.get(id)) {
-                return Err(if live.principal == tunnel.principal {
-                    RegistryError::HostnameInUse(address.clone(), live.id.clone())
-                } else {
-                    RegistryError::HostnameTaken(address.clone())
-                });
+            let live: Vec<&Arc<Tunnel>> =
+                state.by_address.get(address).into_iter().flatten().filter_map(|id| state.tunnels.get(id)).collect();
+            if let Some(first) = live.first() {
+                // A hostname is its first tunnel's principal's; that
+                // principal's http tunnels may share it, one per path.
+                if first.principal != tunnel.principal {
+                    return Err(RegistryError::HostnameTaken(address.clone()));
+                }
+                let http = |t: &Tunnel| t.spec.kind == crate::tunnel::Kind::Http;
+                if !http(&tunnel) || !live.iter().all(|t| http(t)) {
+                    return Err(RegistryError::HostnameInUse(address.clone(), first.id.clone()));
+                }
+                if let Some(same) = live.iter().find(|t| t.spec.route.prefix == tunnel.spec.route.prefix) {
+                    return Err(match &tunnel.spec.route.prefix {
+                        None => RegistryError::HostnameInUse(address.clone(), same.id.clone()),
+                        Some(prefix) => RegistryError::PathInUse(address.clone(), prefix.clone(), same.id.clone()),
+                    });
+                }
             }
             let key = address_key.as_ref().expect("an address");
             if let Some(hold) = state.hold(key)
@@ -547,7 +591,7 @@ impl Registry {
         }
         let tunnel = Arc::new(tunnel);
         if let Some(address) = tunnel.address() {
-            state.by_address.insert(address.clone(), tunnel.id.clone());
+            state.by_address.entry(address.clone()).or_default().push(tunnel.id.clone());
         }
         if let Some(key) = name_key {
             state.by_name.insert(key, tunnel.id.clone());
@@ -580,8 +624,13 @@ impl Registry {
     fn unindex(&self, state: &mut State, tunnel_id: &str, how: Departure) -> Option<Arc<Tunnel>> {
         let tunnel = state.tunnels.remove(tunnel_id)?;
         tunnel.closed.cancel();
-        if let Some(address) = tunnel.address() {
-            state.by_address.remove(address);
+        if let Some(address) = tunnel.address()
+            && let Some(ids) = state.by_address.get_mut(address)
+        {
+            ids.retain(|id| *id != tunnel.id);
+            if ids.is_empty() {
+                state.by_address.remove(address);
+            }
         }
         if let Some(name) = tunnel.name() {
             state.by_name.remove(&(tunnel.principal.clone(), name.to_string()));
@@ -637,10 +686,39 @@ impl Registry {
         self.lock().tunnels.values().cloned().collect()
     }
 
+    /// A tunnel serving `hostname`: its fallback if it is split by path,
+    /// for what the TLS handshake decides (tls or http, the certificate).
     pub fn tunnel_by_hostname(&self, hostname: &str) -> Option<Arc<Tunnel>> {
         let state = self.lock();
         let address = Address::Hostname(hostname.to_string());
-        state.by_address.get(&address).and_then(|id| state.tunnels.get(id)).cloned()
+        let tunnels = state.by_address.get(&address)?.iter().filter_map(|id| state.tunnels.get(id));
+        let mut first = None;
+        for tunnel in tunnels {
+            if tunnel.spec.route.prefix.is_none() {
+                return Some(tunnel.clone());
+            }
+            first.get_or_insert(tunnel);
+        }
+        first.cloned()
+    }
+
+    /// The tunnel a request for `hostname` and `path` goes to: the longest
+    /// path prefix that matches, else the hostname's fallback.
+    pub fn route(&self, hostname: &str, path: &str) -> Lookup {
+        let state = self.lock();
+        let address = Address::Hostname(hostname.to_string());
+        let Some(ids) = state.by_address.get(&address) else { return Lookup::Unknown };
+        let mut best: Option<(&Arc<Tunnel>, usize)> = None;
+        for tunnel in ids.iter().filter_map(|id| state.tunnels.get(id)) {
+            let length = tunnel.spec.route.prefix.as_ref().map_or(0, |p| p.len() + 1);
+            if best.is_none_or(|(_, l)| length > l) && tunnel.spec.route.matches(path) {
+                best = Some((tunnel, length));
+            }
+        }
+        match best {
+            Some((tunnel, _)) => Lookup::Found(tunnel.clone()),
+            None => Lookup::NoPath,
+        }
     }
 
     /// Resolves what a dialer named: a tunnel id it may see, else a name of

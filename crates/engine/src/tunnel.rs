@@ -7,12 +7,14 @@
 //! rest of the engine works from.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use rand::RngExt;
 use strait_proto::{Error, ErrorCode, TunnelProperties};
 
 use crate::config::PortsConfig;
+use crate::policy::{PATH_LABEL, POLICY_LABEL, PathRoute, Policy, STRIP_LABEL};
 
 /// Where published tunnels live: hostnames `<label>.t.<engine.host>`, and
 /// the public ports of TCP and UDP tunnels.
@@ -218,6 +220,24 @@ pub fn normalize(mut p: TunnelProperties, ns: &Namespace<'_>) -> Result<TunnelPr
         return Err(invalid("tls_alpns entries must be 1 to 255 bytes"));
     }
 
+    // Path routing and policy (labels any rstream client can set).
+    let routing = [PATH_LABEL, STRIP_LABEL, POLICY_LABEL].iter().any(|l| p.labels.contains_key(*l));
+    if publish && protocol == "http" {
+        PathRoute::of_labels(&p.labels).map_err(invalid)?;
+        if let Some(json) = p.labels.get(POLICY_LABEL) {
+            let policy = Policy::parse(json).map_err(|e| invalid(format!("{POLICY_LABEL}: {e}")))?;
+            if p.token_auth == Some(true) && !policy.basic_auth.is_empty() {
+                return Err(invalid(format!(
+                    "{POLICY_LABEL}: basic_auth and token_auth both use Authorization; choose one"
+                )));
+            }
+        }
+    } else if routing {
+        return Err(invalid(format!(
+            "{PATH_LABEL}, {STRIP_LABEL} and {POLICY_LABEL} apply to published http tunnels only"
+        )));
+    }
+
     // Hostname.
     let requested = p.hostname.take().or_else(|| p.host.take()).map(|h| h.trim().to_ascii_lowercase());
     if let Some((name, range)) = ports {
@@ -297,6 +317,13 @@ pub struct TunnelSpec {
     pub trusted: Vec<IpNet>,
     /// Datagrams that may ride QUIC DATAGRAM frames (no guaranteed delivery).
     pub datagram_channels: bool,
+    /// Where an http tunnel sits on its hostname.
+    pub route: PathRoute,
+    /// An http tunnel's traffic policy, the operator's default merged in
+    /// ([`TunnelSpec::under_policy`]); empty for every other kind.
+    pub policy: Arc<Policy>,
+    /// `token_auth`: requests carry an engine token.
+    pub token_auth: bool,
 }
 
 impl TunnelSpec {
@@ -322,13 +349,39 @@ impl TunnelSpec {
             .iter()
             .filter_map(|entry| entry.parse::<IpNet>().ok().or_else(|| entry.parse::<IpAddr>().ok().map(IpNet::from)))
             .collect();
+        // Validated by `normalize`: a label that fails here was never
+        // admitted, so the defaults are only for hand-made properties.
+        let http = publish && kind == Kind::Http;
+        let route = if http { PathRoute::of_labels(&p.labels).unwrap_or_default() } else { PathRoute::default() };
+        let policy = match p.labels.get(POLICY_LABEL) {
+            Some(json) if http => Policy::parse(json).unwrap_or_default(),
+            _ => Policy::default(),
+        };
         Self {
             kind,
             publish,
             address,
             trusted,
             datagram_channels: datagram && p.datagram_guaranteed_delivery != Some(true),
+            route,
+            policy: Arc::new(policy),
+            token_auth: p.token_auth == Some(true),
         }
+    }
+
+    /// The spec with the operator's default policy under its own (for
+    /// published http tunnels).
+    pub fn under_policy(mut self, default: &Policy) -> Self {
+        if self.publish && self.kind == Kind::Http && !default.is_empty() {
+            let mut merged = (*self.policy).clone().under(default);
+            if self.token_auth {
+                // Its requests carry a token in Authorization: the
+                // operator's basic auth cannot apply to them.
+                merged.basic_auth.clear();
+            }
+            self.policy = Arc::new(merged);
+        }
+        self
     }
 
     /// Whether `ip` may reach the tunnel. An IPv4 peer seen through an

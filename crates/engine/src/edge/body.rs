@@ -10,7 +10,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 
 use super::activity::BusyGuard;
-use super::upstream::{Pool, UpBody};
+use super::upstream::{BoxError, Pool, UpBody};
 
 /// Keeps the public connection busy until the response body is done, so the
 /// idle timer never cuts a transfer, a long poll or an event stream.
@@ -41,24 +41,45 @@ impl<B: Body + Unpin> Body for Busy<B> {
 }
 
 /// A request body from the public client that remembers whether it failed:
-/// a malformed chunked body, or one the client cut short. hyper then fails
-/// the request towards the agent with an error of its own, which is the
-/// client's doing, not the service's.
+/// a malformed chunked body, one the client cut short, or one past the
+/// policy's `max_request_body_bytes` (counted as it streams). hyper then
+/// fails the request towards the agent, which is the client's doing, not
+/// the service's.
 pub struct Watched {
     pub inner: Incoming,
     pub failed: Arc<AtomicBool>,
+    pub too_large: Arc<AtomicBool>,
+    /// Bytes the body may still carry.
+    pub left: u64,
 }
+
+/// The error that ends a body past its limit.
+#[derive(Debug, thiserror::Error)]
+#[error("request body over the tunnel's max_request_body_bytes")]
+pub struct TooLarge;
 
 impl Body for Watched {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if matches!(frame, Some(Err(_))) {
-            self.failed.store(true, Ordering::Relaxed);
+        match frame {
+            Some(Err(error)) => {
+                self.failed.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(error.into())))
+            }
+            Some(Ok(frame)) => {
+                let len = frame.data_ref().map_or(0, |d| d.len() as u64);
+                if len > self.left {
+                    self.too_large.store(true, Ordering::Relaxed);
+                    return Poll::Ready(Some(Err(TooLarge.into())));
+                }
+                self.left -= len;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            None => Poll::Ready(None),
         }
-        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {

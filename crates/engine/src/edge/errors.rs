@@ -31,6 +31,18 @@ pub enum Refusal {
     Timeout,
     /// A request the edge cannot forward.
     BadRequest(&'static str),
+    /// The hostname is split by path and no tunnel takes this one.
+    NoRoute,
+    /// The tunnel's policy denies the path (`deny_paths`).
+    Denied,
+    /// The tunnel's policy allows other methods only (the list, for `Allow`).
+    MethodNotAllowed(String),
+    /// The tunnel's policy asks for basic auth: none given, or refused.
+    BasicAuth,
+    /// The tunnel's rate limit: seconds until the next request may pass.
+    RateLimited(u64),
+    /// The request body is over the policy's `max_request_body_bytes`.
+    TooLarge,
 }
 
 impl Refusal {
@@ -63,6 +75,11 @@ impl Refusal {
             Refusal::Offline | Refusal::Busy => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::Upstream(_) => StatusCode::BAD_GATEWAY,
             Refusal::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::NoRoute | Refusal::Denied => StatusCode::NOT_FOUND,
+            Refusal::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::BasicAuth => StatusCode::UNAUTHORIZED,
+            Refusal::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 
@@ -79,6 +96,12 @@ impl Refusal {
             Refusal::Upstream(_) => "upstream refused the stream\n".into(),
             Refusal::Timeout => "upstream timed out\n".into(),
             Refusal::BadRequest(why) => format!("bad request: {why}\n"),
+            Refusal::NoRoute => "no route for this path\n".into(),
+            Refusal::Denied => "not found\n".into(),
+            Refusal::MethodNotAllowed(_) => "method not allowed\n".into(),
+            Refusal::BasicAuth => "authentication required\n".into(),
+            Refusal::RateLimited(_) => "too many requests, retry later\n".into(),
+            Refusal::TooLarge => "request body too large\n".into(),
         }
     }
 
@@ -92,7 +115,29 @@ impl Refusal {
     }
 
     pub fn response(&self) -> Response<PublicBody> {
-        page(self.status(), self.body(), matches!(self, Refusal::Unauthorized))
+        let mut response = page(self.status(), self.body());
+        let headers = response.headers_mut();
+        match self {
+            Refusal::Unauthorized => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Refusal::BasicAuth => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Basic realm=\"strait\", charset=\"UTF-8\""),
+                );
+            }
+            Refusal::MethodNotAllowed(allowed) => {
+                if let Ok(value) = HeaderValue::try_from(allowed.as_str()) {
+                    headers.insert(header::ALLOW, value);
+                }
+            }
+            Refusal::RateLimited(seconds) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(*seconds));
+            }
+            _ => {}
+        }
+        response
     }
 
     /// The same page as HTTP/1.1 bytes, for the relay.
@@ -109,15 +154,12 @@ impl Refusal {
     }
 }
 
-fn page(status: StatusCode, body: String, challenge: bool) -> Response<PublicBody> {
+fn page(status: StatusCode, body: String) -> Response<PublicBody> {
     let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed_unsync());
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if challenge {
-        headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
     if status == StatusCode::SERVICE_UNAVAILABLE {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }

@@ -40,11 +40,13 @@ use super::body::{Busy, Returning, Watched};
 use super::errors::Refusal;
 use super::headers;
 use super::relay::{self, Outcome};
+use super::route;
 use super::tls;
 use super::upstream::{self, Lease, Pool, Sender};
 use super::websocket;
 use crate::Shared;
 use crate::admission::HandshakeSlot;
+use crate::policy::Policy;
 use crate::registry::Tunnel;
 use crate::tunnel::Namespace;
 
@@ -227,7 +229,14 @@ impl Edge {
             Ok(response) => response,
             Err((host, refusal)) => {
                 self.log_refusal(&host, method.as_str(), &path, &refusal);
-                refusal.response()
+                let response = refusal.response();
+                if method == Method::HEAD {
+                    // The page's headers without its body (HTTP/2 resets a
+                    // HEAD answer that carries DATA).
+                    response.map(|_| empty())
+                } else {
+                    response
+                }
             }
         };
         self.shared.metrics.http_response(response.status().as_u16());
@@ -308,38 +317,64 @@ impl Edge {
             return Err(fail(Refusal::BadRequest("more than one Host")));
         }
 
-        let tunnel = self
-            .shared
-            .registry
-            .tunnel_by_hostname(&host)
-            .ok_or_else(|| fail(Refusal::unrouted(&self.shared, &host)))?;
-        if tunnel.spec.kind != crate::tunnel::Kind::Http {
-            return Err(fail(Refusal::NotHttp(host.clone())));
+        let target = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let authorization = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let head =
+            route::Head { host: &host, method: parts.method.as_str(), target, authorization, source: self.peer.ip() };
+        let mut route = route::decide(&self.shared, &head).map_err(fail)?;
+        if let Some(pending) = route.pending.take() {
+            pending.verify(&self.shared, self.peer.ip()).await.map_err(fail)?;
         }
-        if !tunnel.spec.allows(self.peer.ip()) {
-            return Err(fail(Refusal::Forbidden));
+        let tunnel = route.tunnel.clone();
+        let policy = tunnel.spec.policy.clone();
+        if route.consumed_authorization {
+            // Basic auth's proof stays here; any other Authorization passes.
+            let used = parts.headers.get(header::AUTHORIZATION).cloned();
+            let kept: Vec<HeaderValue> = parts
+                .headers
+                .get_all(header::AUTHORIZATION)
+                .iter()
+                .filter(|v| Some(*v) != used.as_ref())
+                .cloned()
+                .collect();
+            parts.headers.remove(header::AUTHORIZATION);
+            for value in kept {
+                parts.headers.append(header::AUTHORIZATION, value);
+            }
         }
-        if tunnel.properties.token_auth == Some(true) {
+        if tunnel.spec.token_auth {
             access::check_token(&self.shared, &mut parts, self.peer.ip()).map_err(fail)?;
+        }
+        let limit = policy.max_request_body_bytes.unwrap_or(u64::MAX);
+        if body.size_hint().lower() > limit {
+            return Err(fail(Refusal::TooLarge));
         }
         let pool = self.pool(&tunnel);
         let h2c = upstream::h2c(&tunnel) && kind == Kind::Plain;
         to_upstream(&mut parts, kind, h2c, self.peer, given_host.as_deref()).map_err(fail)?;
+        apply_route(&mut parts, &route, &policy, h2c).map_err(fail)?;
 
         // A body-less request may be sent again on a fresh stream if a
         // reused connection turns out closed: nothing was consumed.
         let retry = body.is_end_stream().then(|| parts.clone());
         let failed = Arc::new(AtomicBool::new(false));
-        let body = Watched { inner: body, failed: failed.clone() };
+        let too_large = Arc::new(AtomicBool::new(false));
+        let body = Watched { inner: body, failed: failed.clone(), too_large: too_large.clone(), left: limit };
         // When the client's body failed, so does the request towards the
         // agent: that is the client's doing, not the service's.
-        let broken = |error: hyper::Error| match failed.load(Ordering::Relaxed) {
-            true => fail(Refusal::BadRequest("malformed request body")),
-            false => fail(Refusal::Upstream(error.to_string())),
+        let broken = |error: hyper::Error| {
+            if too_large.load(Ordering::Relaxed) {
+                fail(Refusal::TooLarge)
+            } else if failed.load(Ordering::Relaxed) {
+                fail(Refusal::BadRequest("malformed request body"))
+            } else {
+                fail(Refusal::Upstream(error.to_string()))
+            }
         };
         let request = Request::from_parts(parts, body.boxed_unsync());
         let mut lease = pool.lease(kind != Kind::Plain).await.map_err(fail)?;
-        let response = match self.answer(lease.sender.send(request)).await.map_err(fail)? {
+        let wait = policy.response_timeout;
+        let response = match self.answer(lease.sender.send(request), wait).await.map_err(fail)? {
             Ok(response) => response,
             Err((error, unsent)) => {
                 let again = unsent.or_else(|| retry.map(|p| Request::from_parts(p, empty())));
@@ -347,24 +382,33 @@ impl Edge {
                     Some(request) if lease.reused => {
                         tracing::debug!(%host, %error, "reused agent connection failed; retrying on a fresh stream");
                         lease = pool.fresh().await.map_err(fail)?;
-                        let answer = self.answer(lease.sender.send(request)).await.map_err(fail)?;
+                        let answer = self.answer(lease.sender.send(request), wait).await.map_err(fail)?;
                         answer.map_err(|(e, _)| broken(e))?
                     }
                     _ => return Err(broken(error)),
                 }
             }
         };
-        self.respond(response, kind, public_version, public_upgrade, lease, pool).map_err(fail)
+        let mut response = self.respond(response, kind, public_version, public_upgrade, lease, pool).map_err(fail)?;
+        response_policy(response.headers_mut(), &policy, &host);
+        Ok(response)
     }
 
     /// Waits for the service's answer while bytes move on the connection.
     /// An upload of any size keeps it waiting; a service that says nothing
     /// on a silent connection for `http_idle_seconds` gets a 504 instead of
-    /// holding the client forever.
-    async fn answer<T>(&self, sent: impl Future<Output = T>) -> Result<T, Refusal> {
-        tokio::select! {
-            answer = sent => Ok(answer),
-            _ = self.activity.quiet(self.idle) => Err(Refusal::Timeout),
+    /// holding the client forever. A policy's `response_timeout_seconds`
+    /// replaces that (long polls wait for their answer, however quiet).
+    async fn answer<T>(&self, sent: impl Future<Output = T>, wait: Option<Duration>) -> Result<T, Refusal> {
+        match wait {
+            Some(wait) => tokio::select! {
+                answer = sent => Ok(answer),
+                _ = tokio::time::sleep(wait) => Err(Refusal::Timeout),
+            },
+            None => tokio::select! {
+                answer = sent => Ok(answer),
+                _ = self.activity.quiet(self.idle) => Err(Refusal::Timeout),
+            },
         }
     }
 
@@ -485,6 +529,68 @@ fn name_of(authority: &str) -> String {
     }
     let name = authority.parse::<Authority>().map(|a| a.host().to_string()).unwrap_or_else(|_| authority.to_string());
     name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Applies what the route and the tunnel's policy change on a request the
+/// agent receives (after [`to_upstream`]): the stripped target, the
+/// upstream `Host`, the header rules.
+fn apply_route(parts: &mut Parts, route: &route::Route, policy: &Policy, h2c: bool) -> Result<(), Refusal> {
+    if let Some(target) = &route.target {
+        let target = PathAndQuery::try_from(target.as_str()).map_err(|_| Refusal::BadRequest("bad request target"))?;
+        let mut uri = parts.uri.clone().into_parts();
+        uri.path_and_query = Some(target);
+        parts.uri = Uri::from_parts(uri).map_err(|_| Refusal::BadRequest("bad request target"))?;
+    }
+    if let Some(host) = &policy.host {
+        if h2c {
+            let mut uri = parts.uri.clone().into_parts();
+            uri.authority = Some(host.parse().map_err(|_| Refusal::BadRequest("bad Host"))?);
+            parts.uri = Uri::from_parts(uri).map_err(|_| Refusal::BadRequest("bad request target"))?;
+        } else {
+            parts.headers.insert(
+                header::HOST,
+                HeaderValue::try_from(host.as_str()).map_err(|_| Refusal::BadRequest("bad Host"))?,
+            );
+        }
+    }
+    policy.request_headers.apply(&mut parts.headers);
+    Ok(())
+}
+
+/// Applies the policy's response rules: header rules, and with
+/// `rewrite_location` the upstream host in `Location`, `Content-Location`
+/// and cookie domains turned back into the public name.
+fn response_policy(headers: &mut http::HeaderMap, policy: &Policy, public: &str) {
+    if let (true, Some(upstream)) = (policy.rewrite_location, policy.host.as_deref()) {
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let rewritten = headers
+                .get(&name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| route::rewrite_location(v, upstream, public))
+                .and_then(|v| HeaderValue::try_from(v).ok());
+            if let Some(value) = rewritten {
+                headers.insert(name, value);
+            }
+        }
+        if headers.contains_key(header::SET_COOKIE) {
+            let cookies: Vec<HeaderValue> = headers
+                .get_all(header::SET_COOKIE)
+                .iter()
+                .map(|v| {
+                    v.to_str()
+                        .ok()
+                        .and_then(|c| route::rewrite_cookie_domain(c, upstream, public))
+                        .and_then(|c| HeaderValue::try_from(c).ok())
+                        .unwrap_or_else(|| v.clone())
+                })
+                .collect();
+            headers.remove(header::SET_COOKIE);
+            for cookie in cookies {
+                headers.append(header::SET_COOKIE, cookie);
+            }
+        }
+    }
+    policy.response_headers.apply(headers);
 }
 
 /// Rewrites a public request into the one the agent's service receives.

@@ -29,6 +29,7 @@ pub mod headers;
 pub mod http;
 pub mod redirect;
 pub mod relay;
+pub mod route;
 pub mod tcp;
 pub mod tls;
 pub mod udp;

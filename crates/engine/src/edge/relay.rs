@@ -31,7 +31,9 @@ use super::chunked;
 use super::errors::Refusal;
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
 use super::http::Edge;
+use super::route;
 use super::upstream::{self, AgentStream};
+use crate::policy::Policy;
 use crate::registry::Tunnel;
 
 /// Longest request head the relay waits for before leaving the connection
@@ -81,13 +83,29 @@ pub async fn relay(edge: &Edge, public: &mut PublicTls) -> Outcome {
     tokio::pin!(deadline, shutdown);
     loop {
         deadline.as_mut().reset(Instant::now() + edge.idle);
-        let plan = match relay.next_request(deadline.as_mut(), shutdown.as_mut()).await {
+        let mut plan = match relay.next_request(deadline.as_mut(), shutdown.as_mut()).await {
             Next::Relay(plan) => plan,
+            Next::Refuse(refused) => {
+                relay.inbuf.advance(refused.len);
+                let keep_public = relay.refuse_request(&refused).await;
+                if !keep_public || refused.close || edge.shared.shutdown.is_cancelled() {
+                    return relay.close().await;
+                }
+                continue;
+            }
             Next::Close => return relay.close().await,
             Next::HandOff => return relay.hand_off(),
         };
         relay.inbuf.advance(plan.len);
-        let keep_public = match relay.exchange(&plan).await {
+        let verified = match plan.pending.take() {
+            Some(pending) => pending.verify(&edge.shared, edge.peer.ip()).await,
+            None => Ok(()),
+        };
+        let exchanged = match verified {
+            Ok(()) => relay.exchange(&plan).await,
+            Err(refusal) => Err(Failure::Refused(refusal)),
+        };
+        let keep_public = match exchanged {
             Ok(keep) => keep,
             Err(Failure::Refused(refusal)) => {
                 relay.upstream = None;
@@ -115,10 +133,24 @@ struct Plan {
     head_only: bool,
     /// The client asked to close after this response.
     close: bool,
+    /// A basic-auth password to verify before the request goes on.
+    pending: Option<route::Pending>,
+}
+
+/// A request the relay answers itself with a refusal (it has no body).
+struct Refused {
+    len: usize,
+    host: String,
+    method: String,
+    path: String,
+    refusal: Refusal,
+    head_only: bool,
+    close: bool,
 }
 
 enum Next {
     Relay(Plan),
+    Refuse(Refused),
     Close,
     HandOff,
 }
@@ -185,6 +217,7 @@ impl Relay<'_> {
             if !self.inbuf.is_empty() {
                 match plan(self.edge, &self.client, &self.inbuf, &mut self.up_head) {
                     Parsed::Relay(plan) => return Next::Relay(plan),
+                    Parsed::Refuse(refused) => return Next::Refuse(refused),
                     Parsed::Other => return Next::HandOff,
                     Parsed::Partial if self.inbuf.len() >= MAX_HEAD => return Next::HandOff,
                     Parsed::Partial => {}
@@ -237,7 +270,7 @@ impl Relay<'_> {
                     .map_err(Failure::Refused)?;
                 self.upstream = Some(Upstream { tunnel: plan.tunnel.clone(), io, served: false });
             }
-            match self.ask(plan.head_only).await {
+            match self.ask(plan).await {
                 Ok(answer) => break answer,
                 Err(HeadError { reason, silent }) => {
                     let up = self.upstream.take().expect("asked above");
@@ -270,8 +303,12 @@ impl Relay<'_> {
 
     /// Sends the request head and reads the final response head (passing
     /// interim `1xx` heads on to the client).
-    async fn ask(&mut self, head_only: bool) -> Result<Answer, HeadError> {
+    async fn ask(&mut self, plan: &Plan) -> Result<Answer, HeadError> {
         let edge = self.edge;
+        let head_only = plan.head_only;
+        let policy = &plan.tunnel.spec.policy;
+        let rules =
+            (!policy.response_headers.is_empty() || policy.rewrite_location).then(|| (&**policy, plan.host.as_str()));
         let up = self.upstream.as_mut().expect("opened by the caller");
         self.upbuf.clear();
         let unsent = |e: std::io::Error| HeadError::silent(format!("writing to the agent stream: {e}"));
@@ -280,7 +317,7 @@ impl Relay<'_> {
         let mut heard = false;
         loop {
             if !self.upbuf.is_empty() {
-                match parse_answer(&self.upbuf, head_only, &mut self.down_head) {
+                match parse_answer(&self.upbuf, head_only, rules, &mut self.down_head) {
                     Ok(Some(answer)) if (100..200).contains(&answer.status) => {
                         self.public.write_all(&self.down_head).await.map_err(|e| HeadError::heard(e.to_string()))?;
                         self.public.flush().await.map_err(|e| HeadError::heard(e.to_string()))?;
@@ -297,13 +334,19 @@ impl Relay<'_> {
             }
             self.upbuf.reserve(HEAD_READ);
             // A service that says nothing on a silent connection gets a
-            // 504 instead of holding the client forever.
-            let read = tokio::select! {
-                biased;
-                read = up.io.read_buf(&mut self.upbuf) => read,
-                _ = edge.activity.quiet(edge.idle) => {
-                    return Err(HeadError { reason: Refusal::Timeout, silent: false });
-                }
+            // 504 instead of holding the client forever (or, with the
+            // policy's response_timeout_seconds, after that long).
+            let timed_out = HeadError { reason: Refusal::Timeout, silent: false };
+            let read = match policy.response_timeout {
+                None => tokio::select! {
+                    biased;
+                    read = up.io.read_buf(&mut self.upbuf) => read,
+                    _ = edge.activity.quiet(edge.idle) => return Err(timed_out),
+                },
+                Some(wait) => match tokio::time::timeout(wait, up.io.read_buf(&mut self.upbuf)).await {
+                    Ok(read) => read,
+                    Err(_) => return Err(timed_out),
+                },
             };
             match read {
                 Ok(0) if !heard => return Err(HeadError::silent("closed before answering".into())),
@@ -319,9 +362,31 @@ impl Relay<'_> {
     /// connection can carry another request.
     async fn refuse(&mut self, plan: &Plan, refusal: Refusal) -> bool {
         let (method, path) = request_line(&self.up_head);
-        self.edge.log_refusal(&plan.host, method, path, &refusal);
+        let (method, path) = (method.to_string(), path.to_string());
+        self.write_refusal(&plan.host, &method, &path, &refusal, plan.head_only).await
+    }
+
+    /// Answers a request the route refused.
+    async fn refuse_request(&mut self, refused: &Refused) -> bool {
+        self.write_refusal(&refused.host, &refused.method, &refused.path, &refused.refusal, refused.head_only).await
+    }
+
+    async fn write_refusal(
+        &mut self,
+        host: &str,
+        method: &str,
+        path: &str,
+        refusal: &Refusal,
+        head_only: bool,
+    ) -> bool {
+        self.edge.log_refusal(host, method, path, refusal);
         self.edge.shared.metrics.http_response(refusal.status().as_u16());
-        let page = refusal.http1();
+        let mut page = refusal.http1();
+        if head_only {
+            // A HEAD answer has the page's headers, not its body.
+            let end = page.windows(4).position(|w| w == b"\r\n\r\n").map_or(page.len(), |i| i + 4);
+            page.truncate(end);
+        }
         self.public.write_all(&page).await.is_ok() && self.public.flush().await.is_ok()
     }
 }
@@ -411,6 +476,7 @@ where
 
 enum Parsed {
     Relay(Plan),
+    Refuse(Refused),
     Partial,
     /// Not for the relay: hyper serves it.
     Other,
@@ -453,6 +519,7 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
         return Parsed::Other;
     }
     let mut host = None;
+    let mut authorization = None;
     let mut connection: Vec<&str> = Vec::new();
     let mut forwarded_for: Vec<&str> = Vec::new();
     for header in request.headers.iter() {
@@ -481,6 +548,8 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
             connection.push(value);
         } else if eq(name, X_FORWARDED_FOR.as_str()) {
             forwarded_for.push(value.trim());
+        } else if eq(name, "authorization") && authorization.is_none() {
+            authorization = Some(value);
         }
     }
     let Some(given_host) = host else { return Parsed::Other };
@@ -488,15 +557,21 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
         return Parsed::Other;
     }
     let name = edge.published_name(Some(given_host));
-    let Some(tunnel) = edge.shared.registry.tunnel_by_hostname(&name) else { return Parsed::Other };
-    let properties = &tunnel.properties;
-    if tunnel.spec.kind != crate::tunnel::Kind::Http
-        || properties.token_auth == Some(true)
-        || upstream::h2c(&tunnel)
-        || !tunnel.spec.allows(edge.peer.ip())
-    {
+    let head = route::Head { host: &name, method, target: path, authorization, source: edge.peer.ip() };
+    let head_only = method == "HEAD";
+    let close = listed(&connection, "close");
+    let route = match route::decide(&edge.shared, &head) {
+        Ok(route) => route,
+        Err(refusal) => {
+            let (method, path) = (method.to_string(), path.to_string());
+            return Parsed::Refuse(Refused { len, host: name, method, path, refusal, head_only, close });
+        }
+    };
+    let tunnel = route.tunnel.clone();
+    if tunnel.spec.token_auth || upstream::h2c(&tunnel) {
         return Parsed::Other;
     }
+    let policy = &tunnel.spec.policy;
 
     // The head the service receives: the request line as sent, every
     // header byte for byte in its order and spelling, minus this hop's,
@@ -504,7 +579,7 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(route.target.as_deref().unwrap_or(path).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     // Each X-Forwarded-* header is written once, where the client first
     // sent it (keeping its spelling), else at the end.
@@ -527,9 +602,25 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
         }
     };
     let mut wrote = [false; 3];
+    let mut consumed = route.consumed_authorization;
+    let rules = &policy.request_headers;
     for header in request.headers.iter() {
         let name = header.name;
         if headers::is_hop_by_hop(name) || listed(&connection, name) {
+            continue;
+        }
+        if consumed && eq(name, "authorization") {
+            // Basic auth's proof stays here (the first Authorization).
+            consumed = false;
+            continue;
+        }
+        if !rules.is_empty() && rules.touches(name) {
+            continue;
+        }
+        if let Some(upstream_host) = &policy.host
+            && eq(name, "host")
+        {
+            write_header(out, name, upstream_host.as_bytes());
             continue;
         }
         match forwarded.iter().position(|h| eq(name, h.as_str())) {
@@ -546,13 +637,24 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
             write_forwarded(out, slot, name.as_str());
         }
     }
+    for (name, value) in &rules.set {
+        write_header(out, name.as_str(), value.as_bytes());
+    }
     out.extend_from_slice(b"\r\n");
-    Parsed::Relay(Plan { tunnel, host: name, len, head_only: method == "HEAD", close: listed(&connection, "close") })
+    Parsed::Relay(Plan { tunnel, host: name, len, head_only, close, pending: route.pending })
 }
 
 /// Reads a response head; if complete, writes the head the client receives
 /// into `out`.
-fn parse_answer(bytes: &[u8], head_only: bool, out: &mut Vec<u8>) -> Result<Option<Answer>, String> {
+///
+/// `rules`: the tunnel's policy and the public hostname, when the policy
+/// changes responses (header rules, `rewrite_location`).
+fn parse_answer(
+    bytes: &[u8],
+    head_only: bool,
+    rules: Option<(&Policy, &str)>,
+    out: &mut Vec<u8>,
+) -> Result<Option<Answer>, String> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     let len = match response.parse(bytes) {
@@ -616,7 +718,31 @@ fn parse_answer(bytes: &[u8], head_only: bool, out: &mut Vec<u8>) -> Result<Opti
         if superseded || (!framing_header && headers::is_hop_by_hop(name)) || listed(&connection, name) {
             continue;
         }
+        if let Some((policy, public)) = rules {
+            if policy.response_headers.touches(name) {
+                continue;
+            }
+            if let (true, Some(upstream)) = (policy.rewrite_location, policy.host.as_deref()) {
+                let value = std::str::from_utf8(header.value).unwrap_or_default();
+                let rewritten = if eq(name, "location") || eq(name, "content-location") {
+                    route::rewrite_location(value, upstream, public)
+                } else if eq(name, "set-cookie") {
+                    route::rewrite_cookie_domain(value, upstream, public)
+                } else {
+                    None
+                };
+                if let Some(rewritten) = rewritten {
+                    write_header(out, name, rewritten.as_bytes());
+                    continue;
+                }
+            }
+        }
         write_header(out, name, header.value);
+    }
+    if let Some((policy, _)) = rules {
+        for (name, value) in &policy.response_headers.set {
+            write_header(out, name.as_str(), value.as_bytes());
+        }
     }
     if framing == Framing::UntilClose {
         out.extend_from_slice(b"connection: close\r\n");
@@ -668,7 +794,7 @@ pub mod fuzzing {
                 close: plan.close,
             },
             Parsed::Partial => Request::Partial,
-            Parsed::Other => Request::Other,
+            Parsed::Other | Parsed::Refuse(_) => Request::Other,
         }
     }
 
@@ -682,7 +808,7 @@ pub mod fuzzing {
     }
 
     pub fn response(bytes: &[u8], head_only: bool, out: &mut Vec<u8>) -> Result<Option<Response>, String> {
-        let answer = super::parse_answer(bytes, head_only, out)?;
+        let answer = super::parse_answer(bytes, head_only, None, out)?;
         Ok(answer.map(|a| Response { len: a.len, status: a.status, framing: a.framing, reusable: a.reusable }))
     }
 }
@@ -693,7 +819,7 @@ mod tests {
 
     fn answer(head: &str, head_only: bool) -> (Answer, String) {
         let mut out = Vec::new();
-        let answer = parse_answer(head.as_bytes(), head_only, &mut out).unwrap().unwrap();
+        let answer = parse_answer(head.as_bytes(), head_only, None, &mut out).unwrap().unwrap();
         (answer, String::from_utf8(out).unwrap())
     }
 
@@ -733,9 +859,9 @@ mod tests {
             "HTTP/1.1 2000 OK\r\n\r\n",
             "SSH-2.0-OpenSSH\r\n\r\n",
         ] {
-            assert!(parse_answer(bad.as_bytes(), false, &mut out).is_err(), "{bad}");
+            assert!(parse_answer(bad.as_bytes(), false, None, &mut out).is_err(), "{bad}");
         }
-        assert!(parse_answer(b"HTTP/1.1 200 OK\r\nContent-", false, &mut out).unwrap().is_none());
+        assert!(parse_answer(b"HTTP/1.1 200 OK\r\nContent-", false, None, &mut out).unwrap().is_none());
     }
 
     #[tokio::test]

@@ -34,7 +34,10 @@ use crate::registry::Tunnel;
 use crate::streams;
 
 /// Request bodies towards the agent.
-pub type UpBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type UpBody = UnsyncBoxBody<Bytes, BoxError>;
+/// A request body's error: the client's (hyper's) or the edge's own (a
+/// body over the policy's limit).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Idle HTTP/1.1 connections kept per tunnel per public connection. A
 /// browser multiplexing on HTTP/2 rarely has more requests in flight than

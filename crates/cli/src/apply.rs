@@ -135,6 +135,12 @@ struct TunnelDoc {
     geoip: Vec<String>,
     http: Option<Spanned<HttpDoc>>,
     tls: Option<Spanned<TlsDoc>>,
+    /// Path routing: the prefix of the hostname this tunnel serves.
+    path: Option<Spanned<String>>,
+    #[serde(rename = "stripPath")]
+    strip_path: Option<Spanned<bool>>,
+    /// Traffic policy: the keys of the `strait.policy` label.
+    policy: Option<Spanned<serde_json::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -372,6 +378,35 @@ fn properties(name: &str, t: TunnelDoc, problems: &mut Vec<Problem>) -> TunnelPr
     {
         problems.push(Problem::spanned(tls, "tls settings apply to protocol: tls only"));
     }
+    let http_published = t.publish == Some(true) && protocol.as_deref().is_none_or(|p| p == "http");
+    if let Some(path) = &t.path {
+        if !http_published {
+            problems.push(Problem::spanned(path, "path applies to published http tunnels only"));
+        }
+        if !path.value.starts_with('/') {
+            problems.push(Problem::spanned(path, format!("path {:?} must start with /", path.value)));
+        }
+        labels.insert(crate::policy::PATH_LABEL.to_string(), path.value.clone());
+    }
+    if let Some(strip) = &t.strip_path {
+        if t.path.is_none() {
+            problems.push(Problem::spanned(strip, "stripPath needs path"));
+        }
+        if strip.value {
+            labels.insert(crate::policy::STRIP_LABEL.to_string(), "true".to_string());
+        }
+    }
+    if let Some(policy) = &t.policy {
+        if !http_published {
+            problems.push(Problem::spanned(policy, "policy applies to published http tunnels only"));
+        }
+        match &policy.value {
+            serde_json::Value::Object(_) => {
+                labels.insert(crate::policy::POLICY_LABEL.to_string(), policy.value.to_string());
+            }
+            _ => problems.push(Problem::spanned(policy, "policy must be a mapping of policy keys")),
+        }
+    }
     for entry in &t.trusted_ips {
         if !ip_or_cidr(entry.value.trim()) {
             problems.push(Problem::spanned(
@@ -557,6 +592,28 @@ mod tests {
         assert_eq!(p.len(), 2, "{p:?}");
         assert!(p[0].message.starts_with("port applies"), "{p:?}");
         assert!(p[1].message.contains("datagram"), "{p:?}");
+    }
+
+    #[test]
+    fn paths_and_policies_become_labels() {
+        let text = "version: 1\ntunnels:\n  - name: api\n    forward: 8081\n    tunnel:\n      publish: true\n      \
+                    host: keystone\n      path: /api/\n      stripPath: true\n      policy:\n        deny_paths: \
+                    [/internal/*]\n        rate_limit: {requests_per_second: 50}\n";
+        let plan = parse(text, env).unwrap();
+        let labels = &plan.tunnels[0].desired.properties.labels;
+        assert_eq!(labels["strait.route.path"], "/api/");
+        assert_eq!(labels["strait.route.strip"], "true");
+        let policy: serde_json::Value = serde_json::from_str(&labels["strait.policy"]).unwrap();
+        assert_eq!(
+            policy,
+            serde_json::json!({"deny_paths": ["/internal/*"], "rate_limit": {"requests_per_second": 50}})
+        );
+        let wrong = "version: 1\ntunnels:\n  - name: a\n    forward: 1\n    tunnel:\n      path: api\n      \
+                     policy: [1]\n  - name: b\n    forward: 1\n    tunnel: {publish: true, stripPath: true}\n";
+        let p = problems(wrong);
+        let at: Vec<u32> = p.iter().map(|p| p.line).collect();
+        assert_eq!(at, [6, 6, 7, 7, 10], "{p:?}");
+        assert!(p[4].message.contains("stripPath needs path"), "{p:?}");
     }
 
     #[test]

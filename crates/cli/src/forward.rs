@@ -88,6 +88,9 @@ pub struct TunnelOptions {
     /// `auto` shows them when stdout is a terminal.
     #[arg(long, value_enum, default_value_t = RequestLog::Auto)]
     pub request_log: RequestLog,
+    /// Path routing and traffic policy (published http tunnels).
+    #[command(flatten)]
+    pub route: crate::policy::RouteOptions,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -106,7 +109,9 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
 }
 
 impl TunnelOptions {
-    pub fn properties(&self) -> TunnelProperties {
+    /// What to ask the engine for. Fails on a policy option that cannot
+    /// be read (a missing policy file, a bad --rate-limit).
+    pub fn properties(&self) -> anyhow::Result<TunnelProperties> {
         let publish = !self.private;
         let protocol = self.protocol();
         let datagram = self.datagram || self.datagram_guaranteed_delivery || protocol.as_deref() == Some("udp");
@@ -116,14 +121,16 @@ impl TunnelOptions {
             None if publish => Some("http".to_string()),
             None => None,
         };
-        TunnelProperties {
+        let mut labels = self.labels.iter().cloned().collect::<HashMap<_, _>>();
+        labels.extend(self.route.labels()?);
+        Ok(TunnelProperties {
             name: self.name.clone(),
             publish: Some(publish),
             protocol,
             port: self.port.map(u32::from),
             r#type: datagram.then(|| "datagram".to_string()),
             datagram_guaranteed_delivery: self.datagram_guaranteed_delivery.then_some(true),
-            labels: self.labels.iter().cloned().collect::<HashMap<_, _>>(),
+            labels,
             hostname: self.host.clone(),
             token_auth: self.token_auth.then_some(true),
             trusted_ips: self
@@ -139,7 +146,7 @@ impl TunnelOptions {
             tls_alpns: self.tls_alpns.clone(),
             tls_min_version: self.tls_min_version.clone(),
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -240,7 +247,7 @@ pub async fn run(
     local: String,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut properties = options.properties();
+    let mut properties = options.properties()?;
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     let mut announced = false;
     // When we started waiting for the holder of our name or hostname, and
@@ -354,7 +361,7 @@ mod tests {
     fn properties(args: &[&str]) -> Result<TunnelProperties, clap::Error> {
         use clap::Parser;
         let flags = Flags::try_parse_from(std::iter::once("forward").chain(args.iter().copied()))?;
-        Ok(flags.options.properties())
+        Ok(flags.options.properties().expect("readable options"))
     }
 
     #[test]

@@ -12,6 +12,7 @@ mod engine_api;
 mod events;
 mod forward;
 mod inventory;
+mod policy;
 mod request_log;
 mod retry;
 mod run;
@@ -73,7 +74,7 @@ enum Command {
         #[arg(long, value_name = "MODE")]
         transport: Option<strait_agent::TransportMode>,
         #[command(flatten)]
-        options: forward::TunnelOptions,
+        options: Box<forward::TunnelOptions>,
     },
     /// Listen on a local port; each connection dials a private tunnel.
     #[command(after_help = "Example:\n  strait connect db --listen 127.0.0.1:15432")]
@@ -307,7 +308,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Forward { target, options, .. } => {
             let local = forward::local_target(target.as_deref())?;
-            forward::run(cli.client()?, options.clone(), local, &shutdown).await
+            forward::run(cli.client()?, (**options).clone(), local, &shutdown).await
         }
         Command::Run { apply, watch } => run::run(cli.overrides(), apply.clone(), *watch, &shutdown).await,
         Command::Connect { tunnel, listen, zero_rtt, udp: true, .. } => {

@@ -409,3 +409,54 @@ async fn udp_echo(port: u16, packet: &[u8]) {
     let n = tokio::time::timeout(DEADLINE, socket.recv(&mut buf)).await.expect("an answer").unwrap();
     assert_eq!(&buf[..n], packet);
 }
+
+/// `strait forward --path/--strip-path` and the policy flags: two services
+/// on one hostname, basic auth hashed by the CLI, a denied path.
+#[tokio::test]
+async fn forward_splits_a_hostname_by_path_with_a_policy() {
+    use http_body_util::BodyExt;
+    let engine = TestEngine::start().await;
+    let service = |name: &'static str| -> strait_testkit::Handler {
+        std::sync::Arc::new(move |req: http::Request<hyper::body::Incoming>| {
+            Box::pin(async move {
+                let auth = req.headers().contains_key(http::header::AUTHORIZATION);
+                let text = format!("{name} {} auth={auth}", req.uri());
+                http::Response::builder().body(strait_testkit::full(text)).unwrap()
+            })
+        })
+    };
+    let api = strait_testkit::http_service(service("api")).await;
+    let ui = strait_testkit::http_service(service("ui")).await;
+    let mut cmd = engine.strait("alice");
+    cmd.args(["forward", &api.to_string(), "--host", "keystone", "--path", "/api/", "--strip-path"]);
+    cmd.args(["--basic-auth", "ann:s3cret", "--deny-path", "/api/internal/*", "--transport", "tls"]);
+    let mut api_forward = Running::spawn(cmd);
+    let line = api_forward.line().await;
+    assert!(line.starts_with("Forwarding https://keystone.t.localhost"), "{line}");
+    let mut cmd = engine.strait("alice");
+    cmd.args(["forward", &ui.to_string(), "--host", "keystone", "--transport", "tls"]);
+    let mut ui_forward = Running::spawn(cmd);
+    let line = ui_forward.line().await;
+    assert!(line.starts_with("Forwarding https://keystone.t.localhost"), "{line}");
+
+    let host = "keystone.t.localhost";
+    let mut public = engine.h1(host).await;
+    let mut send = async |target: &str, auth: Option<&str>| {
+        let mut request = http::Request::get(target).header(http::header::HOST, host);
+        if let Some(auth) = auth {
+            request = request.header(http::header::AUTHORIZATION, auth);
+        }
+        let response = public.send_request(request.body(strait_testkit::full("")).unwrap()).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    };
+    // base64("ann:s3cret")
+    let good = "Basic YW5uOnMzY3JldA==";
+    assert_eq!(send("/", None).await, (200, "ui / auth=false".to_string()));
+    assert_eq!(send("/api/streams?x=1", None).await.0, 401);
+    assert_eq!(send("/api/streams?x=1", Some(good)).await, (200, "api /streams?x=1 auth=false".to_string()));
+    assert_eq!(send("/api/internal/keys", Some(good)).await.0, 404);
+    api_forward.interrupt().await;
+    ui_forward.interrupt().await;
+}

@@ -403,3 +403,52 @@ async fn bad_routes_and_policies_are_refused_naming_the_key() {
     assert!(error.to_string().contains("apply to published http tunnels only"), "{error}");
     assert!(engine.tunnels().is_empty(), "nothing of a refused tunnel stays");
 }
+
+/// Reads from a raw public connection until `count` responses ending in
+/// their body's last line arrived, or the connection closes.
+async fn read_until(public: &mut (impl tokio::io::AsyncRead + Unpin), needle: &str, count: usize) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let read = async {
+        while String::from_utf8_lossy(&seen).matches(needle).count() < count {
+            let n = public.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.expect("responses in time");
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test]
+async fn pipelined_bodies_pass_through_the_relay_and_refused_bodies_close() {
+    use tokio::io::AsyncWriteExt;
+    let engine = TestEngine::start().await;
+    let (local, count) = service("app").await;
+    let (_control, _) =
+        publish(&engine, routed("posts", None, false, Some(r#"{"max_request_body_bytes": 100000}"#)), local).await;
+    let host = "posts.t.localhost";
+    let mut public = engine.public(host, &[b"http/1.1"]).await;
+    let big = "x".repeat(70_000);
+    let requests = format!(
+        "POST /a HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\r\nhello\
+         POST /b HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\n\r\n{big}\
+         GET /c HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        big.len()
+    );
+    public.write_all(requests.as_bytes()).await.unwrap();
+    let seen = read_until(&mut public, "\r\n\r\napp ", 3).await;
+    for expected in ["app POST /a 5\n", "app POST /b 70000\n", "app GET /c 0\n"] {
+        assert!(seen.contains(expected), "{expected:?} missing in {seen}");
+    }
+    // Over the limit: 413 without reading the body, and the connection ends.
+    let over = format!("POST /d HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100001\r\n\r\nsome of it");
+    public.write_all(over.as_bytes()).await.unwrap();
+    let seen = read_until(&mut public, "never", 1).await;
+    assert!(seen.starts_with("HTTP/1.1 413 Payload Too Large\r\n"), "{seen}");
+    assert!(seen.ends_with("request body too large\n"), "closed after the page: {seen}");
+    assert_eq!(count.load(Ordering::SeqCst), 3);
+}

@@ -109,7 +109,8 @@ pub async fn relay(edge: &Edge, public: &mut PublicTls) -> Outcome {
             Ok(keep) => keep,
             Err(Failure::Refused(refusal)) => {
                 relay.upstream = None;
-                relay.refuse(&plan, refusal).await
+                // A body may be left half read: the connection ends.
+                relay.refuse(&plan, refusal).await && plan.body == 0
             }
             Err(Failure::Broken(error)) => {
                 tracing::debug!(peer = %edge.peer, host = %plan.host, %error, "relayed response cut short");
@@ -135,6 +136,8 @@ struct Plan {
     close: bool,
     /// A basic-auth password to verify before the request goes on.
     pending: Option<route::Pending>,
+    /// The request body's length (`Content-Length`), after the head.
+    body: u64,
 }
 
 /// A request the relay answers itself with a refusal (it has no body).
@@ -261,10 +264,24 @@ impl Relay<'_> {
     /// Forwards one request and its response. Returns whether the public
     /// connection can carry another request.
     async fn exchange(&mut self, plan: &Plan) -> Result<bool, Failure> {
+        // A body already read whole can be sent again if a kept stream
+        // fails; a longer one streams from the client once.
+        let whole = plan.body <= self.inbuf.len() as u64;
+        let result = self.exchange_once(plan, whole).await;
+        if whole {
+            self.inbuf.advance(plan.body as usize);
+        }
+        result
+    }
+
+    async fn exchange_once(&mut self, plan: &Plan, whole: bool) -> Result<bool, Failure> {
         let edge = self.edge;
         let mut retried = false;
         let answer = loop {
-            if self.upstream.as_ref().is_none_or(|u| !Arc::ptr_eq(&u.tunnel, &plan.tunnel)) {
+            // A body that streams can go once only: a kept stream the
+            // service already closed is not worth the risk.
+            let stale = !whole && self.upstream.as_mut().is_some_and(|u| u.served && closed(&mut u.io));
+            if stale || self.upstream.as_ref().is_none_or(|u| !Arc::ptr_eq(&u.tunnel, &plan.tunnel)) {
                 let io = upstream::open(&edge.shared, &plan.tunnel, edge.peer.ip(), &[b"http/1.1"])
                     .await
                     .map_err(Failure::Refused)?;
@@ -274,9 +291,10 @@ impl Relay<'_> {
                 Ok(answer) => break answer,
                 Err(HeadError { reason, silent }) => {
                     let up = self.upstream.take().expect("asked above");
-                    if silent && up.served && !retried {
+                    if silent && up.served && !retried && whole {
                         // A kept stream the service closed meanwhile: the
-                        // request (which has no body) goes again on a fresh one.
+                        // request (its body is still here) goes again on a
+                        // fresh one.
                         tracing::debug!(host = %plan.host, ?reason, "kept agent stream failed; retrying on a fresh one");
                         retried = true;
                         continue;
@@ -313,6 +331,17 @@ impl Relay<'_> {
         self.upbuf.clear();
         let unsent = |e: std::io::Error| HeadError::silent(format!("writing to the agent stream: {e}"));
         up.io.write_all(&self.up_head).await.map_err(unsent)?;
+        if plan.body > 0 {
+            let buffered = (plan.body as usize).min(self.inbuf.len());
+            up.io.write_all(&self.inbuf[..buffered]).await.map_err(unsent)?;
+            let rest = plan.body - buffered as u64;
+            if rest > 0 {
+                // The caller keeps a whole body for a retry; a longer one
+                // is gone once sent.
+                self.inbuf.advance(buffered);
+                stream_body(self.public, &mut up.io, &mut self.upbuf, rest, edge).await?;
+            }
+        }
         up.io.flush().await.map_err(unsent)?;
         let mut heard = false;
         loop {
@@ -405,6 +434,57 @@ impl HeadError {
     fn heard(reason: String) -> Self {
         Self { reason: Refusal::Upstream(reason), silent: false }
     }
+
+    /// Logs why, keeping the refusal.
+    fn noted(self, why: String) -> Self {
+        tracing::debug!(%why, "relayed request body failed");
+        self
+    }
+}
+
+/// Whether a kept agent stream was closed (or spoke out of turn) while it
+/// waited: a read that completes at once says so; one that would wait
+/// means it is open.
+fn closed(io: &mut AgentStream) -> bool {
+    let mut probe = [0u8; 1];
+    futures_util::FutureExt::now_or_never(io.read(&mut probe)).is_some()
+}
+
+/// Copies `left` request body bytes from the client to the agent stream,
+/// within the idle limit (the client sending nothing for that long ends
+/// it).
+async fn stream_body<R, W>(
+    public: &mut R,
+    upstream: &mut W,
+    buf: &mut BytesMut,
+    mut left: u64,
+    edge: &Edge,
+) -> Result<(), HeadError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let heard =
+        |why: String| HeadError { reason: Refusal::BadRequest("request body cut short"), silent: false }.noted(why);
+    while left > 0 {
+        let want = (left as usize).min(READ_SIZE);
+        buf.clear();
+        buf.resize(want, 0);
+        let read = tokio::select! {
+            read = public.read(&mut buf[..want]) => read,
+            _ = edge.activity.quiet(edge.idle) => return Err(heard("the client sent no body bytes in time".into())),
+        };
+        match read {
+            Ok(0) => return Err(heard("the client closed in the body".into())),
+            Ok(n) => {
+                left -= n as u64;
+                upstream.write_all(&buf[..n]).await.map_err(|e| HeadError::heard(format!("writing the body: {e}")))?;
+            }
+            Err(e) => return Err(heard(format!("reading the body: {e}"))),
+        }
+    }
+    buf.clear();
+    Ok(())
 }
 
 /// Writes the response head and its body to the client. Returns whether
@@ -519,6 +599,7 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
         return Parsed::Other;
     }
     let mut host = None;
+    let mut body: Option<u64> = None;
     let mut authorization = None;
     let mut connection: Vec<&str> = Vec::new();
     let mut forwarded_for: Vec<&str> = Vec::new();
@@ -539,8 +620,10 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
                 return Parsed::Other;
             }
         } else if eq(name, "content-length") {
-            if value.trim() != "0" {
-                return Parsed::Other;
+            // One plain length; anything else is hyper's to judge.
+            match value.trim().parse::<u64>() {
+                Ok(n) if body.is_none() && value.trim().bytes().all(|b| b.is_ascii_digit()) => body = Some(n),
+                _ => return Parsed::Other,
             }
         } else if eq(name, "transfer-encoding") || eq(name, "upgrade") || eq(name, "expect") {
             return Parsed::Other;
@@ -559,14 +642,21 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
     let name = edge.published_name(Some(given_host));
     let head = route::Head { host: &name, method, target: path, authorization, source: edge.peer.ip() };
     let head_only = method == "HEAD";
-    let close = listed(&connection, "close");
+    let body = body.unwrap_or(0);
+    // A refused request's body is not read: the connection ends after the
+    // refusal.
+    let close = listed(&connection, "close") || body > 0;
+    let refuse = |refusal: Refusal| {
+        let (method, path) = (method.to_string(), path.to_string());
+        Parsed::Refuse(Refused { len, host: name.clone(), method, path, refusal, head_only, close })
+    };
     let route = match route::decide(&edge.shared, &head) {
         Ok(route) => route,
-        Err(refusal) => {
-            let (method, path) = (method.to_string(), path.to_string());
-            return Parsed::Refuse(Refused { len, host: name, method, path, refusal, head_only, close });
-        }
+        Err(refusal) => return refuse(refusal),
     };
+    if route.policy().max_request_body_bytes.is_some_and(|limit| body > limit) {
+        return refuse(Refusal::TooLarge);
+    }
     let tunnel = route.tunnel.clone();
     if tunnel.spec.token_auth || upstream::h2c(&tunnel) {
         return Parsed::Other;
@@ -641,7 +731,8 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
         write_header(out, name.as_str(), value.as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    Parsed::Relay(Plan { tunnel, host: name, len, head_only, close, pending: route.pending })
+    let close = listed(&connection, "close");
+    Parsed::Relay(Plan { tunnel, host: name, len, head_only, close, pending: route.pending, body })
 }
 
 /// Reads a response head; if complete, writes the head the client receives

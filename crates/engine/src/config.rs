@@ -143,6 +143,9 @@ pub struct EdgeConfig {
     /// `edge.default_policy`: merged under every published http tunnel's
     /// `strait.policy` (its denied paths always hold).
     pub default_policy: crate::policy::Policy,
+    /// `edge.cache_dir`: where the edge cache keeps its objects (emptied
+    /// at start); unset, they stay in memory.
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -413,6 +416,7 @@ impl Config {
         let tunnels_per_principal = r.u64_or("limits.tunnels_per_principal", 1024, 1, 10_000_000);
         let label_bytes = r.u64_or("limits.label_bytes_per_principal", 1 << 20, 0, 1 << 34);
         let hostname_hold = r.u64_or("edge.hostname_hold_seconds", 300, 0, 30 * 86_400);
+        let cache_dir = r.optional_str("edge.cache_dir").filter(|d| !d.trim().is_empty()).map(PathBuf::from);
         let default_policy = match r.get("edge.default_policy") {
             None => Some(crate::policy::Policy::default()),
             // From the environment the policy is a JSON string.
@@ -477,7 +481,11 @@ impl Config {
                 tunnels_per_principal: tunnels_per_principal.unwrap() as usize,
                 label_bytes_per_principal: label_bytes.unwrap() as usize,
             },
-            edge: EdgeConfig { hostname_hold_seconds: hostname_hold.unwrap(), default_policy: default_policy.unwrap() },
+            edge: EdgeConfig {
+                hostname_hold_seconds: hostname_hold.unwrap(),
+                default_policy: default_policy.unwrap(),
+                cache_dir,
+            },
             quic: QuicConfig {
                 enabled: quic_enabled.unwrap(),
                 listen_addr: quic_listen.unwrap(),

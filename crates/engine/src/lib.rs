@@ -102,6 +102,8 @@ pub struct Shared {
     pub certs: Arc<CertStore>,
     pub tls: TlsConfigs,
     pub metrics: metrics::Metrics,
+    /// The edge cache of the tunnels whose policy asks for one.
+    pub cache: Arc<edge::cache::Cache>,
     /// The TLS port that published addresses report.
     pub public_port: u16,
     /// Stop accepting, close control channels and watches, let streams in
@@ -165,6 +167,8 @@ pub enum StartError {
     Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("TLS setup failed: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("edge.cache_dir {dir}: {source}")]
+    CacheDir { dir: std::path::PathBuf, source: std::io::Error },
 }
 
 /// Binds the TLS port and, when `quic.enabled`, the QUIC port: by default
@@ -247,7 +251,11 @@ impl Engine {
         };
         let http_addr = http_listener.as_ref().map(|l| l.local_addr().expect("bound socket has an address"));
         let public_port = config.tls.public_port.unwrap_or(tls_addr.port());
+        let cache_dir = config.edge.cache_dir.clone();
+        let cache = edge::cache::Cache::new(cache_dir.clone())
+            .map_err(|source| StartError::CacheDir { dir: cache_dir.unwrap_or_default(), source })?;
         let shared = Arc::new(Shared {
+            cache: Arc::new(cache),
             verifier: auth::Verifier::new(config.auth.jwt.token_jwt_secret.expose().as_bytes()),
             registry: registry::Registry::new(registry::Policy::from_config(&config)),
             admission: Arc::new(admission::Admission::new(&config.limits)),

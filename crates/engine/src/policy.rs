@@ -48,7 +48,31 @@ pub struct Policy {
     /// How long to wait for the first byte of the response, instead of
     /// the connection's idle limit.
     pub response_timeout: Option<Duration>,
+    /// The edge cache for these paths.
+    pub cache: Option<CacheRule>,
 }
+
+/// What the edge cache keeps for a tunnel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheRule {
+    /// Requests whose path matches one of these may be cached.
+    pub paths: Vec<Glob>,
+    /// All objects of the hostname together.
+    pub max_bytes: u64,
+    /// One object; bigger responses pass uncached.
+    pub max_object_bytes: u64,
+}
+
+impl CacheRule {
+    pub fn covers(&self, path: &str) -> bool {
+        let path = path.split('?').next().unwrap_or_default();
+        self.paths.iter().any(|g| g.matches(path))
+    }
+}
+
+/// The cache's defaults when a policy names only `paths`.
+const CACHE_MAX_BYTES: u64 = 256 << 20;
+const CACHE_MAX_OBJECT_BYTES: u64 = 64 << 20;
 
 /// Token bucket per client: `burst` requests at once, refilled at
 /// `requests_per_second`.
@@ -149,6 +173,11 @@ impl PasswordHash {
 pub struct Glob(String);
 
 impl Glob {
+    /// A pattern, checked as a policy's are.
+    pub fn new(pattern: &str) -> Result<Self, String> {
+        Glob::parse(pattern)
+    }
+
     fn parse(pattern: &str) -> Result<Self, String> {
         if !pattern.starts_with('/') && !pattern.starts_with('*') {
             return Err(format!("{pattern:?} must start with / or *"));
@@ -246,7 +275,7 @@ pub fn percent_decode(input: &str, plus_is_space: bool) -> String {
 /// The wire form, strictly typed: serde names an unknown key or a wrong
 /// type itself.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object of policy keys")]
 struct Raw {
     deny_paths: Option<Vec<String>>,
     allow_methods: Option<Vec<String>>,
@@ -258,18 +287,26 @@ struct Raw {
     response_headers: Option<RawHeaderRules>,
     max_request_body_bytes: Option<u64>,
     response_timeout_seconds: Option<u64>,
-    cache: Option<serde_json::Value>,
+    cache: Option<RawCache>,
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object with paths, max_bytes and max_object_bytes")]
+struct RawCache {
+    paths: Vec<String>,
+    max_bytes: Option<u64>,
+    max_object_bytes: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an object with requests_per_second and burst")]
 struct RawRateLimit {
     requests_per_second: f64,
     burst: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, expecting = "an object with set and remove")]
 struct RawHeaderRules {
     #[serde(default)]
     set: BTreeMap<String, String>,
@@ -341,7 +378,12 @@ impl Policy {
         if !value.is_object() {
             return Err("must be an object of policy keys".into());
         }
-        let raw: Raw = serde_json::from_value(value).map_err(|e| e.to_string())?;
+        // The path of a type error names the key ("rate_limit.burst: ...").
+        let raw: Raw = serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let error = e.into_inner();
+            if path == "." { error.to_string() } else { format!("{path}: {error}") }
+        })?;
         Policy::from_raw(raw)
     }
 
@@ -410,8 +452,26 @@ impl Policy {
             }
             policy.response_timeout = Some(Duration::from_secs(seconds));
         }
-        if raw.cache.is_some() {
-            return Err("cache: the edge cache is not available on this engine yet".into());
+        if let Some(cache) = raw.cache {
+            let paths = list("cache.paths", Some(cache.paths))?;
+            if paths.is_empty() {
+                return Err("cache.paths: name at least one path glob".into());
+            }
+            let paths = paths
+                .iter()
+                .map(|p| Glob::parse(p).map_err(|e| format!("cache.paths: {e}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let max_bytes = cache.max_bytes.unwrap_or(CACHE_MAX_BYTES);
+            let max_object_bytes = cache.max_object_bytes.unwrap_or(CACHE_MAX_OBJECT_BYTES.min(max_bytes));
+            if max_bytes == 0 || max_object_bytes == 0 {
+                return Err("cache: max_bytes and max_object_bytes must be above 0".into());
+            }
+            if max_object_bytes > max_bytes {
+                return Err(format!(
+                    "cache.max_object_bytes ({max_object_bytes}) is above cache.max_bytes ({max_bytes})"
+                ));
+            }
+            policy.cache = Some(CacheRule { paths, max_bytes, max_object_bytes });
         }
         Ok(policy)
     }
@@ -437,6 +497,9 @@ impl Policy {
         self.response_headers.under(&default.response_headers);
         self.max_request_body_bytes = self.max_request_body_bytes.or(default.max_request_body_bytes);
         self.response_timeout = self.response_timeout.or(default.response_timeout);
+        if self.cache.is_none() {
+            self.cache = default.cache.clone();
+        }
         self
     }
 
@@ -593,7 +656,8 @@ mod tests {
             "request_headers": {"set": {"x-a": "1"}, "remove": ["x-b"]},
             "response_headers": {"set": {"x-c": "2"}, "remove": ["server"]},
             "max_request_body_bytes": 1000,
-            "response_timeout_seconds": 120
+            "response_timeout_seconds": 120,
+            "cache": {"paths": ["/v/*"], "max_bytes": 1000}
         });
         let p = Policy::parse(&json.to_string()).unwrap();
         assert_eq!(p.deny_paths.len(), 2);
@@ -607,6 +671,9 @@ mod tests {
         assert_eq!(p.response_headers.remove[0], "server");
         assert_eq!(p.max_request_body_bytes, Some(1000));
         assert_eq!(p.response_timeout, Some(Duration::from_secs(120)));
+        let cache = p.cache.unwrap();
+        assert!(cache.covers("/v/a?x") && !cache.covers("/w"));
+        assert_eq!((cache.max_bytes, cache.max_object_bytes), (1000, 1000));
         assert!(Policy::parse("{}").unwrap().is_empty());
     }
 
@@ -623,7 +690,7 @@ mod tests {
     fn bad_values_name_their_key() {
         let cases = [
             (r#"{"deny_path": []}"#, "unknown field `deny_path`"),
-            (r#"{"deny_paths": "/x"}"#, "invalid type"),
+            (r#"{"deny_paths": "/x"}"#, "deny_paths: invalid type"),
             (r#"{"deny_paths": ["x"]}"#, "deny_paths"),
             (r#"{"allow_methods": []}"#, "allow_methods"),
             (r#"{"allow_methods": ["GE T"]}"#, "allow_methods"),
@@ -639,9 +706,17 @@ mod tests {
             (r#"{"request_headers": {"set": {"content-length": "1"}}}"#, "request_headers"),
             (r#"{"response_headers": {"set": {"x": "a\nb"}}}"#, "response_headers"),
             (r#"{"request_headers": {"add": {}}}"#, "unknown field `add`"),
-            (r#"{"max_request_body_bytes": -1}"#, "invalid value"),
+            (r#"{"max_request_body_bytes": -1}"#, "max_request_body_bytes: invalid value"),
+            (r#"{"rate_limit": 5}"#, "rate_limit: invalid type: integer `5`, expected an object with"),
+            (r#"{"rate_limit": {"requests_per_second": "fast"}}"#, "rate_limit.requests_per_second: invalid type"),
+            (r#"{"deny_paths": [1]}"#, "deny_paths[0]: invalid type"),
+            (r#"{"rewrite_location": "yes"}"#, "rewrite_location: invalid type"),
+            (r#"{"host": 5}"#, "host: invalid type"),
             (r#"{"response_timeout_seconds": 0}"#, "response_timeout_seconds"),
-            (r#"{"cache": {"paths": ["/v/*"]}}"#, "cache"),
+            (r#"{"cache": {"paths": []}}"#, "cache.paths"),
+            (r#"{"cache": {"paths": ["v/*"]}}"#, "cache.paths"),
+            (r#"{"cache": {"paths": ["/v/*"], "max_bytes": 10, "max_object_bytes": 11}}"#, "max_object_bytes"),
+            (r#"{"cache": {"paths": ["/v/*"], "ttl": 1}}"#, "unknown field `ttl`"),
             ("[]", "must be an object"),
             ("not json", "expected ident"),
         ];

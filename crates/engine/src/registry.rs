@@ -271,7 +271,8 @@ impl Policy {
 /// Where a request for a hostname and path goes.
 #[derive(Debug)]
 pub enum Lookup {
-    Found(Arc<Tunnel>),
+    /// The tunnel, and whether the hostname is split by path.
+    Found(Arc<Tunnel>, bool),
     /// The hostname is served, but no tunnel takes this path.
     NoPath,
     /// No live tunnel serves the hostname.
@@ -716,7 +717,7 @@ impl Registry {
             }
         }
         match best {
-            Some((tunnel, _)) => Lookup::Found(tunnel.clone()),
+            Some((tunnel, _)) => Lookup::Found(tunnel.clone(), ids.len() > 1),
             None => Lookup::NoPath,
         }
     }

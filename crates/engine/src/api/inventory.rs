@@ -168,6 +168,58 @@ pub async fn get_tunnel(
     Ok(Json(Tunnel::from_tunnel(&tunnel, Status::Online)))
 }
 
+/// What a purge asks for.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub struct PurgeParams {
+    /// Only cached paths matching this glob (`*` any run, `?` one
+    /// character); all without it.
+    pub path: Option<String>,
+}
+
+/// What a purge removed.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct Purged {
+    /// Objects removed from the tunnel's edge cache.
+    pub purged: usize,
+}
+
+/// Empties a tunnel's edge cache (the objects of its hostname and path
+/// prefix), or the paths matching `path`. Beyond CE.
+#[utoipa::path(
+    delete,
+    path = "/api/tunnels/{id}/cache",
+    tag = "operations",
+    params(("id" = String, Path, description = "Tunnel id"), PurgeParams),
+    responses(
+        (status = 200, description = "How many objects went", body = Purged),
+        (status = 400, description = "The path glob is not one", body = String, content_type = "text/plain"),
+        (status = 401, description = "Missing or invalid bearer token", body = String, content_type = "text/plain"),
+        (status = 404, description = "No such tunnel", body = String, content_type = "text/plain"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn purge_cache(
+    State(shared): State<Arc<Shared>>,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    axum::extract::Query(params): axum::extract::Query<PurgeParams>,
+) -> Result<Json<Purged>, ApiError> {
+    let principal = authorize(&shared, peer, "/api/tunnels/{id}/cache", &headers, None)?;
+    let tunnel = shared
+        .registry
+        .tunnel(&id)
+        .filter(|t| principal.sees(&t.principal))
+        .ok_or_else(|| ApiError::not_found("no such tunnel"))?;
+    let glob = match params.path.as_deref() {
+        Some(path) => Some(crate::policy::Glob::new(path).map_err(|e| ApiError::bad_request(format!("path: {e}")))?),
+        None => None,
+    };
+    let purged = shared.cache.purge(&crate::edge::cache::store_name(&tunnel), glob.as_ref());
+    tracing::info!(tunnel_id = %tunnel.id, purged, path = params.path.as_deref().unwrap_or("*"), "edge cache purged");
+    Ok(Json(Purged { purged }))
+}
+
 /// Hostnames and names kept for their principal after their tunnel went
 /// offline, soonest to expire first. Beyond CE.
 #[utoipa::path(

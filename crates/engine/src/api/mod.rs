@@ -43,6 +43,7 @@ pub fn router(shared: Arc<Shared>, peer: SocketAddr) -> Router {
         .route("/api/clients/{id}", get(inventory::get_client))
         .route("/api/tunnels", get(inventory::list_tunnels))
         .route("/api/tunnels/{id}", get(inventory::get_tunnel))
+        .route("/api/tunnels/{id}/cache", axum::routing::delete(inventory::purge_cache))
         .route("/api/reservations", get(inventory::list_reservations))
         .route("/api/sse", get(events::sse))
         .route("/api/websocket", get(events::websocket))

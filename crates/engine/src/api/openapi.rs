@@ -29,6 +29,7 @@ pub const TITLE: &str = "strait Engine API";
         inventory::list_tunnels,
         inventory::get_tunnel,
         inventory::list_reservations,
+        inventory::purge_cache,
         events::sse,
         events::websocket,
     ),
@@ -47,6 +48,7 @@ pub const TITLE: &str = "strait Engine API";
         model::Snapshot,
         model::Reservation,
         model::ReservationKind,
+        inventory::Purged,
     )),
     modifiers(&Security),
     tags(

@@ -37,6 +37,7 @@ use tokio_rustls::StartHandshake;
 use super::access;
 use super::activity::{Activity, Tracked};
 use super::body::{Busy, Returning, Watched};
+use super::cache::{self, Lookup};
 use super::errors::Refusal;
 use super::headers;
 use super::relay::{self, Outcome};
@@ -322,6 +323,7 @@ impl Edge {
         let head =
             route::Head { host: &host, method: parts.method.as_str(), target, authorization, source: self.peer.ip() };
         let mut route = route::decide(&self.shared, &head).map_err(fail)?;
+        let public_target = target.to_string();
         if let Some(pending) = route.pending.take() {
             pending.verify(&self.shared, self.peer.ip()).await.map_err(fail)?;
         }
@@ -344,6 +346,38 @@ impl Edge {
         }
         if tunnel.spec.token_auth {
             access::check_token(&self.shared, &mut parts, self.peer.ip()).map_err(fail)?;
+        }
+        // The edge cache, for the paths the policy names.
+        let mut leader = None;
+        let mut bypass = false;
+        let requested_authorization = parts.headers.contains_key(header::AUTHORIZATION);
+        if let Some(rule) = policy.cache.as_ref().filter(|c| kind == Kind::Plain && c.covers(&public_target)) {
+            if cache::eligible(&parts.method, &parts.headers) {
+                let store = self.shared.cache.store(&cache::store_name(&tunnel), rule);
+                match store.lookup(&public_target, &parts.headers) {
+                    Lookup::Hit(entry) => {
+                        let mut response = entry.respond(&parts.method, &parts.headers);
+                        response_policy(response.headers_mut(), &policy, &host, self.shared.public_port);
+                        return Ok(response);
+                    }
+                    Lookup::Coalesced(fill) => {
+                        if let Some(mut response) = fill.joined().await {
+                            response_policy(response.headers_mut(), &policy, &host, self.shared.public_port);
+                            return Ok(response);
+                        }
+                    }
+                    // One fetch for everyone: not this client's range or
+                    // validators (served from the object once stored).
+                    Lookup::Lead(lead) if parts.method == Method::GET => {
+                        cache::for_everyone(&mut parts.headers);
+                        leader = Some(lead);
+                    }
+                    // A HEAD goes as it is; it fills nothing.
+                    Lookup::Lead(_) => {}
+                }
+            } else {
+                bypass = true;
+            }
         }
         let limit = policy.max_request_body_bytes.unwrap_or(u64::MAX);
         if body.size_hint().lower() > limit {
@@ -390,7 +424,13 @@ impl Edge {
             }
         };
         let mut response = self.respond(response, kind, public_version, public_upgrade, lease, pool).map_err(fail)?;
-        response_policy(response.headers_mut(), &policy, &host);
+        if let Some(lead) = leader {
+            response = lead.answer(&self.shared.cache, &self.shared.tasks, response, requested_authorization);
+        }
+        if bypass {
+            response.headers_mut().insert(cache::X_STRAIT_CACHE, HeaderValue::from_static("BYPASS"));
+        }
+        response_policy(response.headers_mut(), &policy, &host, self.shared.public_port);
         Ok(response)
     }
 
@@ -560,13 +600,13 @@ fn apply_route(parts: &mut Parts, route: &route::Route, policy: &Policy, h2c: bo
 /// Applies the policy's response rules: header rules, and with
 /// `rewrite_location` the upstream host in `Location`, `Content-Location`
 /// and cookie domains turned back into the public name.
-fn response_policy(headers: &mut http::HeaderMap, policy: &Policy, public: &str) {
+fn response_policy(headers: &mut http::HeaderMap, policy: &Policy, public: &str, public_port: u16) {
     if let (true, Some(upstream)) = (policy.rewrite_location, policy.host.as_deref()) {
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let rewritten = headers
                 .get(&name)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| route::rewrite_location(v, upstream, public))
+                .and_then(|v| route::rewrite_location(v, upstream, public, public_port))
                 .and_then(|v| HeaderValue::try_from(v).ok());
             if let Some(value) = rewritten {
                 headers.insert(name, value);

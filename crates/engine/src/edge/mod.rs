@@ -23,6 +23,7 @@
 pub mod access;
 pub mod activity;
 mod body;
+pub mod cache;
 pub mod chunked;
 pub mod errors;
 pub mod headers;

@@ -325,8 +325,8 @@ impl Relay<'_> {
         let edge = self.edge;
         let head_only = plan.head_only;
         let policy = &plan.tunnel.spec.policy;
-        let rules =
-            (!policy.response_headers.is_empty() || policy.rewrite_location).then(|| (&**policy, plan.host.as_str()));
+        let rules = (!policy.response_headers.is_empty() || policy.rewrite_location)
+            .then(|| (&**policy, plan.host.as_str(), edge.shared.public_port));
         let up = self.upstream.as_mut().expect("opened by the caller");
         self.upbuf.clear();
         let unsent = |e: std::io::Error| HeadError::silent(format!("writing to the agent stream: {e}"));
@@ -661,6 +661,10 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
     if tunnel.spec.token_auth || upstream::h2c(&tunnel) {
         return Parsed::Other;
     }
+    // The edge cache lives on the hyper path.
+    if route.policy().cache.as_ref().is_some_and(|c| c.covers(path)) && (method == "GET" || head_only) {
+        return Parsed::Other;
+    }
     let policy = &tunnel.spec.policy;
 
     // The head the service receives: the request line as sent, every
@@ -738,12 +742,12 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
 /// Reads a response head; if complete, writes the head the client receives
 /// into `out`.
 ///
-/// `rules`: the tunnel's policy and the public hostname, when the policy
+/// `rules`: the tunnel's policy, the public hostname and port, when the policy
 /// changes responses (header rules, `rewrite_location`).
 fn parse_answer(
     bytes: &[u8],
     head_only: bool,
-    rules: Option<(&Policy, &str)>,
+    rules: Option<(&Policy, &str, u16)>,
     out: &mut Vec<u8>,
 ) -> Result<Option<Answer>, String> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -809,14 +813,14 @@ fn parse_answer(
         if superseded || (!framing_header && headers::is_hop_by_hop(name)) || listed(&connection, name) {
             continue;
         }
-        if let Some((policy, public)) = rules {
+        if let Some((policy, public, public_port)) = rules {
             if policy.response_headers.touches(name) {
                 continue;
             }
             if let (true, Some(upstream)) = (policy.rewrite_location, policy.host.as_deref()) {
                 let value = std::str::from_utf8(header.value).unwrap_or_default();
                 let rewritten = if eq(name, "location") || eq(name, "content-location") {
-                    route::rewrite_location(value, upstream, public)
+                    route::rewrite_location(value, upstream, public, public_port)
                 } else if eq(name, "set-cookie") {
                     route::rewrite_cookie_domain(value, upstream, public)
                 } else {
@@ -830,7 +834,7 @@ fn parse_answer(
         }
         write_header(out, name, header.value);
     }
-    if let Some((policy, _)) = rules {
+    if let Some((policy, _, _)) = rules {
         for (name, value) in &policy.response_headers.set {
             write_header(out, name.as_str(), value.as_bytes());
         }

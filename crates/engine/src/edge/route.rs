@@ -56,8 +56,8 @@ impl Route {
 /// Decides where a request goes, or why it does not.
 pub fn decide(shared: &Shared, head: &Head<'_>) -> Result<Route, Refusal> {
     let path = head.target.split('?').next().unwrap_or_default();
-    let tunnel = match shared.registry.route(head.host, path) {
-        Lookup::Found(tunnel) => tunnel,
+    let (tunnel, split) = match shared.registry.route(head.host, path) {
+        Lookup::Found(tunnel, split) => (tunnel, split),
         Lookup::NoPath => return Err(Refusal::NoRoute),
         Lookup::Unknown => return Err(Refusal::unrouted(shared, head.host)),
     };
@@ -69,6 +69,12 @@ pub fn decide(shared: &Shared, head: &Head<'_>) -> Result<Route, Refusal> {
     }
     let target = tunnel.spec.route.strip.then(|| tunnel.spec.route.upstream_path(head.target).into_owned());
     let policy = &tunnel.spec.policy;
+    // Where the path decides (a split hostname, a policy), `..` would
+    // decide one way here and another at the service, which resolves it:
+    // such a request is refused rather than guessed at.
+    if (split || tunnel.spec.route.prefix.is_some() || !policy.is_empty()) && dot_segments(path) {
+        return Err(Refusal::BadRequest("dot segments in the path"));
+    }
     if policy.is_empty() {
         return Ok(Route { tunnel, target, consumed_authorization: false, pending: None });
     }
@@ -100,6 +106,15 @@ pub fn decide(shared: &Shared, head: &Head<'_>) -> Result<Route, Refusal> {
         }
     }
     Ok(route)
+}
+
+/// Whether a path has a `.` or `..` segment, spelled out or
+/// percent-encoded.
+fn dot_segments(path: &str) -> bool {
+    path.split('/').any(|segment| {
+        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
+        decoded == "." || decoded == ".."
+    })
 }
 
 /// The user and password of a `Basic` header.
@@ -218,9 +233,9 @@ impl Limiter {
 }
 
 /// `Location` or `Content-Location` naming the upstream host, pointed back
-/// at the public one (`https`, the published hostname). Relative values
-/// and other hosts are left alone.
-pub fn rewrite_location(value: &str, upstream: &str, public: &str) -> Option<String> {
+/// at the public one (`https`, the published hostname and the engine's
+/// public TLS port). Relative values and other hosts are left alone.
+pub fn rewrite_location(value: &str, upstream: &str, public: &str, public_port: u16) -> Option<String> {
     let (scheme, rest) = value.split_once("://")?;
     if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
         return None;
@@ -231,7 +246,8 @@ pub fn rewrite_location(value: &str, upstream: &str, public: &str) -> Option<Str
     let matches = authority.eq_ignore_ascii_case(upstream)
         || (!upstream.contains(':')
             && authority.split(':').next().is_some_and(|a| a.eq_ignore_ascii_case(upstream_name)));
-    matches.then(|| format!("https://{public}{tail}"))
+    let port = if public_port == 443 { String::new() } else { format!(":{public_port}") };
+    matches.then(|| format!("https://{public}{port}{tail}"))
 }
 
 /// A `Set-Cookie` whose `Domain` names the upstream host, set for the
@@ -262,6 +278,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn dot_segments_are_found_however_spelled() {
+        for path in ["/a/../b", "/..", "/a/./b", "/%2e%2E/x", "/a/%2e", "/v/%2e%2e/metrics"] {
+            assert!(dot_segments(path), "{path}");
+        }
+        for path in ["/a/b", "/a..b/", "/.well-known/x", "/%2e%2e%2f", "/"] {
+            assert!(!dot_segments(path), "{path}");
+        }
+    }
+
+    #[test]
     fn basic_headers() {
         let header = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("ann:p:w"));
         assert_eq!(basic(&header), Some(("ann".into(), "p:w".into())));
@@ -273,16 +299,16 @@ mod tests {
     fn locations_point_back_at_the_public_name() {
         let public = "app.t.example.com";
         assert_eq!(
-            rewrite_location("http://api.internal/x?y#z", "api.internal", public).as_deref(),
+            rewrite_location("http://api.internal/x?y#z", "api.internal", public, 443).as_deref(),
             Some("https://app.t.example.com/x?y#z")
         );
         assert_eq!(
-            rewrite_location("http://API.internal:8080", "api.internal", public).as_deref(),
-            Some("https://app.t.example.com")
+            rewrite_location("http://API.internal:8080", "api.internal", public, 8443).as_deref(),
+            Some("https://app.t.example.com:8443")
         );
-        assert_eq!(rewrite_location("http://api.internal:9/a", "api.internal:8080", public), None);
-        assert_eq!(rewrite_location("http://other/a", "api.internal", public), None);
-        assert_eq!(rewrite_location("/relative", "api.internal", public), None);
+        assert_eq!(rewrite_location("http://api.internal:9/a", "api.internal:8080", public, 443), None);
+        assert_eq!(rewrite_location("http://other/a", "api.internal", public, 443), None);
+        assert_eq!(rewrite_location("/relative", "api.internal", public, 443), None);
         assert_eq!(
             rewrite_cookie_domain("id=1; Domain=.api.internal; Path=/", "api.internal:8080", public).as_deref(),
             Some("id=1; Domain=app.t.example.com; Path=/")

@@ -1,0 +1,199 @@
+//! The edge cache (`strait.policy` `cache`): concurrent misses collapse
+//! into one upstream fetch, ranges and HEAD come from the stored object,
+//! purge through the Engine API, and what HTTP caching forbids is never
+//! kept. Real engine, real agent library, real TLS; HTTP/1.1 and HTTP/2.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use http::{Request, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+/// The artifact: deterministic bytes, so every copy can be compared.
+fn artifact(len: usize) -> bytes::Bytes {
+    (0..len).map(|i| (i.wrapping_mul(31) ^ (i >> 11)) as u8).collect::<Vec<u8>>().into()
+}
+
+fn digest(bytes: &[u8]) -> u64 {
+    // FNV-1a: enough to tell copies apart.
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// A video platform stand-in: `/v/artifact` immutable, `/v/cookie` with a
+/// cookie, anything else short-lived; counts requests per path. The origin
+/// is slow to answer (200 ms) so that concurrent clients meet the fetch in
+/// flight; the assertions hold however they interleave.
+fn origin(body: bytes::Bytes, hits: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>) -> Handler {
+    Arc::new(move |req: Request<Incoming>| {
+        let body = body.clone();
+        let hits = hits.clone();
+        Box::pin(async move {
+            let path = req.uri().path().to_string();
+            *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let response = http::Response::builder().header("etag", "\"v1\"");
+            match path.as_str() {
+                "/v/artifact" => response
+                    .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .body(full(body))
+                    .unwrap(),
+                "/v/cookie" => response
+                    .header(header::CACHE_CONTROL, "max-age=60")
+                    .header(header::SET_COOKIE, "sid=1")
+                    .body(full("personal"))
+                    .unwrap(),
+                "/v/private" => {
+                    response.header(header::CACHE_CONTROL, "private, max-age=60").body(full("mine")).unwrap()
+                }
+                _ => response.header(header::CACHE_CONTROL, "max-age=60").body(full(format!("page {path}"))).unwrap(),
+            }
+        })
+    })
+}
+
+type Hits = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+
+fn hits_of(hits: &Hits, path: &str) -> usize {
+    hits.lock().unwrap().get(path).copied().unwrap_or(0)
+}
+
+async fn cached_tunnel(engine: &TestEngine, label: &str, body: bytes::Bytes) -> (strait_agent::ControlChannel, Hits) {
+    let hits: Hits = Arc::default();
+    let local = http_service(origin(body, hits.clone())).await;
+    let mut properties = published(label);
+    let policy = r#"{"cache": {"paths": ["/v/*"], "max_bytes": 268435456, "max_object_bytes": 134217728}}"#;
+    properties.labels.insert("strait.policy".into(), policy.into());
+    let (control, _) = publish(engine, properties, local).await;
+    (control, hits)
+}
+
+struct Got {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+}
+
+async fn fetch(engine: &TestEngine, host: &str, h2: bool, request: http::request::Builder) -> Got {
+    let request = request.header(header::HOST, host).body(full("")).unwrap();
+    let response = if h2 {
+        let mut sender = engine.h2(host).await;
+        let (mut parts, body) = request.into_parts();
+        parts.uri = format!("https://{host}{}", parts.uri).parse().unwrap();
+        parts.headers.remove(header::HOST);
+        sender.send_request(Request::from_parts(parts, body)).await.unwrap()
+    } else {
+        engine.h1(host).await.send_request(request).await.unwrap()
+    };
+    let (parts, body) = response.into_parts();
+    Got { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
+}
+
+fn cache_header(got: &Got) -> &str {
+    got.headers.get("x-strait-cache").map_or("-", |v| v.to_str().unwrap())
+}
+
+#[tokio::test]
+async fn fifty_cold_gets_cause_one_upstream_fetch_and_get_the_same_bytes() {
+    let engine = TestEngine::start().await;
+    let body = artifact(16 << 20);
+    let want = digest(&body);
+    let (_control, hits) = cached_tunnel(&engine, "video", body.clone()).await;
+    let host = "video.t.localhost";
+    let engine = Arc::new(engine);
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move { fetch(&engine, host, i % 2 == 1, Request::get("/v/artifact")).await }));
+    }
+    let mut how = std::collections::BTreeMap::<String, usize>::new();
+    for task in tasks {
+        let got = tokio::time::timeout(Duration::from_secs(120), task).await.expect("in time").unwrap();
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!(got.body.len(), body.len());
+        assert_eq!(digest(&got.body), want, "a copy differs");
+        *how.entry(cache_header(&got).to_string()).or_default() += 1;
+    }
+    assert_eq!(hits_of(&hits, "/v/artifact"), 1, "one upstream fetch for 50 clients: {how:?}");
+    assert_eq!(how.get("MISS"), Some(&1), "{how:?}");
+    assert!(how.contains_key("COALESCED"), "clients arriving during the fetch read along: {how:?}");
+
+    // From the stored object: a range, HEAD, a validator.
+    for h2 in [false, true] {
+        let got = fetch(&engine, host, h2, Request::get("/v/artifact").header(header::RANGE, "bytes=1000-1999")).await;
+        assert_eq!((got.status, cache_header(&got)), (StatusCode::PARTIAL_CONTENT, "HIT"));
+        assert_eq!(got.headers[header::CONTENT_RANGE], format!("bytes 1000-1999/{}", body.len()));
+        assert_eq!(got.body, body.slice(1000..2000));
+        let got = fetch(&engine, host, h2, Request::get("/v/artifact").header(header::RANGE, "bytes=-10")).await;
+        assert_eq!(got.body, body.slice(body.len() - 10..));
+        let got = fetch(&engine, host, h2, Request::get("/v/artifact").header(header::RANGE, "bytes=99999999-")).await;
+        assert_eq!(got.status, StatusCode::RANGE_NOT_SATISFIABLE);
+        let got = fetch(&engine, host, h2, Request::head("/v/artifact")).await;
+        assert_eq!((got.status, cache_header(&got), got.body.len()), (StatusCode::OK, "HIT", 0));
+        assert_eq!(got.headers[header::CONTENT_LENGTH], body.len().to_string());
+        let got = fetch(&engine, host, h2, Request::get("/v/artifact").header(header::IF_NONE_MATCH, "\"v1\"")).await;
+        assert_eq!(got.status, StatusCode::NOT_MODIFIED);
+    }
+    assert_eq!(hits_of(&hits, "/v/artifact"), 1);
+}
+
+/// `DELETE /api/tunnels/{id}/cache[?path=GLOB]` as `sub`.
+async fn purge(engine: &TestEngine, sub: &str, id: &str, query: &str) -> (u16, String) {
+    let tls = engine.raw_with_alpn(&[b"http/1.1"]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(conn);
+    let request = Request::delete(format!("/api/tunnels/{id}/cache{query}"))
+        .header(header::HOST, "localhost")
+        .header(header::AUTHORIZATION, format!("Bearer {}", engine.token(sub)))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    (status, read_body(response.into_body()).await)
+}
+
+#[tokio::test]
+async fn purge_cookies_private_and_bypass() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = TestEngine::start_with(&format!("edge:\n  cache_dir: {}\n", dir.path().display())).await;
+    let (_control, hits) = cached_tunnel(&engine, "site", artifact(1000)).await;
+    let host = "site.t.localhost";
+    let id = engine.tunnels().values().next().unwrap().id.clone();
+    for h2 in [false, true] {
+        let first = fetch(&engine, host, h2, Request::get("/v/page?a=1")).await;
+        let again = fetch(&engine, host, h2, Request::get("/v/page?a=1")).await;
+        assert_eq!((cache_header(&first), cache_header(&again)), (if h2 { "HIT" } else { "MISS" }, "HIT"));
+        assert_eq!(again.body, "page /v/page");
+        // Set-Cookie and private answers are never kept.
+        for path in ["/v/cookie", "/v/private"] {
+            for _ in 0..2 {
+                assert_eq!(cache_header(&fetch(&engine, host, h2, Request::get(path)).await), "MISS", "{path}");
+            }
+        }
+        // A client asking for a fresh copy gets one.
+        let got = fetch(&engine, host, h2, Request::get("/v/page?a=1").header(header::CACHE_CONTROL, "no-cache")).await;
+        assert_eq!(cache_header(&got), "BYPASS");
+        // Outside the cached paths: no cache at all.
+        assert_eq!(cache_header(&fetch(&engine, host, h2, Request::get("/v1/page")).await), "-");
+    }
+    assert_eq!(hits_of(&hits, "/v/page"), 3, "one fill, two bypasses");
+    assert_eq!(hits_of(&hits, "/v/cookie"), 4);
+    assert_eq!(hits_of(&hits, "/v/private"), 4);
+    let files = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).count();
+    assert!(files >= 1, "the object is in edge.cache_dir");
+
+    // Another principal cannot purge; the owner can, by glob or all.
+    assert_eq!(purge(&engine, "mallory", &id, "").await.0, 404);
+    assert_eq!(purge(&engine, "alice", &id, "?path=/nothing/*").await, (200, "{\"purged\":0}".to_string()));
+    assert_eq!(purge(&engine, "alice", &id, "?path=/v/*").await, (200, "{\"purged\":1}".to_string()));
+    assert_eq!(cache_header(&fetch(&engine, host, false, Request::get("/v/page?a=1")).await), "MISS");
+    assert_eq!(hits_of(&hits, "/v/page"), 4);
+    assert_eq!(purge(&engine, "alice", &id, "?path=relative").await.0, 400);
+    assert_eq!(purge(&engine, "alice", &id, "").await, (200, "{\"purged\":1}".to_string()));
+    let files = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).count();
+    assert_eq!(files, 0, "purged objects leave the disk");
+}

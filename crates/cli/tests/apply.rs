@@ -4,9 +4,12 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
-use common::{Running, Strait, TestEngine, dial, echo_server, output};
+use common::{DEADLINE, Running, Strait, TestEngine, dial, echo_server, echo_through, output};
+use tokio::net::UdpSocket;
 
 async fn assert_echoes(engine: &TestEngine, tunnel: &str) {
     let payload = format!("hello {tunnel}");
@@ -246,4 +249,121 @@ async fn a_tunnel_can_name_a_context_of_the_agent_configuration() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(":3: tunnel x: context \"nowhere\" is not in"), "{stderr}");
+}
+
+/// A port free on 127.0.0.1 a moment ago, for a one-port range: bound on
+/// port 0 (TCP or UDP, as the engine will bind it), read and released.
+async fn free_port(udp: bool) -> u16 {
+    let addr = if udp {
+        UdpSocket::bind("127.0.0.1:0").await.unwrap().local_addr()
+    } else {
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr()
+    };
+    addr.unwrap().port()
+}
+
+/// A local UDP echo service: every datagram goes back to its sender.
+async fn udp_echo_server() -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
+/// The public port in `created <name>: <scheme>://localhost:<port> -> <local>`.
+fn created_port(out: &[String], name: &str, scheme: &str, local: SocketAddr) -> u16 {
+    let prefix = format!("created {name}: {scheme}://localhost:");
+    let line = out.iter().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no {prefix:?} in {out:?}"));
+    let (port, tail) = line[prefix.len()..].split_once(' ').unwrap_or_else(|| panic!("{line}"));
+    assert_eq!(tail, format!("-> {local}"), "{line}");
+    port.parse().unwrap_or_else(|_| panic!("no port in {line}"))
+}
+
+/// Sends each packet to `port` on 127.0.0.1 from one socket and checks it
+/// comes back intact. The first packets may be lost while the engine opens
+/// the session and the agent its socket, so a packet unanswered for a
+/// moment is sent again, until [`DEADLINE`]. Each packet starts with its
+/// index: a late echo of an earlier resend is recognised and skipped.
+async fn udp_echoes(port: u16, sizes: &[usize]) {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.connect(("127.0.0.1", port)).await.unwrap();
+    let mut buf = vec![0u8; 65_536];
+    for (index, &size) in sizes.iter().enumerate() {
+        let tag = index as u8;
+        let packet: Vec<u8> = std::iter::once(tag).chain((1..size).map(|i| (i * 7 + index) as u8)).collect();
+        let round = async {
+            loop {
+                socket.send(&packet).await.unwrap();
+                let answer = async {
+                    loop {
+                        let n = socket.recv(&mut buf).await.unwrap();
+                        if n > 0 && buf[0] == tag {
+                            return n;
+                        }
+                        assert!(n > 0 && buf[0] < tag, "an answer to no packet sent: {:?}", &buf[..n.min(16)]);
+                    }
+                };
+                if let Ok(n) = tokio::time::timeout(Duration::from_millis(500), answer).await {
+                    return n;
+                }
+            }
+        };
+        let n = tokio::time::timeout(DEADLINE, round)
+            .await
+            .unwrap_or_else(|_| panic!("no echo of the {size}-byte packet through udp port {port} in {DEADLINE:?}"));
+        assert_eq!(&buf[..n], &packet[..], "the {size}-byte packet came back changed");
+    }
+}
+
+/// A file with a published tcp tunnel asking for a port and a published
+/// udp tunnel taking one: `run --apply` prints each public address, and
+/// both carry an echo.
+#[tokio::test]
+async fn apply_publishes_tcp_and_udp_ports() {
+    let (tcp_port, udp_port) = (free_port(false).await, free_port(true).await);
+    let engine = TestEngine::start_with(&format!(
+        "tcp: {{enabled: true, port_range: \"{tcp_port}-{tcp_port}\"}}\n\
+         udp: {{enabled: true, port_range: \"{udp_port}-{udp_port}\"}}\n"
+    ))
+    .await;
+    let (tcp_echo, udp_echo) = (echo_server().await, udp_echo_server().await);
+    let file = engine.dir.path().join("tunnels.yaml");
+    write(
+        &file,
+        &format!(
+            "version: 1\ntunnels:\n  \
+             - name: rtmp\n    forward: {tcp_echo}\n    tunnel: {{publish: true, protocol: tcp, port: {tcp_port}}}\n  \
+             - name: srt\n    forward: {udp_echo}\n    tunnel: {{publish: true, protocol: udp}}\n"
+        ),
+    );
+    let mut cmd = engine.strait("alice");
+    cmd.args(["run", "--apply"]).arg(&file);
+    let mut run = Running::spawn(cmd);
+
+    let out = run.until_applied().await;
+    assert_eq!(
+        out.last().unwrap(),
+        &format!("applied {}: 2 created, 0 changed, 0 removed, 0 unchanged", file.display())
+    );
+    assert_eq!(created_port(&out, "rtmp", "tcp", tcp_echo), tcp_port, "the tcp port asked for: {out:?}");
+    let udp_served = created_port(&out, "srt", "udp", udp_echo);
+    assert!((udp_port..=udp_port).contains(&udp_served), "udp port {udp_served} outside {udp_port}-{udp_port}");
+
+    let public = SocketAddr::from(([127, 0, 0, 1], tcp_port));
+    for payload in [&b"over tcp"[..], &[0x5a; 100_000][..]] {
+        let back = tokio::time::timeout(DEADLINE, echo_through(public, payload))
+            .await
+            .unwrap_or_else(|_| panic!("no tcp echo through {public} in {DEADLINE:?}"));
+        assert!(back == payload, "{} bytes through {public} came back changed", payload.len());
+    }
+    // A QUIC agent's packets ride QUIC datagrams: about 1,200 bytes at most.
+    udp_echoes(udp_served, &[1, 64, 512, 1100]).await;
+
+    run.interrupt().await;
+    assert!(engine.tunnels().is_empty(), "Ctrl-C closes both tunnels");
 }

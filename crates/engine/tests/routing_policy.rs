@@ -458,3 +458,29 @@ async fn pipelined_bodies_pass_through_the_relay_and_refused_bodies_close() {
     assert!(seen.ends_with("request body too large\n"), "closed after the page: {seen}");
     assert_eq!(count.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn a_token_auth_tunnel_limits_each_token_principal() {
+    let engine = TestEngine::start().await;
+    let (local, _) = service("app").await;
+    let mut properties = routed("tokens", None, false, Some(r#"{"rate_limit": {"requests_per_second": 0.1, "burst": 2}}"#));
+    properties.token_auth = Some(true);
+    let (_control, _) = publish(&engine, properties, local).await;
+    let host = "tokens.t.localhost";
+    for h2 in [false, true] {
+        let mut public = Public::open(&engine, host, h2).await;
+        let name = public.name();
+        let with = |sub: &str| {
+            request("GET", host, "/").header(header::AUTHORIZATION, format!("Bearer {}", engine.token(sub)))
+        };
+        let (ann, bob) = (format!("ann-{name}"), format!("bob-{name}"));
+        for _ in 0..2 {
+            assert_eq!(public.send(with(&ann).body(full("")).unwrap()).await.status, StatusCode::OK, "{name}");
+        }
+        assert_eq!(public.send(with(&ann).body(full("")).unwrap()).await.status, StatusCode::TOO_MANY_REQUESTS);
+        // The same address, another principal: a bucket of its own.
+        assert_eq!(public.send(with(&bob).body(full("")).unwrap()).await.status, StatusCode::OK, "{name}");
+        // No token: 401, not counted against anyone.
+        assert_eq!(public.send(get(host, "/")).await.status, StatusCode::UNAUTHORIZED);
+    }
+}

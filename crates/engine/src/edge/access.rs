@@ -37,7 +37,7 @@ fn query_token(segment: &str) -> Option<&str> {
 /// Checks a `token_auth` tunnel's request and removes the proof it used.
 /// Other `Authorization` headers and every other query parameter pass on
 /// untouched, in their order and spelling.
-pub fn check_token(shared: &Shared, parts: &mut Parts, source: IpAddr) -> Result<(), Refusal> {
+pub fn check_token(shared: &Shared, parts: &mut Parts, source: IpAddr) -> Result<crate::auth::Principal, Refusal> {
     let mut proofs: Vec<Proof> = parts
         .headers
         .get_all(AUTHORIZATION)
@@ -63,10 +63,10 @@ pub fn check_token(shared: &Shared, parts: &mut Parts, source: IpAddr) -> Result
         Proof::Header(value) => bearer(value).unwrap_or_default().to_string(),
         Proof::Query(raw) => percent_decode(raw),
     };
-    if shared.verifier.verify(Some(&token)).is_err() {
+    let Ok(principal) = shared.verifier.verify(Some(&token)) else {
         shared.auth_failed(source);
         return Err(Refusal::Unauthorized);
-    }
+    };
     match proof {
         Proof::Header(used) => {
             let kept: Vec<HeaderValue> =
@@ -80,7 +80,7 @@ pub fn check_token(shared: &Shared, parts: &mut Parts, source: IpAddr) -> Result
             parts.uri = without_token_param(&parts.uri).ok_or(Refusal::BadRequest("unparsable request target"))?;
         }
     }
-    Ok(())
+    Ok(principal)
 }
 
 /// The same URI without the `rstream.token` parameter; every other byte of

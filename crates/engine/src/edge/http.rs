@@ -345,7 +345,8 @@ impl Edge {
             }
         }
         if tunnel.spec.token_auth {
-            access::check_token(&self.shared, &mut parts, self.peer.ip()).map_err(fail)?;
+            let principal = access::check_token(&self.shared, &mut parts, self.peer.ip()).map_err(fail)?;
+            route::admit_principal(&tunnel, &principal.id).map_err(fail)?;
         }
         // The edge cache, for the paths the policy names.
         let mut leader = None;

@@ -87,8 +87,11 @@ pub fn decide(shared: &Shared, head: &Head<'_>) -> Result<Route, Refusal> {
         return Err(Refusal::Denied);
     }
     let state = state(&tunnel);
-    if let Some(limit) = &state.limiter
-        && let Err(wait) = limit.take(Source::of(head.source))
+    // A token_auth tunnel's requests are counted per token principal, once
+    // the token is checked ([`admit_principal`]).
+    if !tunnel.spec.token_auth
+        && let Some(limit) = &state.limiter
+        && let Err(wait) = limit.take(LimitKey::Source(Source::of(head.source)))
     {
         return Err(Refusal::RateLimited(wait));
     }
@@ -115,6 +118,15 @@ fn dot_segments(path: &str) -> bool {
         let decoded = segment.replace("%2e", ".").replace("%2E", ".");
         decoded == "." || decoded == ".."
     })
+}
+
+/// The rate limit of a `token_auth` tunnel, for the principal whose token
+/// a request carried.
+pub fn admit_principal(tunnel: &Tunnel, principal: &str) -> Result<(), Refusal> {
+    match &state(tunnel).limiter {
+        Some(limit) => limit.take(LimitKey::Principal(principal.to_string())).map_err(Refusal::RateLimited),
+        None => Ok(()),
+    }
 }
 
 /// The user and password of a `Basic` header.
@@ -199,11 +211,18 @@ fn state(tunnel: &Tunnel) -> &PolicyState {
     })
 }
 
-/// Token buckets per client source (a host, or an IPv6 /64).
+/// Token buckets per client: its source (a host, or an IPv6 /64), or the
+/// principal of its token on a `token_auth` tunnel.
 struct Limiter {
     per_second: f64,
     burst: f64,
-    buckets: Mutex<HashMap<Source, Bucket>>,
+    buckets: Mutex<HashMap<LimitKey, Bucket>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum LimitKey {
+    Source(Source),
+    Principal(String),
 }
 
 /// Sources a limiter tracks before it forgets those back at a full bucket.
@@ -212,7 +231,7 @@ const LIMITER_SWEEP: usize = 65_536;
 impl Limiter {
     /// Takes one request's token, or says how many seconds until one is
     /// back.
-    fn take(&self, source: Source) -> Result<(), u64> {
+    fn take(&self, source: LimitKey) -> Result<(), u64> {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         if buckets.len() >= LIMITER_SWEEP && !buckets.contains_key(&source) {
@@ -319,15 +338,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_limiter_refills() {
         let limiter = Limiter { per_second: 2.0, burst: 3.0, buckets: Mutex::new(HashMap::new()) };
-        let a = Source::of("192.0.2.1".parse().unwrap());
-        let b = Source::of("192.0.2.2".parse().unwrap());
+        let a = LimitKey::Source(Source::of("192.0.2.1".parse().unwrap()));
+        let b = LimitKey::Source(Source::of("192.0.2.2".parse().unwrap()));
+        let p = LimitKey::Principal("ann".into());
         for _ in 0..3 {
-            assert!(limiter.take(a).is_ok());
+            assert!(limiter.take(a.clone()).is_ok());
         }
-        assert_eq!(limiter.take(a), Err(1));
+        assert_eq!(limiter.take(a.clone()), Err(1));
         assert!(limiter.take(b).is_ok(), "sources have buckets of their own");
+        assert!(limiter.take(p).is_ok(), "so do principals");
         tokio::time::advance(std::time::Duration::from_millis(500)).await;
-        assert!(limiter.take(a).is_ok());
+        assert!(limiter.take(a.clone()).is_ok());
         assert!(limiter.take(a).is_err());
     }
 }

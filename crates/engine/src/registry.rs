@@ -275,6 +275,9 @@ pub enum Lookup {
     Found(Arc<Tunnel>, bool),
     /// The hostname is served, but no tunnel takes this path.
     NoPath,
+    /// The path's own tunnel went offline within the hold time: its agent
+    /// is expected back (a fallback does not stand in for it meanwhile).
+    Offline,
     /// No live tunnel serves the hostname.
     Unknown,
 }
@@ -340,6 +343,9 @@ struct State {
     /// Tunnel ids by published hostname or port. A hostname holds more
     /// than one when its principal's http tunnels split it by path.
     by_address: HashMap<Address, Vec<String>>,
+    /// Path prefixes of a hostname whose tunnel went offline, until their
+    /// hold ends.
+    departed: HashMap<Address, Vec<(String, Instant)>>,
     by_name: HashMap<(String, String), String>,
     usage: HashMap<String, Usage>,
     holds: HashMap<HoldKey, Hold>,
@@ -370,6 +376,12 @@ impl State {
 
     /// Drops the holds whose time is up.
     fn expire_holds(&mut self, now: Instant) {
+        if !self.departed.is_empty() {
+            self.departed.retain(|_, prefixes| {
+                prefixes.retain(|(_, until)| *until > now);
+                !prefixes.is_empty()
+            });
+        }
         while let Some((expires, _)) = self.expiries.front() {
             if *expires > now {
                 break;
@@ -593,6 +605,12 @@ impl Registry {
         let tunnel = Arc::new(tunnel);
         if let Some(address) = tunnel.address() {
             state.by_address.entry(address.clone()).or_default().push(tunnel.id.clone());
+            if let Some(departed) = state.departed.get_mut(address) {
+                departed.retain(|(p, _)| Some(p) != tunnel.spec.route.prefix.as_ref());
+                if departed.is_empty() {
+                    state.departed.remove(address);
+                }
+            }
         }
         if let Some(key) = name_key {
             state.by_name.insert(key, tunnel.id.clone());
@@ -631,6 +649,14 @@ impl Registry {
             ids.retain(|id| *id != tunnel.id);
             if ids.is_empty() {
                 state.by_address.remove(address);
+            }
+            if let Some(prefix) = &tunnel.spec.route.prefix
+                && !self.policy.hold.is_zero()
+            {
+                let departed = state.departed.entry(address.clone()).or_default();
+                let now = Instant::now();
+                departed.retain(|(p, until)| p != prefix && *until > now);
+                departed.push((prefix.clone(), now + self.policy.hold));
             }
         }
         if let Some(name) = tunnel.name() {
@@ -716,7 +742,17 @@ impl Registry {
                 best = Some((tunnel, length));
             }
         }
+        // A longer prefix whose tunnel is briefly away wins over a shorter
+        // live one: its requests wait for it rather than go astray.
+        let live = best.map_or(0, |(_, l)| l);
+        let now = Instant::now();
+        let away = state.departed.get(&address).into_iter().flatten().any(|(prefix, until)| {
+            *until > now
+                && prefix.len() + 1 > live
+                && crate::policy::PathRoute { prefix: Some(prefix.clone()), strip: false }.matches(path)
+        });
         match best {
+            _ if away => Lookup::Offline,
             Some((tunnel, _)) => Lookup::Found(tunnel.clone(), ids.len() > 1),
             None => Lookup::NoPath,
         }

@@ -463,7 +463,8 @@ async fn pipelined_bodies_pass_through_the_relay_and_refused_bodies_close() {
 async fn a_token_auth_tunnel_limits_each_token_principal() {
     let engine = TestEngine::start().await;
     let (local, _) = service("app").await;
-    let mut properties = routed("tokens", None, false, Some(r#"{"rate_limit": {"requests_per_second": 0.1, "burst": 2}}"#));
+    let mut properties =
+        routed("tokens", None, false, Some(r#"{"rate_limit": {"requests_per_second": 0.1, "burst": 2}}"#));
     properties.token_auth = Some(true);
     let (_control, _) = publish(&engine, properties, local).await;
     let host = "tokens.t.localhost";
@@ -483,4 +484,30 @@ async fn a_token_auth_tunnel_limits_each_token_principal() {
         // No token: 401, not counted against anyone.
         assert_eq!(public.send(get(host, "/")).await.status, StatusCode::UNAUTHORIZED);
     }
+}
+
+#[tokio::test]
+async fn a_path_whose_agent_is_away_answers_503_not_the_fallback() {
+    let engine = TestEngine::start().await;
+    let (api, _) = service("api").await;
+    let (ui, _) = service("ui").await;
+    let (api_control, _) = publish(&engine, routed("away", Some("/api/"), false, None), api).await;
+    let (_ui_control, _) = publish(&engine, routed("away", None, false, None), ui).await;
+    let host = "away.t.localhost";
+    let mut public = Public::open(&engine, host, false).await;
+    assert!(public.send(get(host, "/api/x")).await.body.starts_with("api "));
+    drop(api_control);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while engine.tunnels().contains_key("away/api/") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the API tunnel leaves with its control channel");
+    let answer = public.send(get(host, "/api/x")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE, "{}", answer.body);
+    assert!(public.send(get(host, "/other")).await.body.starts_with("ui "));
+    // Back: served again.
+    let (_again, _) = publish(&engine, routed("away", Some("/api/"), false, None), api).await;
+    assert!(public.send(get(host, "/api/x")).await.body.starts_with("api "));
 }

@@ -183,10 +183,12 @@ impl Store {
         gone.len()
     }
 
-    fn insert(&self, target: String, entry: Entry) {
+    /// Keeps an object (unless it is over the object limit), evicting the
+    /// least recently used to make room.
+    fn insert(&self, target: String, entry: Entry) -> Option<Arc<Entry>> {
         let mut inner = self.lock();
         if entry.size > inner.max_object_bytes {
-            return;
+            return None;
         }
         inner.remove(&target);
         while inner.used + entry.size > inner.max_bytes {
@@ -199,7 +201,32 @@ impl Store {
         let stamp = inner.clock;
         entry.stamp.store(stamp, Ordering::Relaxed);
         inner.recency.insert(stamp, target.clone());
-        inner.entries.insert(target, entry);
+        inner.entries.insert(target, entry.clone());
+        Some(entry)
+    }
+
+    /// Points a stored object at its file, if it is still the one stored
+    /// (else the file is not needed).
+    fn move_to_file(&self, target: &str, stored: &Arc<Entry>, path: PathBuf) {
+        let mut inner = self.lock();
+        let current = inner.entries.get(target).filter(|e| Arc::ptr_eq(e, stored)).cloned();
+        let Some(old) = current else {
+            drop(inner);
+            let _ = std::fs::remove_file(path);
+            return;
+        };
+        let entry = Arc::new(Entry {
+            head: old.head.clone(),
+            body: Stored::File { path },
+            size: old.size,
+            stored: old.stored,
+            stored_at: old.stored_at,
+            fresh_for: old.fresh_for,
+            vary: old.vary.clone(),
+            public: old.public,
+            stamp: AtomicU64::new(old.stamp.load(Ordering::Relaxed)),
+        });
+        inner.entries.insert(target.to_string(), entry);
     }
 
     #[cfg(test)]
@@ -244,8 +271,11 @@ pub struct Entry {
 }
 
 enum Stored {
-    Memory(Bytes),
-    File { path: PathBuf },
+    /// The body as it came, chunk by chunk.
+    Memory(Vec<Bytes>),
+    File {
+        path: PathBuf,
+    },
 }
 
 impl Entry {
@@ -297,9 +327,7 @@ impl Entry {
             return build(status, head, empty());
         }
         let body = match &self.body {
-            Stored::Memory(bytes) => http_body_util::Full::new(bytes.slice(start as usize..end as usize))
-                .map_err(|never| match never {})
-                .boxed_unsync(),
+            Stored::Memory(chunks) => ChunksBody { chunks: slices(chunks, start, end).into() }.boxed_unsync(),
             Stored::File { path, .. } => FileBody::open(path.clone(), start, end - start).boxed_unsync(),
         };
         build(status, head, body)
@@ -315,6 +343,45 @@ fn build(status: StatusCode, head: HeaderMap, body: PublicBody) -> Response<Publ
 
 fn empty() -> PublicBody {
     http_body_util::Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// The parts of `chunks` that hold bytes `[start, end)` of the whole.
+fn slices(chunks: &[Bytes], start: u64, end: u64) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut at = 0u64;
+    for chunk in chunks {
+        let (from, to) = (at, at + chunk.len() as u64);
+        at = to;
+        if to <= start || from >= end {
+            continue;
+        }
+        let a = start.saturating_sub(from) as usize;
+        let b = (end.min(to) - from) as usize;
+        out.push(chunk.slice(a..b));
+    }
+    out
+}
+
+/// A body of chunks already in memory.
+struct ChunksBody {
+    chunks: std::collections::VecDeque<Bytes>,
+}
+
+impl Body for ChunksBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Poll::Ready(self.chunks.pop_front().map(|c| Ok(Frame::data(c))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.chunks.iter().map(|c| c.len() as u64).sum())
+    }
 }
 
 /// One `bytes=` range of an object of `len` bytes, as `[start, end)`.
@@ -638,65 +705,66 @@ impl Leader {
                 }
             }
         }
-        let chunks = self.fill.chunks.lock().unwrap_or_else(|e| e.into_inner()).len();
-        self.fill.progress.send_replace(if ok { Progress::Done(chunks) } else { Progress::Broken(chunks) });
-        if ok && size <= max {
-            let stored = self.keep(&cache, size).await;
-            if let Some(body) = stored {
-                let vary = vary_names(&head)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|n| {
-                        let value = self.fill.request.get(&n).cloned();
-                        (n, value)
-                    })
-                    .collect();
-                let public = cache_control(&head).iter().any(|d| d == "public");
-                let entry = Entry {
-                    head,
-                    body,
-                    size,
-                    stored: Instant::now(),
-                    stored_at: SystemTime::now(),
-                    fresh_for: lifetime,
-                    vary,
-                    public,
-                    stamp: AtomicU64::new(0),
-                };
-                self.store.insert(self.target.clone(), entry);
-            }
-        }
-        self.unregister();
-    }
-
-    /// The fill's bytes as a stored body: in memory, or a file renamed
-    /// into place once complete.
-    async fn keep(&self, cache: &Cache, size: u64) -> Option<Stored> {
         let chunks = self.fill.chunks.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let Some(tmp) = cache.file_path("tmp") else {
-            let mut all = bytes::BytesMut::with_capacity(size as usize);
-            for chunk in &chunks {
-                all.extend_from_slice(chunk);
-            }
-            return Some(Stored::Memory(all.freeze()));
+        let stored = if ok && size <= max {
+            // Stored before any reader sees the end, so a request after a
+            // complete response always finds the object.
+            let vary = vary_names(&head)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|n| {
+                    let value = self.fill.request.get(&n).cloned();
+                    (n, value)
+                })
+                .collect();
+            let public = cache_control(&head).iter().any(|d| d == "public");
+            let entry = Entry {
+                head,
+                body: Stored::Memory(chunks.clone()),
+                size,
+                stored: Instant::now(),
+                stored_at: SystemTime::now(),
+                fresh_for: lifetime,
+                vary,
+                public,
+                stamp: AtomicU64::new(0),
+            };
+            self.store.insert(self.target.clone(), entry)
+        } else {
+            None
         };
-        let path = cache.file_path("obj")?;
-        let written = async {
-            use tokio::io::AsyncWriteExt;
-            let mut file = tokio::fs::File::create(&tmp).await?;
-            for chunk in &chunks {
-                file.write_all(chunk).await?;
-            }
-            file.sync_data().await?;
-            tokio::fs::rename(&tmp, &path).await
-        };
-        match written.await {
-            Ok(()) => Some(Stored::File { path }),
-            Err(error) => {
-                tracing::warn!(%error, "cache object not written");
-                let _ = tokio::fs::remove_file(&tmp).await;
-                None
-            }
+        let n = chunks.len();
+        self.fill.progress.send_replace(if ok { Progress::Done(n) } else { Progress::Broken(n) });
+        self.unregister();
+        // With a cache directory the object then moves to a file, and its
+        // memory goes once the readers of the fill are done.
+        if let Some(entry) = stored
+            && let Some(path) = write_object(&cache, &chunks).await
+        {
+            self.store.move_to_file(&self.target, &entry, path);
+        }
+    }
+}
+
+/// Writes an object under a temporary name and renames it into place.
+async fn write_object(cache: &Cache, chunks: &[Bytes]) -> Option<PathBuf> {
+    let tmp = cache.file_path("tmp")?;
+    let path = cache.file_path("obj")?;
+    let written = async {
+        use tokio::io::AsyncWriteExt;
+        let mut file = tokio::fs::File::create(&tmp).await?;
+        for chunk in chunks {
+            file.write_all(chunk).await?;
+        }
+        file.sync_data().await?;
+        tokio::fs::rename(&tmp, &path).await
+    };
+    match written.await {
+        Ok(()) => Some(path),
+        Err(error) => {
+            tracing::warn!(%error, "cache object not written; it stays in memory");
+            let _ = tokio::fs::remove_file(&tmp).await;
+            None
         }
     }
 }
@@ -831,6 +899,16 @@ mod tests {
     }
 
     #[test]
+    fn slices_cut_across_chunks() {
+        let chunks: Vec<Bytes> = ["abc", "defg", "h"].iter().map(|c| Bytes::from_static(c.as_bytes())).collect();
+        let joined = |s: Vec<Bytes>| s.iter().flat_map(|b| b.iter().copied()).map(char::from).collect::<String>();
+        assert_eq!(joined(slices(&chunks, 0, 8)), "abcdefgh");
+        assert_eq!(joined(slices(&chunks, 2, 5)), "cde");
+        assert_eq!(joined(slices(&chunks, 7, 8)), "h");
+        assert_eq!(joined(slices(&chunks, 3, 7)), "defg");
+    }
+
+    #[test]
     fn ranges() {
         assert_eq!(parse_range("bytes=0-9", 100), Ok(Some((0, 10))));
         assert_eq!(parse_range("bytes=90-", 100), Ok(Some((90, 100))));
@@ -847,7 +925,7 @@ mod tests {
     fn entry(size: u64) -> Entry {
         Entry {
             head: HeaderMap::new(),
-            body: Stored::Memory(Bytes::from(vec![0u8; size as usize])),
+            body: Stored::Memory(vec![Bytes::from(vec![0u8; size as usize])]),
             size,
             stored: Instant::now(),
             stored_at: SystemTime::now(),

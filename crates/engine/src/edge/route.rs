@@ -59,6 +59,7 @@ pub fn decide(shared: &Shared, head: &Head<'_>) -> Result<Route, Refusal> {
     let (tunnel, split) = match shared.registry.route(head.host, path) {
         Lookup::Found(tunnel, split) => (tunnel, split),
         Lookup::NoPath => return Err(Refusal::NoRoute),
+        Lookup::Offline => return Err(Refusal::Offline),
         Lookup::Unknown => return Err(Refusal::unrouted(shared, head.host)),
     };
     if tunnel.spec.kind != crate::tunnel::Kind::Http {

@@ -51,6 +51,10 @@ pub struct RouteOptions {
     /// connection (long polls).
     #[arg(long, value_name = "SECONDS")]
     pub response_timeout: Option<u64>,
+    /// Cache GET answers of paths matching this glob at the engine (as
+    /// HTTP caching allows), repeatable.
+    #[arg(long = "cache", value_name = "GLOB")]
+    pub cache: Vec<String>,
     /// A policy file (YAML or JSON, the keys of strait.policy); the flags
     /// above add to it.
     #[arg(long, value_name = "FILE")]
@@ -123,6 +127,14 @@ impl RouteOptions {
         if let Some(seconds) = self.response_timeout {
             policy.insert("response_timeout_seconds".into(), seconds.into());
         }
+        if !self.cache.is_empty() {
+            let cache = policy.entry("cache").or_insert_with(|| Value::Object(Map::new()));
+            let Value::Object(cache) = cache else { bail!("the policy file's cache is not a mapping") };
+            match cache.entry("paths").or_insert_with(|| Value::Array(Vec::new())) {
+                Value::Array(paths) => paths.extend(self.cache.iter().cloned().map(Value::String)),
+                _ => bail!("the policy file's cache.paths is not a list"),
+            }
+        }
         Ok(policy)
     }
 }
@@ -184,6 +196,7 @@ mod tests {
             basic_auth: vec!["ann:s3cret".into()],
             rate_limit: Some("50/s:100".into()),
             upstream_host: Some("api.internal".into()),
+            cache: vec!["/v/*".into()],
             policy: Some(file),
             ..Default::default()
         };
@@ -196,6 +209,7 @@ mod tests {
         assert_eq!(policy["rate_limit"], serde_json::json!({"requests_per_second": 50.0, "burst": 100}));
         assert_eq!(policy["host"], "api.internal");
         assert_eq!(policy["rewrite_location"], true);
+        assert_eq!(policy["cache"], serde_json::json!({"paths": ["/v/*"]}));
         let hash = policy["basic_auth"][0].as_str().unwrap().strip_prefix("ann:").unwrap();
         assert!(bcrypt::verify("s3cret", hash).unwrap());
         assert!(RouteOptions::default().labels().unwrap().is_empty());

@@ -975,6 +975,22 @@ mod tests {
     }
 
     #[test]
+    fn the_default_policy_comes_from_yaml_or_json_in_the_environment() {
+        let yaml = format!("{MINIMAL}edge:\n  default_policy:\n    deny_paths: [/metrics]\n  cache_dir: /tmp/c\n");
+        let loaded = Config::from_yaml_str(&yaml, Vec::new()).unwrap();
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert!(loaded.config.edge.default_policy.denies("/metrics").is_some());
+        assert_eq!(loaded.config.edge.cache_dir.as_deref(), Some(std::path::Path::new("/tmp/c")));
+        let from_env = env(&[("RSTREAM_ENGINE_EDGE__DEFAULT_POLICY", r#"{"allow_methods": ["GET"]}"#)]);
+        let loaded = Config::from_yaml_str(MINIMAL, from_env).unwrap();
+        assert!(!loaded.config.edge.default_policy.allows_method("POST"));
+        let bad = format!("{MINIMAL}edge:\n  default_policy:\n    deny_path: [/x]\n");
+        let error = Config::from_yaml_str(&bad, Vec::new()).unwrap_err();
+        assert_eq!(error.problems[0].field, "edge.default_policy");
+        assert!(error.problems[0].message.contains("unknown field `deny_path`"), "{error:?}");
+    }
+
+    #[test]
     fn unknown_keys_warn_but_load() {
         let yaml = format!("{MINIMAL}engine_typo: 1\ntls_extra: {{a: 1}}\n");
         let loaded = Config::from_yaml_str(&yaml, env(&[("RSTREAM_ENGINE_TLS__LISTEN_ADRR", ":1")])).unwrap();

@@ -511,3 +511,26 @@ async fn a_path_whose_agent_is_away_answers_503_not_the_fallback() {
     let (_again, _) = publish(&engine, routed("away", Some("/api/"), false, None), api).await;
     assert!(public.send(get(host, "/api/x")).await.body.starts_with("api "));
 }
+
+#[tokio::test]
+async fn the_operators_default_policy_applies_under_every_tunnel() {
+    let yaml = "edge:\n  default_policy:\n    deny_paths: [/metrics]\n    response_headers: {set: {x-edge: strait}}\n";
+    let engine = TestEngine::start_with(yaml).await;
+    let (local, count) = service("app").await;
+    // The tunnel's own policy cannot let /metrics through; its keys add.
+    let own = r#"{"deny_paths": ["/internal/*"], "response_headers": {"set": {"x-app": "1"}}}"#;
+    let (_control, _) = publish(&engine, routed("ops", None, false, Some(own)), local).await;
+    let (_plain, _) = publish(&engine, routed("plain", None, false, None), local).await;
+    for h2 in [false, true] {
+        for host in ["ops.t.localhost", "plain.t.localhost"] {
+            let mut public = Public::open(&engine, host, h2).await;
+            assert_eq!(public.send(get(host, "/metrics")).await.status, StatusCode::NOT_FOUND, "{host}");
+            let answer = public.send(get(host, "/ok")).await;
+            assert_eq!(answer.headers["x-edge"], "strait", "{host}");
+        }
+        let mut public = Public::open(&engine, "ops.t.localhost", h2).await;
+        assert_eq!(public.send(get("ops.t.localhost", "/internal/a")).await.status, StatusCode::NOT_FOUND);
+        assert_eq!(public.send(get("ops.t.localhost", "/ok")).await.headers["x-app"], "1");
+    }
+    assert_eq!(count.load(Ordering::SeqCst), 6, "only the allowed requests reached the service");
+}

@@ -208,3 +208,30 @@ async fn files_become(dir: &std::path::Path, ok: impl Fn(usize) -> bool) {
     .await;
     assert!(waited.is_ok(), "{} files in {}", count(), dir.display());
 }
+
+#[tokio::test]
+async fn stored_objects_are_answered_on_a_keep_alive_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let engine = TestEngine::start().await;
+    let body = artifact(5000);
+    let (_control, hits) = cached_tunnel(&engine, "keep", body.clone()).await;
+    let host = "keep.t.localhost";
+    assert_eq!(cache_header(&fetch(&engine, host, false, Request::get("/v/artifact")).await), "MISS");
+    // One connection, pipelined: HEAD (headers only), a range, the whole.
+    let mut public = engine.public(host, &[b"http/1.1"]).await;
+    let requests = format!(
+        "HEAD /v/artifact HTTP/1.1\r\nHost: {host}\r\n\r\n\
+         GET /v/artifact HTTP/1.1\r\nHost: {host}\r\nRange: bytes=10-19\r\n\r\n\
+         GET /v/artifact HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    );
+    public.write_all(requests.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), public.read_to_end(&mut seen)).await.expect("in time").ok();
+    let text = String::from_utf8_lossy(&seen);
+    assert_eq!(text.matches("x-strait-cache: HIT\r\n").count(), 3, "{text}");
+    let head_end = text.find("\r\n\r\n").unwrap() + 4;
+    assert!(text[head_end..].starts_with("HTTP/1.1 206 Partial Content\r\n"), "HEAD carried a body: {text}");
+    assert!(seen.ends_with(&body), "the whole object last");
+    assert!(seen.windows(10).any(|w| w == &body[10..20]), "the range");
+    assert_eq!(hits_of(&hits, "/v/artifact"), 1);
+}

@@ -147,15 +147,11 @@ impl Store {
 
     /// What the cache has for `target`, given the request's headers.
     pub fn lookup(self: &Arc<Self>, target: &str, request: &HeaderMap) -> Lookup {
+        if let Some(entry) = self.hit(target, request) {
+            return Lookup::Hit(entry);
+        }
         let mut inner = self.lock();
         let authorized = request.contains_key(header::AUTHORIZATION);
-        if let Some(entry) = inner.entries.get(target).cloned() {
-            let usable = entry.fresh() && entry.varies_like(request) && (!authorized || entry.public);
-            if usable {
-                inner.touch(target, &entry);
-                return Lookup::Hit(entry);
-            }
-        }
         if let Some(fill) = inner.fills.get(target)
             && fill.vary_matches(request)
             && !authorized
@@ -167,6 +163,18 @@ impl Store {
             inner.fills.insert(target.to_string(), fill.clone());
         }
         Lookup::Lead(Leader { store: self.clone(), target: target.to_string(), fill, registered: !authorized })
+    }
+
+    /// A fresh object for `target` this request may have, if any.
+    pub fn hit(&self, target: &str, request: &HeaderMap) -> Option<Arc<Entry>> {
+        let mut inner = self.lock();
+        let entry = inner.entries.get(target)?.clone();
+        let authorized = request.contains_key(header::AUTHORIZATION);
+        let usable = entry.fresh() && entry.varies_like(request) && (!authorized || entry.public);
+        if usable {
+            inner.touch(target, &entry);
+        }
+        usable.then_some(entry)
     }
 
     fn purge(&self, glob: Option<&Glob>) -> usize {

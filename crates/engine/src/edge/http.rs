@@ -601,7 +601,7 @@ fn apply_route(parts: &mut Parts, route: &route::Route, policy: &Policy, h2c: bo
 /// Applies the policy's response rules: header rules, and with
 /// `rewrite_location` the upstream host in `Location`, `Content-Location`
 /// and cookie domains turned back into the public name.
-fn response_policy(headers: &mut http::HeaderMap, policy: &Policy, public: &str, public_port: u16) {
+pub(super) fn response_policy(headers: &mut http::HeaderMap, policy: &Policy, public: &str, public_port: u16) {
     if let (true, Some(upstream)) = (policy.rewrite_location, policy.host.as_deref()) {
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
             let rewritten = headers

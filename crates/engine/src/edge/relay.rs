@@ -27,6 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::activity::Tracked;
+use super::cache;
 use super::chunked;
 use super::errors::Refusal;
 use super::headers::{self, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO};
@@ -93,6 +94,14 @@ pub async fn relay(edge: &Edge, public: &mut PublicTls) -> Outcome {
                 }
                 continue;
             }
+            Next::Cached(cached) => {
+                relay.inbuf.advance(cached.len);
+                let close = cached.close;
+                if !relay.answer_cached(cached).await || close || edge.shared.shutdown.is_cancelled() {
+                    return relay.close().await;
+                }
+                continue;
+            }
             Next::Close => return relay.close().await,
             Next::HandOff => return relay.hand_off(),
         };
@@ -151,9 +160,21 @@ struct Refused {
     close: bool,
 }
 
+/// A request the relay answers from the edge cache (it has no body).
+struct Cached {
+    len: usize,
+    host: String,
+    method: String,
+    path: String,
+    response: http::Response<super::http::PublicBody>,
+    head_only: bool,
+    close: bool,
+}
+
 enum Next {
     Relay(Plan),
     Refuse(Refused),
+    Cached(Cached),
     Close,
     HandOff,
 }
@@ -221,6 +242,7 @@ impl Relay<'_> {
                 match plan(self.edge, &self.client, &self.inbuf, &mut self.up_head) {
                     Parsed::Relay(plan) => return Next::Relay(plan),
                     Parsed::Refuse(refused) => return Next::Refuse(refused),
+                    Parsed::Cached(cached) => return Next::Cached(cached),
                     Parsed::Other => return Next::HandOff,
                     Parsed::Partial if self.inbuf.len() >= MAX_HEAD => return Next::HandOff,
                     Parsed::Partial => {}
@@ -395,6 +417,42 @@ impl Relay<'_> {
         self.write_refusal(&plan.host, &method, &path, &refusal, plan.head_only).await
     }
 
+    /// Writes a response from the edge cache (its length is known).
+    /// Returns whether the connection can carry another request.
+    async fn answer_cached(&mut self, cached: Cached) -> bool {
+        let Cached { host, method, path, response, head_only, .. } = cached;
+        let (parts, mut body) = response.into_parts();
+        self.edge.shared.metrics.http_response(parts.status.as_u16());
+        tracing::debug!(%host, %method, %path, status = parts.status.as_u16(), "answered from the edge cache");
+        let mut out = std::mem::take(&mut self.down_head);
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(parts.status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(parts.status.canonical_reason().unwrap_or_default().as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in &parts.headers {
+            write_header(&mut out, name.as_str(), value.as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        let written = async {
+            use http_body_util::BodyExt;
+            self.public.write_all(&out).await?;
+            if !head_only {
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(std::io::Error::other)?;
+                    if let Ok(data) = frame.into_data() {
+                        self.public.write_all(&data).await?;
+                    }
+                }
+            }
+            self.public.flush().await
+        };
+        let ok = written.await.is_ok();
+        self.down_head = out;
+        ok
+    }
+
     /// Answers a request the route refused.
     async fn refuse_request(&mut self, refused: &Refused) -> bool {
         self.write_refusal(&refused.host, &refused.method, &refused.path, &refused.refusal, refused.head_only).await
@@ -557,6 +615,7 @@ where
 enum Parsed {
     Relay(Plan),
     Refuse(Refused),
+    Cached(Cached),
     Partial,
     /// Not for the relay: hyper serves it.
     Other,
@@ -661,9 +720,35 @@ fn plan(edge: &Edge, client: &str, bytes: &[u8], out: &mut Vec<u8>) -> Parsed {
     if tunnel.spec.token_auth || upstream::h2c(&tunnel) {
         return Parsed::Other;
     }
-    // The edge cache lives on the hyper path.
-    if route.policy().cache.as_ref().is_some_and(|c| c.covers(path)) && (method == "GET" || head_only) {
-        return Parsed::Other;
+    // The edge cache: a stored object is answered here; a miss (which may
+    // lead a fetch for others) is hyper's.
+    if let Some(rule) = route.policy().cache.as_ref().filter(|c| c.covers(path))
+        && (method == "GET" || head_only)
+    {
+        if route.pending.is_some() {
+            return Parsed::Other;
+        }
+        let mut asked = http::HeaderMap::new();
+        for header in request.headers.iter() {
+            let consumed = route.consumed_authorization && eq(header.name, "authorization");
+            if let (false, Ok(name), Ok(value)) = (
+                consumed,
+                http::HeaderName::from_bytes(header.name.as_bytes()),
+                http::HeaderValue::from_bytes(header.value),
+            ) {
+                asked.append(name, value);
+            }
+        }
+        let method = if head_only { http::Method::HEAD } else { http::Method::GET };
+        if !cache::eligible(&method, &asked) {
+            return Parsed::Other;
+        }
+        let store = edge.shared.cache.store(&cache::store_name(&tunnel), rule);
+        let Some(entry) = store.hit(path, &asked) else { return Parsed::Other };
+        let mut response = entry.respond(&method, &asked);
+        super::http::response_policy(response.headers_mut(), &tunnel.spec.policy, &name, edge.shared.public_port);
+        let (method, path) = (method.to_string(), path.to_string());
+        return Parsed::Cached(Cached { len, host: name, method, path, response, head_only, close });
     }
     let policy = &tunnel.spec.policy;
 
@@ -889,7 +974,7 @@ pub mod fuzzing {
                 close: plan.close,
             },
             Parsed::Partial => Request::Partial,
-            Parsed::Other | Parsed::Refuse(_) => Request::Other,
+            Parsed::Other | Parsed::Refuse(_) | Parsed::Cached(_) => Request::Other,
         }
     }
 

@@ -146,6 +146,9 @@ pub struct EdgeConfig {
     /// `edge.cache_dir`: where the edge cache keeps its objects (emptied
     /// at start); unset, they stay in memory.
     pub cache_dir: Option<PathBuf>,
+    /// `edge.cache_max_bytes`: all edge-cache objects together, whatever
+    /// the tunnels' policies ask.
+    pub cache_max_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -416,6 +419,7 @@ impl Config {
         let tunnels_per_principal = r.u64_or("limits.tunnels_per_principal", 1024, 1, 10_000_000);
         let label_bytes = r.u64_or("limits.label_bytes_per_principal", 1 << 20, 0, 1 << 34);
         let hostname_hold = r.u64_or("edge.hostname_hold_seconds", 300, 0, 30 * 86_400);
+        let cache_max_bytes = r.u64_or("edge.cache_max_bytes", 1 << 30, 1 << 20, 1 << 44);
         let cache_dir = r.optional_str("edge.cache_dir").filter(|d| !d.trim().is_empty()).map(PathBuf::from);
         let default_policy = match r.get("edge.default_policy") {
             None => Some(crate::policy::Policy::default()),
@@ -485,6 +489,7 @@ impl Config {
                 hostname_hold_seconds: hostname_hold.unwrap(),
                 default_policy: default_policy.unwrap(),
                 cache_dir,
+                cache_max_bytes: cache_max_bytes.unwrap(),
             },
             quic: QuicConfig {
                 enabled: quic_enabled.unwrap(),

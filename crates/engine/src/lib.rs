@@ -252,7 +252,7 @@ impl Engine {
         let http_addr = http_listener.as_ref().map(|l| l.local_addr().expect("bound socket has an address"));
         let public_port = config.tls.public_port.unwrap_or(tls_addr.port());
         let cache_dir = config.edge.cache_dir.clone();
-        let cache = edge::cache::Cache::new(cache_dir.clone())
+        let cache = edge::cache::Cache::new(cache_dir.clone(), config.edge.cache_max_bytes)
             .map_err(|source| StartError::CacheDir { dir: cache_dir.unwrap_or_default(), source })?;
         let shared = Arc::new(Shared {
             cache: Arc::new(cache),

@@ -54,12 +54,32 @@ pub struct Cache {
     dir: Option<PathBuf>,
     stores: Mutex<HashMap<String, Arc<Store>>>,
     next_file: AtomicU64,
+    budget: Arc<Budget>,
+}
+
+/// What all stores together may hold (`edge.cache_max_bytes`): a tenant's
+/// `max_bytes` is its own bound within this, never past it.
+struct Budget {
+    max: u64,
+    used: AtomicU64,
+}
+
+impl Budget {
+    fn reserve(&self, size: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| (u + size <= self.max).then_some(u + size))
+            .is_ok()
+    }
+
+    fn release(&self, size: u64) {
+        self.used.fetch_sub(size, Ordering::AcqRel);
+    }
 }
 
 impl Cache {
     /// A cache keeping objects in memory, or in `dir` (emptied first: the
     /// cache does not outlive the engine).
-    pub fn new(dir: Option<PathBuf>) -> std::io::Result<Self> {
+    pub fn new(dir: Option<PathBuf>, max_bytes: u64) -> std::io::Result<Self> {
         if let Some(dir) = &dir {
             std::fs::create_dir_all(dir)?;
             for entry in std::fs::read_dir(dir)? {
@@ -73,7 +93,8 @@ impl Cache {
                 }
             }
         }
-        Ok(Self { dir, stores: Mutex::new(HashMap::new()), next_file: AtomicU64::new(0) })
+        let budget = Arc::new(Budget { max: max_bytes, used: AtomicU64::new(0) });
+        Ok(Self { dir, stores: Mutex::new(HashMap::new()), next_file: AtomicU64::new(0), budget })
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Store>>> {
@@ -84,7 +105,7 @@ impl Cache {
     /// limits follow the newest rule.
     pub fn store(&self, name: &str, rule: &CacheRule) -> Arc<Store> {
         let mut stores = self.lock();
-        let store = stores.entry(name.to_string()).or_insert_with(|| Arc::new(Store::default())).clone();
+        let store = stores.entry(name.to_string()).or_insert_with(|| Arc::new(Store::new(self.budget.clone()))).clone();
         store.set_limits(rule.max_bytes, rule.max_object_bytes);
         store
     }
@@ -103,13 +124,12 @@ impl Cache {
 }
 
 /// The objects of one hostname.
-#[derive(Default)]
 pub struct Store {
     inner: Mutex<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
+    budget: Arc<Budget>,
     max_bytes: u64,
     max_object_bytes: u64,
     used: u64,
@@ -131,6 +151,21 @@ pub enum Lookup {
 }
 
 impl Store {
+    fn new(budget: Arc<Budget>) -> Self {
+        Store {
+            inner: Mutex::new(Inner {
+                budget,
+                max_bytes: 0,
+                max_object_bytes: 0,
+                used: 0,
+                entries: HashMap::new(),
+                recency: BTreeMap::new(),
+                clock: 0,
+                fills: HashMap::new(),
+            }),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -203,6 +238,12 @@ impl Store {
             let Some((_, oldest)) = inner.recency.pop_first() else { break };
             inner.remove(&oldest);
         }
+        // Within the engine's budget: this store's own oldest objects make
+        // room; if that is not enough, the object is not kept.
+        while !inner.budget.reserve(entry.size) {
+            let Some((_, oldest)) = inner.recency.pop_first() else { return None };
+            inner.remove(&oldest);
+        }
         let entry = Arc::new(entry);
         inner.used += entry.size;
         inner.clock += 1;
@@ -255,6 +296,7 @@ impl Inner {
     fn remove(&mut self, target: &str) {
         if let Some(entry) = self.entries.remove(target) {
             self.used -= entry.size;
+            self.budget.release(entry.size);
             self.recency.remove(&entry.stamp.load(Ordering::Relaxed));
             // A file still being served stays open for its readers.
             if let Stored::File { path, .. } = &entry.body {
@@ -946,7 +988,8 @@ mod tests {
 
     #[tokio::test]
     async fn stores_are_bounded_and_evict_the_least_recently_used() {
-        let store = Arc::new(Store::default());
+        let budget = Arc::new(Budget { max: 1000, used: AtomicU64::new(0) });
+        let store = Arc::new(Store::new(budget.clone()));
         store.set_limits(100, 60);
         store.insert("/a".into(), entry(40));
         store.insert("/b".into(), entry(40));
@@ -959,5 +1002,23 @@ mod tests {
         assert_eq!(store.used(), (2, 80), "an object over max_object_bytes is not kept");
         assert_eq!(store.purge(None), 2);
         assert_eq!(store.used(), (0, 0));
+        assert_eq!(budget.used.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn all_stores_together_stay_within_the_engine_budget() {
+        let budget = Arc::new(Budget { max: 100, used: AtomicU64::new(0) });
+        let (a, b) = (Arc::new(Store::new(budget.clone())), Arc::new(Store::new(budget.clone())));
+        // A tenant asking for far more than the engine allows.
+        a.set_limits(1 << 40, 1 << 30);
+        b.set_limits(1 << 40, 1 << 30);
+        a.insert("/1".into(), entry(60));
+        b.insert("/1".into(), entry(30));
+        assert!(b.insert("/2".into(), entry(30)).is_some(), "b makes room from its own");
+        assert_eq!(b.used(), (1, 30));
+        assert!(a.insert("/2".into(), entry(50)).is_some(), "a evicts its own oldest");
+        assert_eq!(a.used(), (1, 50));
+        assert!(b.insert("/3".into(), entry(80)).is_none(), "never past the budget");
+        assert!(budget.used.load(Ordering::Relaxed) <= 100);
     }
 }

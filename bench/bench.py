@@ -4,7 +4,9 @@
 Every setup carries the same three local services (an iperf3 server, a
 small keep-alive HTTP server and a TCP echo server) and is measured by the
 same clients (iperf3 and `strait-bench`); the chatty rows add a Redis
-server and a PostgreSQL cluster, measured by redis-benchmark and pgbench.
+server and a PostgreSQL cluster, measured by redis-benchmark and pgbench;
+the edge-cache rows an object origin, behind strait's cache and behind
+nginx's proxy_cache.
 Setups run back to back, alternating, for several rounds; the report gives
 medians and spreads.
 
@@ -34,6 +36,21 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-bench-secret-bench-secret-0123"
 DEADLINE = 60.0
+# The policy rows' tunnel policy (`strait.policy`): what a typical site
+# sets, a few deny globs, header rules both ways, and a rate limit no
+# load here reaches (every request comes from 127.0.0.1, one bucket).
+TYPICAL_POLICY = {
+    "deny_paths": ["/internal/*", "/admin/*", "/.git/*", "*.php"],
+    "request_headers": {"set": {"x-team": "bench", "x-env": "prod"}, "remove": ["x-debug"]},
+    "response_headers": {"set": {"strict-transport-security": "max-age=31536000", "x-frame-options": "DENY"},
+                         "remove": ["server"]},
+    "rate_limit": {"requests_per_second": 1000000, "burst": 1000000},
+}
+# The edge-cache rows' policy: the origin's /v/ objects, 1 GiB in all,
+# 256 MiB each at most.
+CACHE_POLICY = {"cache": {"paths": ["/v/*"], "max_bytes": 1 << 30, "max_object_bytes": 256 << 20}}
+# The edge-cache rows' objects (key, bytes, title): served from the cache.
+CACHE_HITS = (("10k", 10 << 10, "10 KiB"), ("1m", 1 << 20, "1 MiB"))
 
 # ---------------------------------------------------------------- processes
 
@@ -104,8 +121,20 @@ class Proc:
         return self.log_path.read_text(errors="replace")[-2000:]
 
     def cpu_seconds(self) -> float:
-        fields = pathlib.Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User and system CPU seconds of the process and of its live
+        children (nginx's worker)."""
+        pids = [str(self.pid)]
+        for pid in pids:
+            children = pathlib.Path(f"/proc/{pid}/task/{pid}/children")
+            pids += children.read_text().split() if children.exists() else []
+        ticks = 0
+        for pid in pids:
+            try:
+                fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:  # a child gone since it was listed
+                continue
+            ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def rss_kib(self) -> int:
         for line in pathlib.Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -307,7 +336,7 @@ class Bench:
         # iperf3 serves one test at a time and can stay stuck on a client
         # that vanished, so each run gets a fresh one-off server.
         self.services["iperf"] = free_port()
-        for kind in ("http", "echo"):
+        for kind in ("http", "echo", *(["objects"] if "cache" in scenarios else [])):
             proc = self.spawn(f"{kind}-server", [self.tool("strait-bench"), f"serve-{kind}"], self.load_cpus)
             self.services[kind] = int(proc.json_line()["listen"].rsplit(":", 1)[1])
         # The chatty services, only when their scenarios run and Debian's
@@ -373,6 +402,14 @@ class Bench:
         """The chatty services that are running."""
         return [k for k in ("redis", "pg") if k in self.services]
 
+    def origin_count(self, path: str) -> int:
+        """How many requests for PATH reached the object origin."""
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.services['objects']}/_count{path}"
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return int(answer.headers["x-count"])
+
 
 def postgres_bin() -> pathlib.Path | None:
     """Debian's PostgreSQL server programs (initdb, postgres, pgbench), the
@@ -412,13 +449,29 @@ class Setup:
         self.ports: dict[str, int] = {}
         # The UDP port reaching the iperf3 server's UDP socket; 0: none.
         self.udp = 0
+        # The policy rows: the http service through a tunnel with
+        # TYPICAL_POLICY (beside `http`, the same service without one).
+        self.http_policy: list[str] = []
+        # The edge-cache rows: the object origin through the setup's cache,
+        # and the response header that says HIT or MISS.
+        self.cache: list[str] = []
+        self.cache_header = ""
+
+    def runs(self, scenario: str) -> bool:
+        """Whether SCENARIO is this setup's and this run's."""
+        return scenario in self.scenarios and scenario in self.b.args.scenarios.split(",")
 
     def carries_udp(self) -> bool:
-        return "udp" in self.scenarios and "udp" in self.b.args.scenarios.split(",")
+        return self.runs("udp")
 
     def carries_chatty(self) -> list[str]:
         """The chatty services this setup must carry in this run."""
         return self.b.chatty() if self.chatty & self.scenarios & set(self.b.args.scenarios.split(",")) else []
+
+    @classmethod
+    def available(cls) -> bool:
+        """False (with a message) when what the setup runs is missing."""
+        return True
 
     def start(self) -> None: ...
 
@@ -488,13 +541,14 @@ class StraitEngine(Setup):
         b = self.b
         path = b.work / f"{self.name}-tunnels.yaml"
         path.write_text("version: 1\ntunnels:\n" + tunnels)
+        count = tunnels.count("\n")
         agent = b.spawn(
             f"{self.name}-agent",
             [b.tool("strait"), "--tunnel-transport", self.transport, "run", "--apply", path],
             b.tunnel_cpus,
             env=self.env(),
         )
-        agent.line_matching(r"^applied .*: 3 created")
+        agent.line_matching(rf"^applied .*: {count} created")
         return agent
 
     def connect(self, tunnel: str) -> int:
@@ -537,6 +591,7 @@ class StraitEngine(Setup):
 
 class StraitPublished(StraitEngine):
     name, label = "strait-tls", "strait, published TLS tunnel (strait agent over TLS)"
+    scenarios = StraitEngine.scenarios | {"policy", "cache"}
 
     def start(self) -> None:
         self.start_engine()
@@ -544,6 +599,11 @@ class StraitPublished(StraitEngine):
         ca = str(self.b.certs / "ca.pem")
         tls = lambda host: ["--target", f"127.0.0.1:{self.port}", "--tls", f"{host}.t.localhost", "--ca", ca]
         self.http = [*tls("b-http"), "--alpn", "http/1.1"]
+        if self.runs("policy"):
+            self.http_policy = [*tls("b-policy"), "--alpn", "http/1.1"]
+        if self.runs("cache"):
+            self.cache = [*tls("b-cache"), "--alpn", "http/1.1"]
+            self.cache_header = "x-strait-cache"
         self.echo = tls("b-echo")
         # iperf3 speaks plain TCP: a client-side bridge does the TLS a real
         # client would do itself. It runs with the load, not the tunnel.
@@ -552,10 +612,19 @@ class StraitPublished(StraitEngine):
         self.bridge = bridge
 
     def start_agent(self, s: dict[str, int]) -> Proc:
+        # The policy rows' tunnel: the same service as `http`, with a
+        # typical policy; the cache rows': the object origin, cached.
+        # Policies as JSON, which is YAML.
+        http = lambda name, port, host, policy=None: (
+            f'  - {{name: {name}, forward: "127.0.0.1:{port}", tunnel: {{publish: true, protocol: http, host: {host}'
+            + (f", policy: {json.dumps(policy)}" if policy else "") + "}}\n"
+        )
         return self.apply(
             f'  - {{name: iperf, forward: "127.0.0.1:{s["iperf"]}", tunnel: {{publish: true, protocol: tls, host: b-iperf}}}}\n'
-            f'  - {{name: http, forward: "127.0.0.1:{s["http"]}", tunnel: {{publish: true, protocol: http, host: b-http}}}}\n'
-            f'  - {{name: echo, forward: "127.0.0.1:{s["echo"]}", tunnel: {{publish: true, protocol: tls, host: b-echo}}}}\n'
+            + http("http", s["http"], "b-http")
+            + f'  - {{name: echo, forward: "127.0.0.1:{s["echo"]}", tunnel: {{publish: true, protocol: tls, host: b-echo}}}}\n'
+            + (http("http-policy", s["http"], "b-policy", TYPICAL_POLICY) if self.runs("policy") else "")
+            + (http("objects", s["objects"], "b-cache", CACHE_POLICY) if self.runs("cache") else "")
         )
 
     def stop(self) -> None:
@@ -568,8 +637,9 @@ class StraitPublishedQuic(StraitPublished):
     name, label = "strait-quic", "strait, published TLS tunnel (strait agent over QUIC)"
     transport, over_tls = "quic", "strait-tls"
     # Idle agents: one strait-bench client's agents would share one QUIC
-    # connection.
-    scenarios = StraitPublished.scenarios - {"agents"}
+    # connection. The policy and cache rows are the engine's, whatever the
+    # agent's transport: strait-tls has them.
+    scenarios = StraitPublished.scenarios - {"agents", "policy", "cache"}
 
 
 class StraitPrivate(StraitEngine):
@@ -958,10 +1028,67 @@ class FrpTcp(Frp):
     name, label, tls = "frp-tcp", "frp, plain TCP transport", False
 
 
+def nginx_bin() -> str | None:
+    """Debian's nginx (in /usr/sbin, which a user's PATH may lack)."""
+    return shutil.which("nginx", path=os.environ.get("PATH", "") + os.pathsep + "/usr/sbin")
+
+
+class NginxCache(Setup):
+    """The edge-cache rows' reference: nginx's proxy_cache in front of the
+    same object origin, one worker on the tunnel's core, TLS on 127.0.0.1
+    with the engine's certificate (the client sends the same kind of SNI
+    name). Misses for one key wait on proxy_cache_lock (its timeout raised
+    past the largest object's fetch, so that waiting clients are served
+    from the cache rather than sent upstream after the default 5 s)."""
+
+    name, label = "nginx-cache", "nginx proxy_cache (TLS, same origin)"
+    scenarios = {"cache"}
+
+    @classmethod
+    def available(cls) -> bool:
+        if nginx_bin():
+            return True
+        print("nginx missing: the nginx-cache rows are skipped", file=sys.stderr)
+        return False
+
+    def start(self) -> None:
+        b = self.b
+        top = b.work / self.name
+        shutil.rmtree(top, ignore_errors=True)
+        top.mkdir()
+        port = free_port()
+        temps = "".join(f"{k}_temp_path {top / k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (top / "nginx.conf").write_text(
+            "daemon off;\nworker_processes 1;\n"
+            # As root the workers would run as nobody, who cannot enter
+            # the bench's private work directory.
+            + ("user root;\n" if os.geteuid() == 0 else "")
+            + f"pid {top / 'nginx.pid'};\nerror_log {top / 'error.log'} warn;\n"
+            "events { worker_connections 4096; }\n"
+            f"http {{\naccess_log off;\n{temps}"
+            f"proxy_cache_path {top / 'cache'} levels=1:2 keys_zone=bench:10m max_size=1g inactive=1h use_temp_path=off;\n"
+            f"upstream origin {{ server 127.0.0.1:{b.services['objects']}; keepalive 16; }}\n"
+            f"server {{\nlisten 127.0.0.1:{port} ssl;\n"
+            f"ssl_certificate {b.certs / 'cert.pem'};\nssl_certificate_key {b.certs / 'key.pem'};\n"
+            "ssl_session_cache shared:ssl:10m;\nkeepalive_requests 1000000;\n"
+            "location / {\nproxy_pass http://origin;\nproxy_http_version 1.1;\nproxy_set_header Connection \"\";\n"
+            "proxy_cache bench;\nproxy_cache_valid 200 1h;\nproxy_cache_lock on;\n"
+            "proxy_cache_lock_timeout 300s;\nproxy_cache_lock_age 300s;\n"
+            "add_header x-cache-status $upstream_cache_status;\n}\n}\n}\n"
+        )
+        self.server = [b.spawn(self.name, [nginx_bin(), "-p", top, "-c", top / "nginx.conf"], b.tunnel_cpus,
+                               stdout_to_log=True)]
+        wait_port(port)
+        self.cache = ["--target", f"127.0.0.1:{port}", "--tls", "b-cache.t.localhost", "--ca", str(b.certs / "ca.pem"),
+                      "--alpn", "http/1.1"]
+        self.cache_header = "x-cache-status"
+
+
 SETUPS = {
     s.name: s
     for s in (Direct, StraitPublished, StraitPublishedQuic, StraitPrivate, StraitPrivateQuic, StraitPublishedTcp,
-              StraitPublishedTcpQuic, StraitSdkPublished, StraitSdk, RatholeTls, RatholeTcp, FrpTls, FrpTcp, Bore)
+              StraitPublishedTcpQuic, StraitSdkPublished, StraitSdk, RatholeTls, RatholeTcp, FrpTls, FrpTcp, Bore,
+              NginxCache)
 }
 
 # ---------------------------------------------------------------- scenarios
@@ -1005,22 +1132,109 @@ def scenario_parallel(bench: Bench, setup: Setup, results: dict) -> None:
         results.setdefault(f"2-parallel-{direction}", []).append(r["gbit_s"])
 
 
-def scenario_http(bench: Bench, setup: Setup, results: dict) -> None:
+def http_load(bench: Bench, setup: Setup, target: list[str], path: str = "/") -> tuple[float, float | None]:
+    """strait-bench http-load on 64 keep-alive connections to TARGET:
+    requests/s, and the tunnel's CPU µs per request (None without tunnel
+    processes): steadier than requests/s on a shared machine, what each
+    request costs the tunnel whatever else the host is doing."""
     a = bench.args
     cost_before = sum(p.cpu_seconds() for p in setup.tunnel_procs())
     out = run_json(
-        [bench.tool("strait-bench"), "http-load", *setup.http, "--connections", "64", "--seconds", str(a.seconds)],
+        [bench.tool("strait-bench"), "http-load", *target, "--path", path, "--connections", "64",
+         "--seconds", str(a.seconds)],
         bench.load_cpus,
         timeout=a.seconds + 60,
     )
     if out["errors"]:
-        raise RuntimeError(f"http-load through {setup.name}: {out['errors']} errors, first: {out['first_error']}")
-    results.setdefault("3-http-rps", []).append(out["per_second"])
-    if setup.tunnel_procs():
-        # Steadier than requests/s on a shared machine: what each request
-        # costs the tunnel's processes, whatever else the host is doing.
-        cost = sum(p.cpu_seconds() for p in setup.tunnel_procs()) - cost_before
-        results.setdefault("3-http-cpu-us", []).append(cost / out["requests"] * 1e6)
+        raise RuntimeError(f"http-load {path} through {setup.name}: {out['errors']} errors, first: {out['first_error']}")
+    cost = sum(p.cpu_seconds() for p in setup.tunnel_procs()) - cost_before
+    return out["per_second"], cost / out["requests"] * 1e6 if setup.tunnel_procs() else None
+
+
+def scenario_http(bench: Bench, setup: Setup, results: dict) -> None:
+    rps, cpu_us = http_load(bench, setup, setup.http)
+    results.setdefault("3-http-rps", []).append(rps)
+    if cpu_us is not None:
+        results.setdefault("3-http-cpu-us", []).append(cpu_us)
+
+
+def scenario_policy(bench: Bench, setup: Setup, results: dict) -> None:
+    """The same service through two tunnels of one engine, without a
+    policy and with TYPICAL_POLICY, back to back (the order alternating
+    over rounds); the ratio is per round. First proves the policy is on:
+    a denied path is 404 and the set response header is there."""
+    if not setup.http_policy:
+        return
+    check_policy(bench, setup.http_policy)
+    runs = {"off": setup.http, "on": setup.http_policy}
+    order = ["off", "on"] if len(results.get("10-policy-ratio", [])) % 2 == 0 else ["on", "off"]
+    rps = {}
+    for which in order:
+        rps[which], cpu_us = http_load(bench, setup, runs[which])
+        results.setdefault(f"10-policy-{which}-rps", []).append(rps[which])
+        results.setdefault(f"10-policy-{which}-cpu-us", []).append(cpu_us)
+    results.setdefault("10-policy-ratio", []).append(rps["on"] / rps["off"])
+    cpu = results["10-policy-on-cpu-us"][-1] / results["10-policy-off-cpu-us"][-1]
+    results.setdefault("10-policy-cpu-ratio", []).append(cpu)
+
+
+def check_policy(bench: Bench, target: list[str]) -> None:
+    """GET /internal/x must be refused (404) and GET / carry the policy's
+    x-frame-options; TARGET is strait-bench's --target/--tls/--ca."""
+    import http.client
+    import ssl
+
+    opt = dict(zip(target[::2], target[1::2]))
+    host, port = opt["--target"].rsplit(":", 1)
+    context = ssl.create_default_context(cafile=opt["--ca"])
+    for path, status, header in (("/internal/x", 404, None), ("/", 200, "x-frame-options")):
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        # SNI and certificate check on the tunnel's name, not 127.0.0.1.
+        conn.sock = context.wrap_socket(socket.create_connection((host, int(port)), timeout=10),
+                                        server_hostname=opt["--tls"])
+        conn.request("GET", path, headers={"Host": opt["--tls"]})
+        answer = conn.getresponse()
+        answer.read()
+        conn.close()
+        if answer.status != status or (header and answer.getheader(header) is None):
+            raise RuntimeError(f"policy not in force: GET {path} gave {answer.status}, {header}: {answer.getheader(header or '')}")
+
+
+def scenario_cache(bench: Bench, setup: Setup, results: dict) -> None:
+    """Through the setup's cache, objects under fresh paths (every run
+    starts cold): each CACHE_HITS object fetched once, then requests/s on
+    64 keep-alive connections, the origin seeing only the first request;
+    then --cache-clients cold GETs of a --cache-object-mib object at the
+    same moment: the time until every client has the whole body, and how
+    many requests reached the origin (strait's must be exactly 1)."""
+    if not setup.cache:
+        return
+    a = bench.args
+    tag = f"{setup.name}-{random.getrandbits(40):x}"
+    fetch = lambda path, count: run_json(
+        [bench.tool("strait-bench"), "fetch-many", *setup.cache, "--path", path, "--count", str(count),
+         "--status-header", setup.cache_header],
+        bench.load_cpus,
+        timeout=600,
+    )
+    for label, size, _ in CACHE_HITS:
+        path = f"/v/{tag}/{size}"
+        fetch(path, 1)
+        rps, cpu_us = http_load(bench, setup, setup.cache, path)
+        upstream = bench.origin_count(path)
+        if upstream != 1:
+            raise RuntimeError(f"{setup.name}: {upstream} requests for {path} reached the origin, not 1 (no cache hits)")
+        results.setdefault(f"11-cache-hit-{label}-rps", []).append(rps)
+        results.setdefault(f"11-cache-hit-{label}-cpu-us", []).append(cpu_us)
+    path = f"/v/{tag}-cold/{a.cache_object_mib << 20}"
+    out = fetch(path, a.cache_clients)
+    upstream = bench.origin_count(path)
+    print(f"  {setup.name}: {a.cache_clients} cold GETs of {a.cache_object_mib} MiB: {out['seconds']:.2f} s, "
+          f"{upstream} upstream, {setup.cache_header}: {out['statuses']}", file=sys.stderr, flush=True)
+    if setup.name.startswith("strait") and upstream != 1:
+        raise RuntimeError(f"{setup.name}: {a.cache_clients} cold GETs made {upstream} upstream requests, not 1")
+    results.setdefault("11-cache-cold-seconds", []).append(out["seconds"])
+    results.setdefault("11-cache-cold-upstream", []).append(upstream)
 
 
 def scenario_latency(bench: Bench, setup: Setup, results: dict) -> None:
@@ -1176,6 +1390,8 @@ SCENARIOS = {
     "redis": scenario_redis,
     "pgbench": scenario_pgbench,
     "udp": scenario_udp,
+    "policy": scenario_policy,
+    "cache": scenario_cache,
 }
 
 # ---------------------------------------------------------------- report
@@ -1212,6 +1428,25 @@ METRICS = [
             (f"9-udp-{rate}-loss", f"9. UDP loss, {rate}bit/s offered (iperf3 -u, 1,200 B)", "%", False),
         )
     ),
+    ("10-policy-off-rps", "10. HTTP requests/s, published http tunnel without a policy (64 connections)", "req/s", True),
+    ("10-policy-on-rps", "10. HTTP requests/s, the same service through a tunnel with a typical policy", "req/s", True),
+    ("10-policy-ratio", "10. HTTP requests/s with the policy / without (per round; target ≥ 0.95)", "ratio", True),
+    ("10-policy-off-cpu-us", "10. Tunnel CPU per HTTP request without a policy", "µs", False),
+    ("10-policy-on-cpu-us", "10. Tunnel CPU per HTTP request with the typical policy", "µs", False),
+    ("10-policy-cpu-ratio", "10. Tunnel CPU per HTTP request with the policy / without (per round)", "ratio", False),
+    *(
+        (f"11-cache-hit-{label}-rps", f"11. Edge cache HIT requests/s, {title} immutable object, 64 keep-alive connections",
+         "req/s", True)
+        for label, _, title in CACHE_HITS
+    ),
+    *(
+        (f"11-cache-hit-{label}-cpu-us", f"11. Cache CPU per HIT request, {title} object (strait: engine and agent; "
+         "nginx: master and worker)", "µs", False)
+        for label, _, title in CACHE_HITS
+    ),
+    ("11-cache-cold-seconds", "11. Edge cache cold miss: concurrent GETs of one large object, until every client has it all",
+     "s", False),
+    ("11-cache-cold-upstream", "11. Edge cache cold miss: requests that reached the origin", "requests", False),
 ]
 
 # Rows of time per round trip: the table also gives what the tunnel adds
@@ -1296,7 +1531,7 @@ def render(doc: dict, out: pathlib.Path) -> None:
     setups = list(summary)
     # Ratio columns: each setup against these when they ran, and a QUIC
     # agent's setup against the same setup with the agent on TLS.
-    baselines = [b for b in ("direct", "rathole-tls") if b in summary]
+    baselines = [b for b in ("direct", "rathole-tls", "nginx-cache") if b in summary]
     over_tls = {s: SETUPS[s].over_tls for s in setups if s in SETUPS and SETUPS[s].over_tls in summary}
     ratio = lambda v, base: f" {v / base:.2f}x |" if base else " – |"
     for key, title, unit, higher in METRICS:
@@ -1305,14 +1540,16 @@ def render(doc: dict, out: pathlib.Path) -> None:
             continue
         lines += [f"### {title} ({unit}, {'higher' if higher else 'lower'} is better)", ""]
         added = key in ADDED and "direct" in summary and key in summary["direct"]
+        # A baseline's column where it has the row (nginx-cache: the cache rows only).
+        bases = [b for b in baselines if b != "nginx-cache" or key in summary[b]]
         head = "| setup | median | range |" + (" added to direct |" if added else "")
-        head += "".join(f" vs {b} |" for b in baselines) + (" vs agent on TLS |" if over_tls else "")
-        lines += [head, "|---|---:|---:|" + "---:|" * (len(baselines) + bool(over_tls) + added)]
+        head += "".join(f" vs {b} |" for b in bases) + (" vs agent on TLS |" if over_tls else "")
+        lines += [head, "|---|---:|---:|" + "---:|" * (len(bases) + bool(over_tls) + added)]
         for s, v in rows:
             cell = f"| {labels[s]} | {fmt(v['median'])} | {fmt(v['min'])}–{fmt(v['max'])} |"
             if added:
                 cell += f" {v['median'] - summary['direct'][key]['median']:+.1f} |"
-            for b in baselines:
+            for b in bases:
                 cell += ratio(v["median"], summary[b].get(key, {}).get("median"))
             if over_tls:
                 cell += ratio(v["median"], summary[over_tls[s]].get(key, {}).get("median") if s in over_tls else None)
@@ -1339,6 +1576,8 @@ def main() -> int:
     p.add_argument("--streams", type=int, default=1000, help="open streams for the memory scenario")
     p.add_argument("--agents", type=int, default=1000, help="idle agents for the memory scenario")
     p.add_argument("--udp-rates", default=",".join(UDP_RATES), help="offered rates for the UDP scenario: " + ", ".join(UDP_RATES))
+    p.add_argument("--cache-object-mib", type=int, default=200, help="the cache scenario's cold object, MiB")
+    p.add_argument("--cache-clients", type=int, default=50, help="concurrent cold GETs in the cache scenario")
     p.add_argument("--no-pin", dest="pin", action="store_false")
     p.add_argument("--sdk-python", default=str(ROOT / ".venv" / "bin" / "python"))
     p.add_argument("--out", default=str(ROOT / "bench"))
@@ -1358,6 +1597,7 @@ def main() -> int:
     for s in scenarios:
         if s not in SCENARIOS:
             p.error(f"unknown scenario {s!r}")
+    setups = [s for s in setups if SETUPS[s].available()]
 
     bench = Bench(args)
     data: dict[str, dict[str, list[float]]] = {s: {} for s in setups}

@@ -9,7 +9,8 @@
 #                                before frp and the chatty, UDP and
 #                                published TCP/UDP rows came; longer now)
 #   bench/run.sh --smoke         a few seconds per scenario, strait and the
-#                                direct connection only, debug binaries; what
+#                                direct connection only (and nginx's cache
+#                                when nginx is there), debug binaries; what
 #                                the test command runs so the bench never rots
 #   bench/run.sh --rounds 5 ...  any other option goes to bench/bench.py
 set -euo pipefail
@@ -25,8 +26,8 @@ if [ "${1:-}" = "--smoke" ]; then
     out="$(mktemp -d)"
     trap 'rm -rf "$out"' EXIT
     cargo build -q -p strait-engine -p strait -p strait-bench
-    exec python3 bench/bench.py --bin-dir target/debug --setups direct,strait-tls,strait-quic,strait-private,strait-private-quic,strait-tcp,strait-sdk,strait-sdk-tls \
-        --rounds 1 --seconds 1 --connections 100 --streams 50 --agents 20 --udp-rates 100M --out "$out" \
+    exec python3 bench/bench.py --bin-dir target/debug --setups direct,strait-tls,strait-quic,strait-private,strait-private-quic,strait-tcp,strait-sdk,strait-sdk-tls,nginx-cache \
+        --rounds 1 --seconds 1 --connections 100 --streams 50 --agents 20 --udp-rates 100M --cache-object-mib 8 --out "$out" \
         --command "bench/run.sh --smoke" "$@"
 fi
 
@@ -58,6 +59,8 @@ fi
 # Debian keeps initdb off PATH, under /usr/lib/postgresql/VERSION/bin.
 bash scripts/need.sh redis-benchmark:redis-server
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || bash scripts/need.sh initdb:postgresql
+# The edge-cache rows' reference, nginx's proxy_cache.
+bash scripts/need.sh nginx
 
 log "running (the machine should be otherwise idle)"
 exec python3 bench/bench.py --command "bench/run.sh${*:+ $*}" "$@"

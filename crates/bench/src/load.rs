@@ -1,5 +1,6 @@
-//! The two HTTP measurements: new-connection latency and keep-alive
-//! requests per second; the latency also with one echoed byte.
+//! The HTTP measurements: new-connection latency and keep-alive requests
+//! per second; the latency also with one echoed byte; and many clients
+//! fetching one object at once (the edge cache's coalesced miss).
 
 use std::time::{Duration, Instant};
 
@@ -84,13 +85,13 @@ pub async fn latency(target: Target, count: usize, warmup: usize, echo: bool) ->
     Ok(())
 }
 
-pub async fn http(target: Target, connections: usize, duration: Duration) -> anyhow::Result<()> {
+pub async fn http(target: Target, path: String, connections: usize, duration: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + duration;
     let started = Instant::now();
     let mut workers = Vec::with_capacity(connections);
     for _ in 0..connections {
-        let target = target.clone();
-        workers.push(tokio::spawn(async move { keep_alive_worker(target, deadline).await }));
+        let (target, path) = (target.clone(), path.clone());
+        workers.push(tokio::spawn(async move { keep_alive_worker(target, path, deadline).await }));
     }
     let (mut done, mut errors, mut first_error) = (0u64, 0u64, None);
     for worker in workers {
@@ -114,14 +115,14 @@ pub async fn http(target: Target, connections: usize, duration: Duration) -> any
 
 /// Requests back to back on one connection until the deadline; the count,
 /// or the count and the error that ended the connection.
-async fn keep_alive_worker(target: Target, deadline: Instant) -> Result<u64, (u64, String)> {
+async fn keep_alive_worker(target: Target, path: String, deadline: Instant) -> Result<u64, (u64, String)> {
     let conn = target.connect().await.map_err(|e| (0, e.to_string()))?;
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(conn)).await.map_err(|e| (0, e.to_string()))?;
     tokio::spawn(connection);
     let mut done = 0;
     while Instant::now() < deadline {
-        let request = hyper::Request::get("/").header("host", &target.host).body(Empty::<Bytes>::new()).unwrap();
+        let request = hyper::Request::get(&path).header("host", &target.host).body(Empty::<Bytes>::new()).unwrap();
         let exchange = async {
             let response = sender.send_request(request).await?;
             let status = response.status();
@@ -135,4 +136,71 @@ async fn keep_alive_worker(target: Target, deadline: Instant) -> Result<u64, (u6
         }
     }
     Ok(done)
+}
+
+/// COUNT clients, each on its own connection (connected and handshaken
+/// first), send `GET PATH` at the same moment and read the whole body.
+/// Reports the time until the last client has its last byte, and how many
+/// answers carried each value of the `status_header` (a cache's
+/// HIT/MISS header), if given.
+pub async fn fetch_many(
+    target: Target,
+    path: String,
+    count: usize,
+    status_header: Option<String>,
+) -> anyhow::Result<()> {
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(count + 1));
+    let mut clients = Vec::with_capacity(count);
+    for _ in 0..count {
+        let conn = target.connect().await.context("connecting")?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(conn)).await?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(&path).header("host", &target.host).body(Empty::<Bytes>::new())?;
+        let (start, header) = (start.clone(), status_header.clone());
+        clients.push(tokio::spawn(async move {
+            start.wait().await;
+            let t = Instant::now();
+            let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("status {}", response.status()));
+            }
+            let status = header.and_then(|h| response.headers().get(h)).map(|v| v.to_str().unwrap_or("?").to_string());
+            let want: Option<u64> =
+                response.headers().get("content-length").and_then(|v| v.to_str().ok()?.parse().ok());
+            let mut body = response.into_body();
+            let mut got = 0u64;
+            while let Some(frame) = body.frame().await {
+                got += frame.map_err(|e| e.to_string())?.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            if want.is_some_and(|w| w != got) {
+                return Err(format!("{got} of {} bytes", want.unwrap_or(0)));
+            }
+            Ok::<_, String>((t.elapsed().as_secs_f64(), got, status))
+        }));
+    }
+    start.wait().await;
+    let (mut times, mut bytes, mut errors, mut first_error) = (Vec::new(), 0u64, 0u64, None);
+    let mut statuses = std::collections::BTreeMap::<String, u64>::new();
+    for client in clients {
+        match client.await? {
+            Ok((seconds, got, status)) => {
+                times.push(seconds);
+                bytes += got;
+                if let Some(status) = status {
+                    *statuses.entry(status).or_default() += 1;
+                }
+            }
+            Err(error) => {
+                errors += 1;
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    crate::report(json!({
+        "clients": times.len(), "errors": errors, "first_error": first_error, "bytes": bytes,
+        "seconds": times.last(), "first_seconds": times.first(), "statuses": statuses,
+    }));
+    anyhow::ensure!(errors == 0, "{errors} clients failed, first: {}", first_error.unwrap_or_default());
+    Ok(())
 }

@@ -31,6 +31,13 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: String,
     },
+    /// The edge-cache rows' origin: `GET /.../BYTES` answers BYTES
+    /// immutable bytes, `GET /_count/...` how often a path was asked for;
+    /// prints {"listen": ADDR}.
+    ServeObjects {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: String,
+    },
     /// A TCP echo server; prints {"listen": ADDR}.
     ServeEcho {
         #[arg(long, default_value = "127.0.0.1:0")]
@@ -64,10 +71,26 @@ enum Command {
     HttpLoad {
         #[command(flatten)]
         target: TargetArgs,
+        /// The path every request asks for.
+        #[arg(long, default_value = "/")]
+        path: String,
         #[arg(long, default_value_t = 64)]
         connections: usize,
         #[arg(long, default_value_t = 10.0)]
         seconds: f64,
+    },
+    /// COUNT clients on their own connections GET one path at the same
+    /// moment and read it whole; prints the time until the last has it.
+    FetchMany {
+        #[command(flatten)]
+        target: TargetArgs,
+        #[arg(long)]
+        path: String,
+        #[arg(long, default_value_t = 50)]
+        count: usize,
+        /// Count the answers by this header's value (e.g. x-strait-cache).
+        #[arg(long)]
+        status_header: Option<String>,
     },
     /// Opens COUNT connections to an echo service, proves each with a
     /// round trip, prints {"held": COUNT} and holds them until stdin closes.
@@ -117,13 +140,17 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Command::ServeHttp { listen } => serve::http(&listen).await,
+            Command::ServeObjects { listen } => serve::objects(&listen).await,
             Command::ServeEcho { listen } => serve::echo(&listen).await,
             Command::Bridge { target, listen } => serve::bridge(target.resolve()?, &listen).await,
             Command::Latency { target, count, warmup, echo } => {
                 load::latency(target.resolve()?, count, warmup, echo).await
             }
-            Command::HttpLoad { target, connections, seconds } => {
-                load::http(target.resolve()?, connections, Duration::from_secs_f64(seconds)).await
+            Command::HttpLoad { target, path, connections, seconds } => {
+                load::http(target.resolve()?, path, connections, Duration::from_secs_f64(seconds)).await
+            }
+            Command::FetchMany { target, path, count, status_header } => {
+                load::fetch_many(target.resolve()?, path, count, status_header).await
             }
             Command::Hold { target, count } => hold::streams(target.resolve()?, count).await,
             Command::Agents { engine, token, ca, count, tunnel } => {

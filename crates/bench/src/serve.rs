@@ -64,3 +64,51 @@ pub async fn bridge(target: Target, listen: &str) -> anyhow::Result<()> {
         });
     }
 }
+
+/// Requests per path seen by [`objects`].
+type Counts = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>;
+
+/// The edge-cache rows' origin: `GET /ANY/PATH/BYTES` answers BYTES bytes
+/// marked immutable (`Cache-Control: public, max-age=31536000, immutable`),
+/// so any cache in front may keep it; `GET /_count/ANY/PATH/BYTES` answers,
+/// in an `x-count` header, how many requests reached the origin for that
+/// path (not counted itself).
+pub async fn objects(listen: &str) -> anyhow::Result<()> {
+    let listener = bind(listen).await?;
+    let counts = Counts::default();
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let counts = counts.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let counts = counts.clone();
+                async move { Ok::<_, Infallible>(object(&req, &counts)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+        });
+    }
+}
+
+fn object(req: &Request<hyper::body::Incoming>, counts: &Counts) -> Response<crate::soak::services::Paced> {
+    use crate::soak::services::Paced;
+    let path = req.uri().path();
+    let mut counts = counts.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(counted) = path.strip_prefix("/_count") {
+        let n = counts.get(counted).copied().unwrap_or(0);
+        return Response::builder()
+            .header("x-count", n)
+            .body(Paced::new(0))
+            .unwrap_or_else(|_| Response::new(Paced::new(0)));
+    }
+    *counts.entry(path.to_string()).or_default() += 1;
+    let Some(bytes) = path.rsplit('/').next().and_then(|s| s.parse::<usize>().ok()) else {
+        return Response::builder().status(404).body(Paced::new(0)).unwrap_or_else(|_| Response::new(Paced::new(0)));
+    };
+    Response::builder()
+        .header("cache-control", "public, max-age=31536000, immutable")
+        .header("etag", format!("\"{bytes}\""))
+        .header("content-type", "application/octet-stream")
+        .body(Paced::new(bytes))
+        .unwrap_or_else(|_| Response::new(Paced::new(0)))
+}

@@ -40,7 +40,7 @@ pub const CUT_ECHO_MAX: usize = 64 << 10;
 /// A response body of `left` filler bytes in chunks of `chunk`, one every
 /// `every` if set, failing (which makes hyper abort the connection) once
 /// `fail_after` bytes are out.
-struct Paced {
+pub(crate) struct Paced {
     left: usize,
     sent: usize,
     chunk: usize,
@@ -50,7 +50,7 @@ struct Paced {
 }
 
 impl Paced {
-    fn new(bytes: usize) -> Self {
+    pub(crate) fn new(bytes: usize) -> Self {
         Self { left: bytes, sent: 0, chunk: FILL.len(), every: None, sleep: None, fail_after: None }
     }
 }

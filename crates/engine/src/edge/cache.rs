@@ -241,7 +241,7 @@ impl Store {
         // Within the engine's budget: this store's own oldest objects make
         // room; if that is not enough, the object is not kept.
         while !inner.budget.reserve(entry.size) {
-            let Some((_, oldest)) = inner.recency.pop_first() else { return None };
+            let (_, oldest) = inner.recency.pop_first()?;
             inner.remove(&oldest);
         }
         let entry = Arc::new(entry);

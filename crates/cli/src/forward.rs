@@ -187,7 +187,15 @@ impl TunnelOptions {
 /// Serves a tunnel's streams until it closes. A published tcp or udp
 /// tunnel logs one line per connection or session, as an HTTP tunnel logs
 /// its requests.
-async fn serve_streams(tunnel: &mut strait_agent::Tunnel, local: &str, options: &TunnelOptions) {
+///
+/// Each stream's task runs in `sessions`, so that a stopping command can
+/// wait for the last session lines before it exits.
+async fn serve_streams(
+    tunnel: &mut strait_agent::Tunnel,
+    local: &str,
+    options: &TunnelOptions,
+    sessions: &tokio_util::task::TaskTracker,
+) {
     let properties = tunnel.properties();
     let datagrams = properties.r#type.as_deref() == Some("datagram");
     let own_port = strait_agent::on_own_port(properties) && options.logs_sessions();
@@ -196,7 +204,7 @@ async fn serve_streams(tunnel: &mut strait_agent::Tunnel, local: &str, options: 
         let (stream, local) = (incoming.stream, local.to_string());
         let source = incoming.source.map_or_else(|| "-".to_string(), |ip| ip.to_string());
         if datagrams {
-            tokio::spawn(async move {
+            sessions.spawn(async move {
                 let started = Instant::now();
                 let carried = strait_agent::forward_packets(stream, local).await;
                 if own_port {
@@ -204,9 +212,9 @@ async fn serve_streams(tunnel: &mut strait_agent::Tunnel, local: &str, options: 
                 }
             });
         } else if log_requests {
-            tokio::spawn(crate::request_log::serve(stream, local));
+            sessions.spawn(crate::request_log::serve(stream, local));
         } else {
-            tokio::spawn(async move {
+            sessions.spawn(async move {
                 let started = Instant::now();
                 let carried = strait_agent::forward_stream(stream, local).await;
                 if own_port {
@@ -298,13 +306,18 @@ pub async fn run(
             println!("Forwarding {address} -> {local} (over {transport})");
             announced = true;
         }
+        let sessions = tokio_util::task::TaskTracker::new();
         let served = async {
-            serve_streams(&mut tunnel, &local, &options).await;
+            serve_streams(&mut tunnel, &local, &options, &sessions).await;
             control.closed().await
         };
         let Some(reason) = shutdown.run_until_cancelled(served).await else {
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, tunnel.close()).await;
             close_quietly(&control).await;
+            // Sessions end with the tunnel; their log lines come before
+            // the exit.
+            sessions.close();
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, sessions.wait()).await;
             return Ok(());
         };
         close_quietly(&control).await;

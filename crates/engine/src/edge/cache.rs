@@ -172,8 +172,8 @@ impl Store {
 
     fn set_limits(&self, max_bytes: u64, max_object_bytes: u64) {
         let mut inner = self.lock();
-        inner.max_bytes = max_bytes;
-        inner.max_object_bytes = max_object_bytes;
+        inner.max_bytes = max_bytes.min(inner.budget.max);
+        inner.max_object_bytes = max_object_bytes.min(inner.budget.max);
     }
 
     pub fn max_object_bytes(&self) -> u64 {
@@ -716,12 +716,17 @@ impl Leader {
             response.headers_mut().insert(X_STRAIT_CACHE, HeaderValue::from_static("MISS"));
             return response;
         };
+        // Only an answer of known length is filled, and its bytes are
+        // reserved from the engine's budget while they are in memory: a
+        // service cannot grow a fill past what the engine allows.
         let max_object = self.store.max_object_bytes();
-        if response.body().size_hint().lower() > max_object {
+        let budget = self.store.lock().budget.clone();
+        let len = response.body().size_hint().exact().filter(|len| *len <= max_object);
+        let Some(len) = len.filter(|len| budget.reserve(*len)) else {
             let mut response = response;
             response.headers_mut().insert(X_STRAIT_CACHE, HeaderValue::from_static("MISS"));
             return response;
-        }
+        };
         let (parts, body) = response.into_parts();
         let mut head = parts.headers;
         headers::strip_hop_by_hop(&mut head, false);
@@ -733,11 +738,18 @@ impl Leader {
         self.fill.progress.send_replace(Progress::Body(0));
         let reader = self.fill.reader("MISS");
         let cache = cache.clone();
-        tasks.spawn(self.fetch(cache, body, head, lifetime, max_object));
+        tasks.spawn(self.fetch(cache, body, head, lifetime, (budget, len)));
         reader
     }
 
-    async fn fetch(mut self, cache: Arc<Cache>, mut body: PublicBody, head: HeaderMap, lifetime: Duration, max: u64) {
+    async fn fetch(
+        mut self,
+        cache: Arc<Cache>,
+        mut body: PublicBody,
+        head: HeaderMap,
+        lifetime: Duration,
+        (budget, len): (Arc<Budget>, u64),
+    ) {
         let mut size = 0u64;
         let mut ok = true;
         while let Some(frame) = body.frame().await {
@@ -745,6 +757,11 @@ impl Leader {
                 Ok(frame) => {
                     if let Ok(data) = frame.into_data() {
                         size += data.len() as u64;
+                        if size > len {
+                            // hyper holds a body to its length; never trust it blindly.
+                            ok = false;
+                            break;
+                        }
                         self.fill.push(data);
                     }
                 }
@@ -756,7 +773,9 @@ impl Leader {
             }
         }
         let chunks = self.fill.chunks.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let stored = if ok && size <= max {
+        // The fill's reservation ends; the stored object reserves its own.
+        budget.release(len);
+        let stored = if ok && size == len {
             // Stored before any reader sees the end, so a request after a
             // complete response always finds the object.
             let vary = vary_names(&head)

@@ -12,7 +12,10 @@ this one shows that any rstream client gets the same behaviour.
 - Rend: `/internal/*` and `/metrics` denied (404, the services count no
   hit, encoded and dotted spellings included), `/v1/` and `/v/` split to
   two services, a fallback that joins later (before it: 404 "no route for
-  this path"), and `allow_methods` (405 + Allow).
+  this path"), and `allow_methods` (405 + Allow). Its 200 MiB immutable
+  artifact behind the edge cache: 50 concurrent cold GETs by curl
+  (HTTP/1.1 and HTTP/2 mixed) reach the service once and all get the same
+  bytes (cksum); a Range is then a 206 HIT.
 - Policies: basic auth with bcrypt hashes from the Python `bcrypt` package
   (`$2b$` and htpasswd's `$2y$`), the rate limit reaching 429 and
   recovering, the upstream Host, header rules, cookie and Location
@@ -31,6 +34,7 @@ import base64
 import contextlib
 import http.server
 import json
+import os
 import pathlib
 import threading
 import urllib.parse
@@ -799,3 +803,81 @@ async def test_bad_routes_and_policies_are_refused_naming_the_key(engine, servic
             assert (await client.get(engine.url("bad.t.localhost", "/ok"))).json()["target"] == "/ok"
             assert (await client.get(engine.url("bad.t.localhost", "/metrics"))).status_code == 404
     assert app.targets() == ["GET /ok"]
+
+
+# ------------------------------------------------------ Rend's edge cache
+
+ARTIFACT_BYTES = 200 << 20
+COLD_GETS = 50
+
+
+def artifact(body: bytes) -> Callable[[Handler, Seen], None]:
+    """Serves one immutable object, as Rend's playback edge does."""
+
+    def answer(handler: Handler, seen: Seen) -> None:
+        headers = [("Content-Type", "application/octet-stream"), ("Cache-Control", "public, max-age=31536000, immutable")]
+        if seen.method == "HEAD":
+            handler.send_response(200)
+            for name, value in headers:
+                handler.send_header(name, value)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            return
+        handler._send(200, body, headers)
+
+    return answer
+
+
+async def curl_digest(
+    engine, host: str, target: str, http2: bool, headers: pathlib.Path, extra: tuple[str, ...] = ()
+) -> tuple[str, str, str]:
+    """GETs an object with curl (HTTP/1.1 or HTTP/2) and returns the status
+    line, the x-strait-cache value and the body's CRC as `cksum` prints it
+    (`headers`: where curl puts the head). curl and cksum keep 200 MiB out
+    of Python."""
+    command = (
+        f"curl --silent --show-error --fail-with-body {'--http2' if http2 else '--http1.1'} "
+        f"--cacert {engine.ca} --resolve {host}:{engine.port}:127.0.0.1 --dump-header {headers} "
+        f"{' '.join(extra)} {engine.url(host, target)} | cksum; cat {headers}"
+    )
+    proc = await asyncio.create_subprocess_shell(command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    digest, _, head = out.decode().partition("\n")
+    lines = head.splitlines()
+    cache = next((line.split(":", 1)[1].strip() for line in lines if line.lower().startswith("x-strait-cache:")), "")
+    return lines[0].strip(), cache, digest.strip()
+
+
+async def test_rend_artifact_behind_the_edge_cache(engine, services, tmp_path):
+    """spec/workloads.md, Rend: a 200 MiB immutable artifact behind the
+    cache set through the SDK's labels; 50 concurrent GETs on a cold cache
+    (HTTP/1.1 and HTTP/2 mixed) cause exactly one request at the service
+    and all get the same bytes; a Range is then served from the cache."""
+    host = "rend-cache.t.localhost"
+    body = os.urandom(ARTIFACT_BYTES)
+    proc = await asyncio.create_subprocess_exec("cksum", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    want, _ = await asyncio.wait_for(proc.communicate(body), 60)
+    edge = services("edge", artifact(body))
+    policy = {"cache": {"paths": ["/v/*"], "max_bytes": 512 << 20, "max_object_bytes": 256 << 20}}
+    async with agent(engine) as origin:
+        await origin.publish(host, edge.port, labels("/v/", policy=policy))
+        answers = await asyncio.gather(
+            *(curl_digest(engine, host, "/v/artifact.bin", i % 2 == 1, tmp_path / f"{i}.h") for i in range(COLD_GETS))
+        )
+        assert edge.targets() == ["GET /v/artifact.bin"], "one upstream request for 50 cold GETs"
+        for status, cache, digest in answers:
+            assert status.split()[1] == "200", status
+            assert cache in ("MISS", "COALESCED", "HIT"), cache
+            assert digest == want.decode().strip(), "every body is the artifact"
+        assert sum(cache == "MISS" for _, cache, _ in answers) == 1, answers
+
+        # A range of the stored object, from the cache.
+        status, cache, digest = await curl_digest(
+            engine, host, "/v/artifact.bin", False, tmp_path / "range.h", ("--range", "1000-1999")
+        )
+        assert (status.split()[1], cache) == ("206", "HIT"), (status, cache)
+        proc = await asyncio.create_subprocess_exec("cksum", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        part, _ = await asyncio.wait_for(proc.communicate(body[1000:2000]), 60)
+        assert digest == part.decode().strip()
+        assert edge.targets() == ["GET /v/artifact.bin"]

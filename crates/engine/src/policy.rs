@@ -503,9 +503,34 @@ impl Policy {
         self
     }
 
-    /// Whether the policy asks nothing of a request.
+    /// Whether the policy asks nothing of a request. Asked per request:
+    /// the fields are looked at in place (the destructuring names every
+    /// one, so a new field cannot be forgotten here).
     pub fn is_empty(&self) -> bool {
-        *self == Policy::default()
+        let Policy {
+            deny_paths,
+            allow_methods,
+            basic_auth,
+            rate_limit,
+            host,
+            rewrite_location,
+            request_headers,
+            response_headers,
+            max_request_body_bytes,
+            response_timeout,
+            cache,
+        } = self;
+        deny_paths.is_empty()
+            && allow_methods.is_none()
+            && basic_auth.is_empty()
+            && rate_limit.is_none()
+            && host.is_none()
+            && !rewrite_location
+            && request_headers.is_empty()
+            && response_headers.is_empty()
+            && max_request_body_bytes.is_none()
+            && response_timeout.is_none()
+            && cache.is_none()
     }
 
     /// The denied pattern `path` meets, if any.
@@ -619,6 +644,28 @@ mod tests {
         // Many stars on a long miss end quickly.
         let g = Glob::parse(&"/*a".repeat(50)).unwrap();
         assert!(!g.matches(&"/".repeat(1000)));
+    }
+
+    #[test]
+    fn a_policy_is_empty_only_without_any_key() {
+        assert!(Policy::default().is_empty());
+        assert!(Policy::parse("{}").unwrap().is_empty());
+        for one in [
+            r#"{"deny_paths": ["/x"]}"#,
+            r#"{"allow_methods": ["GET"]}"#,
+            r#"{"basic_auth": ["u:$2y$10$abcdefghijklmnopqrstuu5Q6QfG0g1d0k3b4Q4m7Yt5l0Q7h3Xy."]}"#,
+            r#"{"rate_limit": {"requests_per_second": 5}}"#,
+            r#"{"host": "api.internal"}"#,
+            r#"{"host": "a", "rewrite_location": true}"#,
+            r#"{"request_headers": {"remove": ["x-a"]}}"#,
+            r#"{"response_headers": {"set": {"x-a": "1"}}}"#,
+            r#"{"max_request_body_bytes": 10}"#,
+            r#"{"response_timeout_seconds": 10}"#,
+            r#"{"cache": {"paths": ["/v/*"]}}"#,
+        ] {
+            let policy = Policy::parse(one).unwrap_or_else(|e| panic!("{one}: {e}"));
+            assert!(!policy.is_empty(), "{one}");
+        }
     }
 
     #[test]

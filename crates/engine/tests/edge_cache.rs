@@ -235,3 +235,97 @@ async fn stored_objects_are_answered_on_a_keep_alive_connection() {
     assert!(seen.windows(10).any(|w| w == &body[10..20]), "the range");
     assert_eq!(hits_of(&hits, "/v/artifact"), 1);
 }
+
+/// A service answering `/v/stream` with `body` in 64 KiB chunks and no
+/// length (HTTP/1.1 chunked), cacheable, slowly enough at first that
+/// concurrent clients meet the fetch in flight; counts its requests.
+fn chunked_origin(body: bytes::Bytes, hits: Hits) -> Handler {
+    Arc::new(move |_req: Request<Incoming>| {
+        let (body, hits) = (body.clone(), hits.clone());
+        Box::pin(async move {
+            *hits.lock().unwrap().entry("/v/stream".into()).or_default() += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let chunks: Vec<_> = body.chunks(64 << 10).map(bytes::Bytes::copy_from_slice).collect();
+            let frames = futures_util::stream::iter(chunks.into_iter().map(|c| Ok(hyper::body::Frame::data(c))));
+            http::Response::builder()
+                .header(header::CACHE_CONTROL, "public, max-age=600")
+                .body(http_body_util::StreamBody::new(frames).boxed())
+                .unwrap()
+        })
+    })
+}
+
+async fn chunked_tunnel(
+    engine: &TestEngine,
+    label: &str,
+    body: bytes::Bytes,
+    max_object: u64,
+) -> (strait_agent::ControlChannel, Hits) {
+    let hits: Hits = Arc::default();
+    let local = http_service(chunked_origin(body, hits.clone())).await;
+    let mut properties = published(label);
+    let policy = format!(r#"{{"cache": {{"paths": ["/v/*"], "max_object_bytes": {max_object}}}}}"#);
+    properties.labels.insert("strait.policy".into(), policy);
+    let (control, _) = publish(engine, properties, local).await;
+    (control, hits)
+}
+
+/// Ten concurrent GETs of `/v/stream`, HTTP/1.1 and HTTP/2 mixed: each
+/// body checked whole, and how the cache said it served each.
+async fn ten_at_once(
+    engine: &Arc<TestEngine>,
+    host: &'static str,
+    body: &bytes::Bytes,
+) -> std::collections::BTreeMap<String, usize> {
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let engine = engine.clone();
+            tokio::spawn(async move { fetch(&engine, host, i % 2 == 1, Request::get("/v/stream")).await })
+        })
+        .collect();
+    let mut how = std::collections::BTreeMap::new();
+    for task in tasks {
+        let got = tokio::time::timeout(Duration::from_secs(60), task).await.expect("in time").unwrap();
+        assert_eq!(got.status, StatusCode::OK);
+        assert_eq!((got.body.len(), digest(&got.body)), (body.len(), digest(body)), "a whole, unaltered copy");
+        *how.entry(cache_header(&got).to_string()).or_default() += 1;
+    }
+    how
+}
+
+#[tokio::test]
+async fn an_answer_of_unknown_length_is_cached_once_complete() {
+    let engine = Arc::new(TestEngine::start().await);
+    let body = artifact(4 << 20);
+    let (_control, hits) = chunked_tunnel(&engine, "chunked", body.clone(), 64 << 20).await;
+    let host = "chunked.t.localhost";
+    let how = ten_at_once(&engine, host, &body).await;
+    // The others wait for the whole (it could have outgrown the store),
+    // then read it as a hit.
+    assert_eq!(hits_of(&hits, "/v/stream"), 1, "one upstream fetch: {how:?}");
+    assert_eq!((how.get("MISS"), how.get("HIT")), (Some(&1), Some(&9)), "{how:?}");
+    // Stored with its length now, ranges included.
+    let got = fetch(&engine, host, false, Request::get("/v/stream").header(header::RANGE, "bytes=10-19")).await;
+    assert_eq!((got.status, cache_header(&got)), (StatusCode::PARTIAL_CONTENT, "HIT"));
+    assert_eq!(got.body, body.slice(10..20));
+    let got = fetch(&engine, host, true, Request::head("/v/stream")).await;
+    assert_eq!(got.headers[header::CONTENT_LENGTH], body.len().to_string());
+    assert_eq!(hits_of(&hits, "/v/stream"), 1);
+}
+
+#[tokio::test]
+async fn an_answer_of_unknown_length_that_outgrows_the_store_still_reaches_every_client_whole() {
+    // Past max_object_bytes, then past the engine's budget: either way the
+    // fill is handed to its leader's client, the others fetch for
+    // themselves, nothing is stored, and no byte is lost.
+    for (engine_yaml, max_object) in [("", 1 << 20), ("edge: {cache_max_bytes: 1048576}\n", 64 << 20)] {
+        let engine = Arc::new(TestEngine::start_with(engine_yaml).await);
+        let body = artifact(3 << 20);
+        let (_control, hits) = chunked_tunnel(&engine, "big", body.clone(), max_object).await;
+        let how = ten_at_once(&engine, "big.t.localhost", &body).await;
+        assert_eq!(how.get("MISS"), Some(&10), "{engine_yaml}: {how:?}");
+        assert_eq!(hits_of(&hits, "/v/stream"), 10, "{engine_yaml}: each fetched for itself");
+        let again = fetch(&engine, "big.t.localhost", false, Request::get("/v/stream")).await;
+        assert_eq!((cache_header(&again), again.body.len()), ("MISS", body.len()), "{engine_yaml}: nothing stored");
+    }
+}

@@ -10,7 +10,8 @@
 //! `edge.cache_dir`, in a file written under a temporary name and renamed.
 //! Each store is bounded by the policy's `max_bytes` (least recently used
 //! objects go first) and `max_object_bytes` (bigger responses pass through
-//! uncached).
+//! uncached). An answer of unknown length is shared once complete: if it
+//! outgrows what may be stored, it is handed to its leader's client alone.
 //!
 //! What is stored: `200` answers to requests without `Authorization`
 //! (unless the response says `public`), with a lifetime (`s-maxage`,
@@ -73,6 +74,33 @@ impl Budget {
 
     fn release(&self, size: u64) {
         self.used.fetch_sub(size, Ordering::AcqRel);
+    }
+}
+
+/// Bytes held from a [`Budget`] for as long as this lives.
+struct Reservation {
+    budget: Arc<Budget>,
+    bytes: u64,
+}
+
+impl Reservation {
+    fn new(budget: Arc<Budget>) -> Self {
+        Reservation { budget, bytes: 0 }
+    }
+
+    /// Holds `size` bytes more; false (and nothing more held) past the budget.
+    fn grow(&mut self, size: u64) -> bool {
+        let held = self.budget.reserve(size);
+        if held {
+            self.bytes += size;
+        }
+        held
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
     }
 }
 
@@ -556,6 +584,17 @@ pub struct Fill {
     chunks: Mutex<Vec<Bytes>>,
     /// The leader's request headers the response may vary on.
     request: HeaderMap,
+    /// The answer's length is known, so its readers can share it as it
+    /// comes. One of unknown length may outgrow what may be stored; then
+    /// it is handed to the leader's client alone, so others wait for it
+    /// to complete before they read.
+    shared_as_it_comes: std::sync::atomic::AtomicBool,
+    /// An answer that outgrew what may be stored: the rest of the
+    /// service's body, for the leader's client to read after the chunks.
+    rest: Mutex<Option<PublicBody>>,
+    /// The chunks' bytes, held from the engine's budget while an answer
+    /// handed to its leader's client is read.
+    held: Mutex<Option<Reservation>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -571,6 +610,9 @@ enum Progress {
     Abandoned,
     /// The body broke off after `n` chunks.
     Broken(usize),
+    /// Too large to store after `n` chunks: the leader's client reads the
+    /// rest straight from the service.
+    Handed(usize),
 }
 
 impl Fill {
@@ -580,6 +622,9 @@ impl Fill {
             head: Mutex::new(None),
             chunks: Mutex::new(Vec::new()),
             request: request.clone(),
+            shared_as_it_comes: Default::default(),
+            rest: Mutex::new(None),
+            held: Mutex::new(None),
         }
     }
 
@@ -598,9 +643,14 @@ impl Fill {
     /// alone.
     pub async fn joined(self: &Arc<Self>) -> Option<Response<PublicBody>> {
         let mut progress = self.progress.subscribe();
-        let state = progress.wait_for(|p| *p != Progress::Waiting).await.ok().map(|p| *p)?;
+        let mut state = progress.wait_for(|p| *p != Progress::Waiting).await.ok().map(|p| *p)?;
+        let shared = self.shared_as_it_comes.load(Ordering::Acquire);
+        if !shared {
+            state = progress.wait_for(|p| !matches!(p, Progress::Body(_))).await.ok().map(|p| *p)?;
+        }
         match state {
-            Progress::Abandoned => None,
+            Progress::Abandoned | Progress::Handed(_) => None,
+            Progress::Broken(_) if !shared => None,
             // Complete, only not yet stored: as good as a hit.
             Progress::Done(_) => Some(self.reader("HIT")),
             _ => Some(self.reader("COALESCED")),
@@ -611,7 +661,8 @@ impl Fill {
     fn reader(self: &Arc<Self>, how: &'static str) -> Response<PublicBody> {
         let (status, mut head) = self.head.lock().unwrap_or_else(|e| e.into_inner()).clone().expect("a head by now");
         head.insert(X_STRAIT_CACHE, HeaderValue::from_static(how));
-        let body = FillBody { fill: self.clone(), next: 0, progress: self.progress.subscribe(), waiting: None };
+        let body =
+            FillBody { fill: self.clone(), next: 0, progress: self.progress.subscribe(), waiting: None, rest: None };
         build(status, head, body.boxed_unsync())
     }
 
@@ -635,6 +686,8 @@ struct FillBody {
     next: usize,
     progress: watch::Receiver<Progress>,
     waiting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// The service's body, once the fill was handed to this reader.
+    rest: Option<PublicBody>,
 }
 
 impl Body for FillBody {
@@ -643,6 +696,17 @@ impl Body for FillBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         loop {
+            if let Some(rest) = self.rest.as_mut() {
+                return match Pin::new(rest).poll_frame(cx) {
+                    // Trailers are not passed on, as for a filled body.
+                    Poll::Ready(Some(Ok(frame))) if !frame.is_data() => continue,
+                    Poll::Ready(Some(Err(error))) => {
+                        tracing::debug!(%error, "the service's body broke off");
+                        Poll::Ready(None)
+                    }
+                    other => other,
+                };
+            }
             if let Some(chunk) = self.fill.chunk(self.next) {
                 self.next += 1;
                 self.waiting = None;
@@ -651,6 +715,14 @@ impl Body for FillBody {
             let state = *self.progress.borrow_and_update();
             match state {
                 Progress::Done(n) | Progress::Broken(n) if self.next >= n => return Poll::Ready(None),
+                Progress::Handed(n) if self.next >= n => {
+                    let rest = self.fill.rest.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    match rest {
+                        Some(rest) => self.rest = Some(rest),
+                        None => return Poll::Ready(None),
+                    }
+                    continue;
+                }
                 Progress::Abandoned => return Poll::Ready(None),
                 _ => {}
             }
@@ -716,17 +788,19 @@ impl Leader {
             response.headers_mut().insert(X_STRAIT_CACHE, HeaderValue::from_static("MISS"));
             return response;
         };
-        // Only an answer of known length is filled, and its bytes are
-        // reserved from the engine's budget while they are in memory: a
-        // service cannot grow a fill past what the engine allows.
+        // A fill's bytes are held from the engine's budget while they are
+        // in memory, so a service cannot grow one past what the engine
+        // allows: the whole length up front when it is known, else as the
+        // chunks come.
         let max_object = self.store.max_object_bytes();
-        let budget = self.store.lock().budget.clone();
-        let len = response.body().size_hint().exact().filter(|len| *len <= max_object);
-        let Some(len) = len.filter(|len| budget.reserve(*len)) else {
+        let mut reservation = Reservation::new(self.store.lock().budget.clone());
+        let len = response.body().size_hint().exact();
+        if len.is_some_and(|len| len > max_object || !reservation.grow(len)) {
             let mut response = response;
             response.headers_mut().insert(X_STRAIT_CACHE, HeaderValue::from_static("MISS"));
             return response;
-        };
+        }
+        self.fill.shared_as_it_comes.store(len.is_some(), Ordering::Release);
         let (parts, body) = response.into_parts();
         let mut head = parts.headers;
         headers::strip_hop_by_hop(&mut head, false);
@@ -738,7 +812,7 @@ impl Leader {
         self.fill.progress.send_replace(Progress::Body(0));
         let reader = self.fill.reader("MISS");
         let cache = cache.clone();
-        tasks.spawn(self.fetch(cache, body, head, lifetime, (budget, len)));
+        tasks.spawn(self.fetch(cache, body, head, lifetime, len, reservation));
         reader
     }
 
@@ -748,8 +822,10 @@ impl Leader {
         mut body: PublicBody,
         head: HeaderMap,
         lifetime: Duration,
-        (budget, len): (Arc<Budget>, u64),
+        len: Option<u64>,
+        mut reservation: Reservation,
     ) {
+        let max_object = self.store.max_object_bytes();
         let mut size = 0u64;
         let mut ok = true;
         while let Some(frame) = body.frame().await {
@@ -757,10 +833,23 @@ impl Leader {
                 Ok(frame) => {
                     if let Ok(data) = frame.into_data() {
                         size += data.len() as u64;
-                        if size > len {
+                        if len.is_some_and(|len| size > len) {
                             // hyper holds a body to its length; never trust it blindly.
                             ok = false;
                             break;
+                        }
+                        if len.is_none() && (size > max_object || !reservation.grow(data.len() as u64)) {
+                            // Too large to keep: the leader's client reads
+                            // the rest straight from the service, nobody
+                            // else reads this fill, and what it holds stays
+                            // counted until that client is done.
+                            self.fill.push(data);
+                            *self.fill.rest.lock().unwrap_or_else(|e| e.into_inner()) = Some(body);
+                            *self.fill.held.lock().unwrap_or_else(|e| e.into_inner()) = Some(reservation);
+                            let n = self.fill.chunks.lock().unwrap_or_else(|e| e.into_inner()).len();
+                            self.fill.progress.send_replace(Progress::Handed(n));
+                            self.unregister();
+                            return;
                         }
                         self.fill.push(data);
                     }
@@ -774,8 +863,8 @@ impl Leader {
         }
         let chunks = self.fill.chunks.lock().unwrap_or_else(|e| e.into_inner()).clone();
         // The fill's reservation ends; the stored object reserves its own.
-        budget.release(len);
-        let stored = if ok && size == len {
+        drop(reservation);
+        let stored = if ok && len.is_none_or(|len| size == len) {
             // Stored before any reader sees the end, so a request after a
             // complete response always finds the object.
             let vary = vary_names(&head)

@@ -350,7 +350,8 @@ impl Edge {
         }
         // The edge cache, for the paths the policy names.
         let mut leader = None;
-        let mut bypass = false;
+        // What x-strait-cache says of an answer that passes by the cache.
+        let mut passed: Option<&'static str> = None;
         let requested_authorization = parts.headers.contains_key(header::AUTHORIZATION);
         if let Some(rule) = policy.cache.as_ref().filter(|c| kind == Kind::Plain && c.covers(&public_target)) {
             if cache::eligible(&parts.method, &parts.headers) {
@@ -366,6 +367,8 @@ impl Edge {
                             response_policy(response.headers_mut(), &policy, &host, self.shared.public_port);
                             return Ok(response);
                         }
+                        // The fill is not shared: a miss of its own.
+                        passed = Some("MISS");
                     }
                     // One fetch for everyone: not this client's range or
                     // validators (served from the object once stored).
@@ -377,7 +380,7 @@ impl Edge {
                     Lookup::Lead(_) => {}
                 }
             } else {
-                bypass = true;
+                passed = Some("BYPASS");
             }
         }
         let limit = policy.max_request_body_bytes.unwrap_or(u64::MAX);
@@ -428,8 +431,8 @@ impl Edge {
         if let Some(lead) = leader {
             response = lead.answer(&self.shared.cache, &self.shared.tasks, response, requested_authorization);
         }
-        if bypass {
-            response.headers_mut().insert(cache::X_STRAIT_CACHE, HeaderValue::from_static("BYPASS"));
+        if let Some(passed) = passed {
+            response.headers_mut().insert(cache::X_STRAIT_CACHE, HeaderValue::from_static(passed));
         }
         response_policy(response.headers_mut(), &policy, &host, self.shared.public_port);
         Ok(response)

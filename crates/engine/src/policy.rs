@@ -226,8 +226,13 @@ fn wildcard(pattern: &[u8], text: &[u8]) -> bool {
 /// resolved, repeated slashes merged, so `/a/../internal/x`,
 /// `//internal/x` and `/%69nternal/x` all meet `/internal/*`. (The
 /// service may read a path either way; a deny holds for both.)
-pub fn canonical_path(path: &str) -> String {
+pub fn canonical_path(path: &str) -> std::borrow::Cow<'_, str> {
     let path = path.split(['?', '#']).next().unwrap_or_default();
+    // Most paths are canonical already: nothing to decode, no empty or dot
+    // segment. They are matched as they are, with no copy per request.
+    if path.starts_with('/') && !path.contains('%') && !path.contains("//") && !path.contains("/.") {
+        return path.into();
+    }
     let decoded = percent_decode(path, false);
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split('/') {
@@ -247,7 +252,7 @@ pub fn canonical_path(path: &str) -> String {
     if out.is_empty() || decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..") {
         out.push('/');
     }
-    out
+    out.into()
 }
 
 /// Decodes `%XX` escapes (a malformed one stays as it is); `+` is a space
@@ -540,7 +545,8 @@ impl Policy {
         }
         let raw = path.split(['?', '#']).next().unwrap_or_default();
         let canonical = canonical_path(raw);
-        self.deny_paths.iter().find(|g| g.matches(raw) || g.matches(&canonical))
+        let differs = *canonical != *raw;
+        self.deny_paths.iter().find(|g| g.matches(raw) || (differs && g.matches(&canonical)))
     }
 
     /// Whether `method` may pass.

@@ -115,10 +115,25 @@ pub fn decide(shared: &Shared, head: &Head<'_>) -> Result<Route, Refusal> {
 /// Whether a path has a `.` or `..` segment, spelled out or
 /// percent-encoded.
 fn dot_segments(path: &str) -> bool {
-    path.split('/').any(|segment| {
-        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
-        decoded == "." || decoded == ".."
-    })
+    path.split('/').any(is_dot_segment)
+}
+
+/// `.` or `..`, each dot spelled out or as `%2e` (no copy: this runs per
+/// request).
+fn is_dot_segment(segment: &str) -> bool {
+    let mut rest = segment.as_bytes();
+    let mut dots = 0;
+    while !rest.is_empty() {
+        if rest[0] == b'.' {
+            rest = &rest[1..];
+        } else if rest.len() >= 3 && rest[0] == b'%' && rest[1] == b'2' && rest[2].eq_ignore_ascii_case(&b'e') {
+            rest = &rest[3..];
+        } else {
+            return false;
+        }
+        dots += 1;
+    }
+    dots == 1 || dots == 2
 }
 
 /// The rate limit of a `token_auth` tunnel, for the principal whose token

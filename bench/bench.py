@@ -482,6 +482,14 @@ class Setup:
     def tunnel_procs(self) -> list[Proc]:
         return self.server + self.agent + self.client
 
+    def reach(self, ports: dict[str, int]) -> None:
+        """The clients reach each service at its port in PORTS (service
+        name: a plain TCP port on 127.0.0.1)."""
+        self.ports = {k: ports[k] for k in self.carries_chatty()}
+        self.iperf = ports["iperf"]
+        self.http = ["--target", f"127.0.0.1:{ports['http']}"]
+        self.echo = ["--target", f"127.0.0.1:{ports['echo']}"]
+
     def agents(self, count: int) -> dict:
         raise NotImplementedError
 
@@ -716,11 +724,7 @@ class StraitPublishedTcp(StraitEngine):
     def start(self) -> None:
         self.start_engine()
         s = self.b.services
-        ports = {k: self.forward_published(k, s[k], "tcp") for k in ("iperf", "http", "echo", *self.carries_chatty())}
-        self.iperf = ports["iperf"]
-        self.http = ["--target", f"127.0.0.1:{ports['http']}"]
-        self.echo = ["--target", f"127.0.0.1:{ports['echo']}"]
-        self.ports = {k: ports[k] for k in self.carries_chatty()}
+        self.reach({k: self.forward_published(k, s[k], "tcp") for k in ("iperf", "http", "echo", *self.carries_chatty())})
         if self.carries_udp():
             self.udp = self.forward_published("iperf-udp", s["iperf"], "udp")
 
@@ -779,9 +783,51 @@ class StraitSdkPublished(StraitPublished):
         return sdk_agent(self, s, publish=True)
 
 
-class Rathole(Setup):
+class ServerAndClient(Setup):
+    """A peer of one server and one client process, each from a config
+    file (rathole, frp). A subclass writes the files (`configs`), spawns
+    either side (`spawn`, with `sides`: what makes it the server or the
+    client) and names the client's log line, once per service, that says
+    the service is up (`ready`)."""
+
     tls = False
     scenarios = Setup.scenarios | Setup.chatty | {"udp"}
+    sides = ("", "")
+    ready = ""
+
+    def configs(
+        self, tag: str, services: dict[str, tuple[int, int]], udp: tuple[str, ...] = ()
+    ) -> tuple[int, pathlib.Path, pathlib.Path]:
+        """The control port, and the server's and client's files."""
+        raise NotImplementedError
+
+    def spawn(self, name: str, side: str, config: pathlib.Path) -> Proc:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        s = self.b.services
+        ports = {k: free_port() for k in ("iperf", "http", "echo", *self.carries_chatty())}
+        services = {k: (p, s[k]) for k, p in ports.items()}
+        if self.carries_udp():
+            self.udp = free_port_both()
+            services["iperfudp"] = (self.udp, s["iperf"])
+        control, server, client = self.configs("tunnels", services, udp=("iperfudp",))
+        self.server = [self.spawn(f"{self.name}-server", self.sides[0], server)]
+        wait_port(control)
+        self.agent = [self.spawn(f"{self.name}-client", self.sides[1], client)]
+        wait_log(self.agent[0], self.ready, count=len(services))
+        # Seen listening, not connected to: a test connection is carried
+        # on to the service later, through a data channel, and could land
+        # on the next one-off iperf3 server and use it up.
+        for p in ports.values():
+            wait_port_bound(p)
+        if self.udp:
+            wait_udp_bound(self.udp)
+        self.reach(ports)
+
+
+class Rathole(ServerAndClient):
+    sides, ready = ("--server", "--client"), "Control channel established"
 
     def configs(
         self, tag: str, services: dict[str, tuple[int, int]], udp: tuple[str, ...] = ()
@@ -818,33 +864,9 @@ class Rathole(Setup):
         )
         return control, server, client
 
-    def spawn(self, name: str, mode: str, config: pathlib.Path) -> Proc:
+    def spawn(self, name: str, side: str, config: pathlib.Path) -> Proc:
         env = {**os.environ, "RUST_LOG": "info", "NO_COLOR": "1"}
-        return self.b.spawn(name, [self.b.peers / "rathole", mode, config], self.b.tunnel_cpus, env=env, stdout_to_log=True)
-
-    def start(self) -> None:
-        s = self.b.services
-        ports = {k: free_port() for k in ("iperf", "http", "echo", *self.carries_chatty())}
-        services = {k: (p, s[k]) for k, p in ports.items()}
-        if self.carries_udp():
-            self.udp = free_port_both()
-            services["iperfudp"] = (self.udp, s["iperf"])
-        control, server, client = self.configs("tunnels", services, udp=("iperfudp",))
-        self.server = [self.spawn(f"{self.name}-server", "--server", server)]
-        wait_port(control)
-        self.agent = [self.spawn(f"{self.name}-client", "--client", client)]
-        wait_log(self.agent[0], "Control channel established", count=len(services))
-        # Seen listening, not connected to: a test connection is carried
-        # on to the service later, through a data channel, and could land
-        # on the next one-off iperf3 server and use it up.
-        for p in ports.values():
-            wait_port_bound(p)
-        if self.udp:
-            wait_udp_bound(self.udp)
-        self.ports = {k: ports[k] for k in self.carries_chatty()}
-        self.iperf = ports["iperf"]
-        self.http = ["--target", f"127.0.0.1:{ports['http']}"]
-        self.echo = ["--target", f"127.0.0.1:{ports['echo']}"]
+        return self.b.spawn(name, [self.b.peers / "rathole", side, config], self.b.tunnel_cpus, env=env, stdout_to_log=True)
 
     def agents(self, count: int) -> dict:
         """rathole keeps one control channel per service: one client with
@@ -852,13 +874,13 @@ class Rathole(Setup):
         # Service ports are bound only once their control channel is up.
         echo = self.b.services["echo"]
         control, server, client = self.configs("agents", {f"s{i}": (free_port(), echo) for i in range(count)})
-        srv = self.spawn(f"{self.name}-agents-server", "--server", server)
+        srv = self.spawn(f"{self.name}-agents-server", self.sides[0], server)
         cli = None
         try:
             wait_port(control)
             before = srv.rss_kib()
-            cli = self.spawn(f"{self.name}-agents-client", "--client", client)
-            wait_log(cli, "Control channel established", count=count, timeout=300)
+            cli = self.spawn(f"{self.name}-agents-client", self.sides[1], client)
+            wait_log(cli, self.ready, count=count, timeout=300)
             return {"server_kib": srv.rss_kib() - before, "agent_kib": cli.rss_kib()}
         finally:
             if cli:
@@ -894,10 +916,7 @@ class Bore(Setup):
                         "--to", "127.0.0.1", "--port", ports[k]], b.tunnel_cpus, **peer)
             )
             wait_log(self.agent[-1], "listening at")
-        self.ports = {k: ports[k] for k in self.carries_chatty()}
-        self.iperf = ports["iperf"]
-        self.http = ["--target", f"127.0.0.1:{ports['http']}"]
-        self.echo = ["--target", f"127.0.0.1:{ports['echo']}"]
+        self.reach(ports)
 
     def agents(self, count: int) -> dict:
         """A bore tunnel is one client process with one control connection."""
@@ -921,15 +940,14 @@ class Bore(Setup):
                 b.procs.remove(c)
 
 
-class Frp(Setup):
+class Frp(ServerAndClient):
     """frp (frps and frpc, TCP proxies) with its defaults: work connections
     multiplexed over one connection to the server (tcpMux), and, for
     frp-tls, that connection in TLS with the engine's certificate checked
     against the bench CA. The visitor side (frps's remote port) is plain
     TCP, as with rathole."""
 
-    tls = False
-    scenarios = Setup.scenarios | Setup.chatty | {"udp"}
+    sides, ready = ("frps", "frpc"), "start proxy success"
     # One frpc process per idle agent, as bore; a Go process costs
     # megabytes, so fewer of them are started (the rows are per agent).
     max_agents = 100
@@ -967,29 +985,8 @@ class Frp(Setup):
         )
         return control, server, client
 
-    def spawn(self, name: str, program: str, config: pathlib.Path) -> Proc:
-        return self.b.spawn(name, [self.b.peers / program, "-c", config], self.b.tunnel_cpus, stdout_to_log=True)
-
-    def start(self) -> None:
-        s = self.b.services
-        ports = {k: free_port() for k in ("iperf", "http", "echo", *self.carries_chatty())}
-        services = {k: (p, s[k]) for k, p in ports.items()}
-        if self.carries_udp():
-            self.udp = free_port_both()
-            services["iperfudp"] = (self.udp, s["iperf"])
-        control, server, client = self.configs("tunnels", services, udp=("iperfudp",))
-        self.server = [self.spawn(f"{self.name}-server", "frps", server)]
-        wait_port(control)
-        self.agent = [self.spawn(f"{self.name}-client", "frpc", client)]
-        wait_log(self.agent[0], "start proxy success", count=len(services))
-        for p in ports.values():
-            wait_port_bound(p)
-        if self.udp:
-            wait_udp_bound(self.udp)
-        self.ports = {k: ports[k] for k in self.carries_chatty()}
-        self.iperf = ports["iperf"]
-        self.http = ["--target", f"127.0.0.1:{ports['http']}"]
-        self.echo = ["--target", f"127.0.0.1:{ports['echo']}"]
+    def spawn(self, name: str, side: str, config: pathlib.Path) -> Proc:
+        return self.b.spawn(name, [self.b.peers / side, "-c", config], self.b.tunnel_cpus, stdout_to_log=True)
 
     def agents(self, count: int) -> dict:
         """A fresh frps; each agent is an frpc with one TCP proxy (its one
@@ -997,7 +994,7 @@ class Frp(Setup):
         count = min(count, self.max_agents)
         echo = self.b.services["echo"]
         control, server, _ = self.configs("agents", {})
-        srv = self.spawn(f"{self.name}-agents-server", "frps", server)
+        srv = self.spawn(f"{self.name}-agents-server", self.sides[0], server)
         clients = []
         try:
             wait_port(control)
@@ -1007,9 +1004,9 @@ class Frp(Setup):
                 # The same server for every client.
                 text = client.read_text()
                 client.write_text(re.sub(r"serverPort = \d+", f"serverPort = {control}", text))
-                clients.append(self.spawn(f"{self.name}-agents-{i}", "frpc", client))
+                clients.append(self.spawn(f"{self.name}-agents-{i}", self.sides[1], client))
             for c in clients:
-                wait_log(c, "start proxy success", timeout=120)
+                wait_log(c, self.ready, timeout=120)
             return {"server_kib": (srv.rss_kib() - before) * self.b.args.agents / count,
                     "agent_kib": sum(c.rss_kib() for c in clients) * self.b.args.agents / count}
         finally:

@@ -97,48 +97,59 @@ fn cache_header(got: &Got) -> &str {
     got.headers.get("x-strait-cache").map_or("-", |v| v.to_str().unwrap())
 }
 
+/// Fifty clients each take 16 MiB through TLS from one fill: slower than
+/// a usual test on a loaded machine in a debug build.
+const COALESCING_TIMEOUT: Duration = Duration::from_secs(180);
+
 #[tokio::test]
 async fn fifty_cold_gets_cause_one_upstream_fetch_and_get_the_same_bytes() {
-    let engine = TestEngine::start().await;
-    let body = artifact(16 << 20);
-    let want = digest(&body);
-    let (_control, hits) = cached_tunnel(&engine, "video", body.clone()).await;
-    let host = "video.t.localhost";
-    let engine = Arc::new(engine);
-    let mut tasks = Vec::new();
-    for i in 0..50 {
-        let engine = engine.clone();
-        tasks.push(tokio::spawn(async move { fetch(&engine, host, i % 2 == 1, Request::get("/v/artifact")).await }));
-    }
-    let mut how = std::collections::BTreeMap::<String, usize>::new();
-    for task in tasks {
-        let got = tokio::time::timeout(Duration::from_secs(120), task).await.expect("in time").unwrap();
-        assert_eq!(got.status, StatusCode::OK);
-        assert_eq!(got.body.len(), body.len());
-        assert_eq!(digest(&got.body), want, "a copy differs");
-        *how.entry(cache_header(&got).to_string()).or_default() += 1;
-    }
-    assert_eq!(hits_of(&hits, "/v/artifact"), 1, "one upstream fetch for 50 clients: {how:?}");
-    assert_eq!(how.get("MISS"), Some(&1), "{how:?}");
-    assert!(how.contains_key("COALESCED"), "clients arriving during the fetch read along: {how:?}");
+    within(COALESCING_TIMEOUT, "fifty cold GETs of 16 MiB and the answers from the stored object", async {
+        let engine = TestEngine::start().await;
+        let body = artifact(16 << 20);
+        let want = digest(&body);
+        let (_control, hits) = cached_tunnel(&engine, "video", body.clone()).await;
+        let host = "video.t.localhost";
+        let engine = Arc::new(engine);
+        let mut tasks = Vec::new();
+        for i in 0..50 {
+            let engine = engine.clone();
+            tasks
+                .push(tokio::spawn(async move { fetch(&engine, host, i % 2 == 1, Request::get("/v/artifact")).await }));
+        }
+        let mut how = std::collections::BTreeMap::<String, usize>::new();
+        for task in tasks {
+            let got = task.await.unwrap();
+            assert_eq!(got.status, StatusCode::OK);
+            assert_eq!(got.body.len(), body.len());
+            assert_eq!(digest(&got.body), want, "a copy differs");
+            *how.entry(cache_header(&got).to_string()).or_default() += 1;
+        }
+        assert_eq!(hits_of(&hits, "/v/artifact"), 1, "one upstream fetch for 50 clients: {how:?}");
+        assert_eq!(how.get("MISS"), Some(&1), "{how:?}");
+        assert!(how.contains_key("COALESCED"), "clients arriving during the fetch read along: {how:?}");
 
-    // From the stored object: a range, HEAD, a validator.
-    for h2 in [false, true] {
-        let got = fetch(&engine, host, h2, Request::get("/v/artifact").header(header::RANGE, "bytes=1000-1999")).await;
-        assert_eq!((got.status, cache_header(&got)), (StatusCode::PARTIAL_CONTENT, "HIT"));
-        assert_eq!(got.headers[header::CONTENT_RANGE], format!("bytes 1000-1999/{}", body.len()));
-        assert_eq!(got.body, body.slice(1000..2000));
-        let got = fetch(&engine, host, h2, Request::get("/v/artifact").header(header::RANGE, "bytes=-10")).await;
-        assert_eq!(got.body, body.slice(body.len() - 10..));
-        let got = fetch(&engine, host, h2, Request::get("/v/artifact").header(header::RANGE, "bytes=99999999-")).await;
-        assert_eq!(got.status, StatusCode::RANGE_NOT_SATISFIABLE);
-        let got = fetch(&engine, host, h2, Request::head("/v/artifact")).await;
-        assert_eq!((got.status, cache_header(&got), got.body.len()), (StatusCode::OK, "HIT", 0));
-        assert_eq!(got.headers[header::CONTENT_LENGTH], body.len().to_string());
-        let got = fetch(&engine, host, h2, Request::get("/v/artifact").header(header::IF_NONE_MATCH, "\"v1\"")).await;
-        assert_eq!(got.status, StatusCode::NOT_MODIFIED);
-    }
-    assert_eq!(hits_of(&hits, "/v/artifact"), 1);
+        // From the stored object: a range, HEAD, a validator.
+        for h2 in [false, true] {
+            let got =
+                fetch(&engine, host, h2, Request::get("/v/artifact").header(header::RANGE, "bytes=1000-1999")).await;
+            assert_eq!((got.status, cache_header(&got)), (StatusCode::PARTIAL_CONTENT, "HIT"));
+            assert_eq!(got.headers[header::CONTENT_RANGE], format!("bytes 1000-1999/{}", body.len()));
+            assert_eq!(got.body, body.slice(1000..2000));
+            let got = fetch(&engine, host, h2, Request::get("/v/artifact").header(header::RANGE, "bytes=-10")).await;
+            assert_eq!(got.body, body.slice(body.len() - 10..));
+            let got =
+                fetch(&engine, host, h2, Request::get("/v/artifact").header(header::RANGE, "bytes=99999999-")).await;
+            assert_eq!(got.status, StatusCode::RANGE_NOT_SATISFIABLE);
+            let got = fetch(&engine, host, h2, Request::head("/v/artifact")).await;
+            assert_eq!((got.status, cache_header(&got), got.body.len()), (StatusCode::OK, "HIT", 0));
+            assert_eq!(got.headers[header::CONTENT_LENGTH], body.len().to_string());
+            let got =
+                fetch(&engine, host, h2, Request::get("/v/artifact").header(header::IF_NONE_MATCH, "\"v1\"")).await;
+            assert_eq!(got.status, StatusCode::NOT_MODIFIED);
+        }
+        assert_eq!(hits_of(&hits, "/v/artifact"), 1);
+    })
+    .await
 }
 
 /// `DELETE /api/tunnels/{id}/cache[?path=GLOB]` as `sub`.
@@ -158,43 +169,47 @@ async fn purge(engine: &TestEngine, sub: &str, id: &str, query: &str) -> (u16, S
 
 #[tokio::test]
 async fn purge_cookies_private_and_bypass() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = TestEngine::start_with(&format!("edge:\n  cache_dir: {}\n", dir.path().display())).await;
-    let (_control, hits) = cached_tunnel(&engine, "site", artifact(1000)).await;
-    let host = "site.t.localhost";
-    let id = engine.tunnels().values().next().unwrap().id.clone();
-    for h2 in [false, true] {
-        let first = fetch(&engine, host, h2, Request::get("/v/page?a=1")).await;
-        let again = fetch(&engine, host, h2, Request::get("/v/page?a=1")).await;
-        assert_eq!((cache_header(&first), cache_header(&again)), (if h2 { "HIT" } else { "MISS" }, "HIT"));
-        assert_eq!(again.body, "page /v/page");
-        // Set-Cookie and private answers are never kept.
-        for path in ["/v/cookie", "/v/private"] {
-            for _ in 0..2 {
-                assert_eq!(cache_header(&fetch(&engine, host, h2, Request::get(path)).await), "MISS", "{path}");
+    within(TEST_TIMEOUT, "the cache's answers and purges", async {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = TestEngine::start_with(&format!("edge:\n  cache_dir: {}\n", dir.path().display())).await;
+        let (_control, hits) = cached_tunnel(&engine, "site", artifact(1000)).await;
+        let host = "site.t.localhost";
+        let id = engine.tunnels().values().next().unwrap().id.clone();
+        for h2 in [false, true] {
+            let first = fetch(&engine, host, h2, Request::get("/v/page?a=1")).await;
+            let again = fetch(&engine, host, h2, Request::get("/v/page?a=1")).await;
+            assert_eq!((cache_header(&first), cache_header(&again)), (if h2 { "HIT" } else { "MISS" }, "HIT"));
+            assert_eq!(again.body, "page /v/page");
+            // Set-Cookie and private answers are never kept.
+            for path in ["/v/cookie", "/v/private"] {
+                for _ in 0..2 {
+                    assert_eq!(cache_header(&fetch(&engine, host, h2, Request::get(path)).await), "MISS", "{path}");
+                }
             }
+            // A client asking for a fresh copy gets one.
+            let got =
+                fetch(&engine, host, h2, Request::get("/v/page?a=1").header(header::CACHE_CONTROL, "no-cache")).await;
+            assert_eq!(cache_header(&got), "BYPASS");
+            // Outside the cached paths: no cache at all.
+            assert_eq!(cache_header(&fetch(&engine, host, h2, Request::get("/v1/page")).await), "-");
         }
-        // A client asking for a fresh copy gets one.
-        let got = fetch(&engine, host, h2, Request::get("/v/page?a=1").header(header::CACHE_CONTROL, "no-cache")).await;
-        assert_eq!(cache_header(&got), "BYPASS");
-        // Outside the cached paths: no cache at all.
-        assert_eq!(cache_header(&fetch(&engine, host, h2, Request::get("/v1/page")).await), "-");
-    }
-    assert_eq!(hits_of(&hits, "/v/page"), 3, "one fill, two bypasses");
-    assert_eq!(hits_of(&hits, "/v/cookie"), 4);
-    assert_eq!(hits_of(&hits, "/v/private"), 4);
-    // The object moves to edge.cache_dir once stored.
-    files_become(dir.path(), |n| n >= 1).await;
+        assert_eq!(hits_of(&hits, "/v/page"), 3, "one fill, two bypasses");
+        assert_eq!(hits_of(&hits, "/v/cookie"), 4);
+        assert_eq!(hits_of(&hits, "/v/private"), 4);
+        // The object moves to edge.cache_dir once stored.
+        files_become(dir.path(), |n| n >= 1).await;
 
-    // Another principal cannot purge; the owner can, by glob or all.
-    assert_eq!(purge(&engine, "mallory", &id, "").await.0, 404);
-    assert_eq!(purge(&engine, "alice", &id, "?path=/nothing/*").await, (200, "{\"purged\":0}".to_string()));
-    assert_eq!(purge(&engine, "alice", &id, "?path=/v/*").await, (200, "{\"purged\":1}".to_string()));
-    assert_eq!(cache_header(&fetch(&engine, host, false, Request::get("/v/page?a=1")).await), "MISS");
-    assert_eq!(hits_of(&hits, "/v/page"), 4);
-    assert_eq!(purge(&engine, "alice", &id, "?path=relative").await.0, 400);
-    assert_eq!(purge(&engine, "alice", &id, "").await, (200, "{\"purged\":1}".to_string()));
-    files_become(dir.path(), |n| n == 0).await;
+        // Another principal cannot purge; the owner can, by glob or all.
+        assert_eq!(purge(&engine, "mallory", &id, "").await.0, 404);
+        assert_eq!(purge(&engine, "alice", &id, "?path=/nothing/*").await, (200, "{\"purged\":0}".to_string()));
+        assert_eq!(purge(&engine, "alice", &id, "?path=/v/*").await, (200, "{\"purged\":1}".to_string()));
+        assert_eq!(cache_header(&fetch(&engine, host, false, Request::get("/v/page?a=1")).await), "MISS");
+        assert_eq!(hits_of(&hits, "/v/page"), 4);
+        assert_eq!(purge(&engine, "alice", &id, "?path=relative").await.0, 400);
+        assert_eq!(purge(&engine, "alice", &id, "").await, (200, "{\"purged\":1}".to_string()));
+        files_become(dir.path(), |n| n == 0).await;
+    })
+    .await
 }
 
 /// Waits (bounded) until the number of files in `dir` satisfies `ok`.
@@ -212,28 +227,31 @@ async fn files_become(dir: &std::path::Path, ok: impl Fn(usize) -> bool) {
 #[tokio::test]
 async fn stored_objects_are_answered_on_a_keep_alive_connection() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let engine = TestEngine::start().await;
-    let body = artifact(5000);
-    let (_control, hits) = cached_tunnel(&engine, "keep", body.clone()).await;
-    let host = "keep.t.localhost";
-    assert_eq!(cache_header(&fetch(&engine, host, false, Request::get("/v/artifact")).await), "MISS");
-    // One connection, pipelined: HEAD (headers only), a range, the whole.
-    let mut public = engine.public(host, &[b"http/1.1"]).await;
-    let requests = format!(
-        "HEAD /v/artifact HTTP/1.1\r\nHost: {host}\r\n\r\n\
-         GET /v/artifact HTTP/1.1\r\nHost: {host}\r\nRange: bytes=10-19\r\n\r\n\
-         GET /v/artifact HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-    );
-    public.write_all(requests.as_bytes()).await.unwrap();
-    let mut seen = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), public.read_to_end(&mut seen)).await.expect("in time").ok();
-    let text = String::from_utf8_lossy(&seen);
-    assert_eq!(text.matches("x-strait-cache: HIT\r\n").count(), 3, "{text}");
-    let head_end = text.find("\r\n\r\n").unwrap() + 4;
-    assert!(text[head_end..].starts_with("HTTP/1.1 206 Partial Content\r\n"), "HEAD carried a body: {text}");
-    assert!(seen.ends_with(&body), "the whole object last");
-    assert!(seen.windows(10).any(|w| w == &body[10..20]), "the range");
-    assert_eq!(hits_of(&hits, "/v/artifact"), 1);
+    within(TEST_TIMEOUT, "the stored object's answers on one connection", async {
+        let engine = TestEngine::start().await;
+        let body = artifact(5000);
+        let (_control, hits) = cached_tunnel(&engine, "keep", body.clone()).await;
+        let host = "keep.t.localhost";
+        assert_eq!(cache_header(&fetch(&engine, host, false, Request::get("/v/artifact")).await), "MISS");
+        // One connection, pipelined: HEAD (headers only), a range, the whole.
+        let mut public = engine.public(host, &[b"http/1.1"]).await;
+        let requests = format!(
+            "HEAD /v/artifact HTTP/1.1\r\nHost: {host}\r\n\r\n\
+             GET /v/artifact HTTP/1.1\r\nHost: {host}\r\nRange: bytes=10-19\r\n\r\n\
+             GET /v/artifact HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        );
+        public.write_all(requests.as_bytes()).await.unwrap();
+        let mut seen = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), public.read_to_end(&mut seen)).await.expect("in time").ok();
+        let text = String::from_utf8_lossy(&seen);
+        assert_eq!(text.matches("x-strait-cache: HIT\r\n").count(), 3, "{text}");
+        let head_end = text.find("\r\n\r\n").unwrap() + 4;
+        assert!(text[head_end..].starts_with("HTTP/1.1 206 Partial Content\r\n"), "HEAD carried a body: {text}");
+        assert!(seen.ends_with(&body), "the whole object last");
+        assert!(seen.windows(10).any(|w| w == &body[10..20]), "the range");
+        assert_eq!(hits_of(&hits, "/v/artifact"), 1);
+    })
+    .await
 }
 
 /// A service answering `/v/stream` with `body` in 64 KiB chunks and no

@@ -898,13 +898,6 @@ async fn malformed_request_heads_get_an_error_and_never_reach_the_service() {
 
 // ---- Request framing, absolute-form targets, failure pages, idle WebSockets. ----
 
-/// Every test below ends within this, pass or fail.
-const TEST_TIMEOUT: Duration = Duration::from_secs(60);
-
-async fn within<F: Future>(test: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, test).await.expect("the test finishes in time")
-}
-
 /// What comes before the request under test on one public HTTP/1.1
 /// connection, so that each of the edge's readers meets it: nothing (the
 /// relay reads it), a relayed request (the relay hands the connection to
@@ -939,7 +932,7 @@ async fn transcripts(engine: &TestEngine, service: &mut RawService) -> Vec<Strin
 
 #[tokio::test]
 async fn a_malformed_chunked_body_gets_a_400_and_never_reaches_the_service_whole() {
-    within(async {
+    within(TEST_TIMEOUT, "the answers to malformed chunked bodies", async {
         let engine = TestEngine::start().await;
         let mut service = raw_service().await;
         let (_control, _) = publish(&engine, published("chunky"), service.addr).await;
@@ -988,7 +981,7 @@ async fn a_malformed_chunked_body_gets_a_400_and_never_reaches_the_service_whole
 
 #[tokio::test]
 async fn an_invalid_content_length_gets_a_400_and_never_reaches_the_service() {
-    within(async {
+    within(TEST_TIMEOUT, "the answers to invalid lengths", async {
         let engine = TestEngine::start().await;
         let mut service = raw_service().await;
         let (_control, _) = publish(&engine, published("lengths"), service.addr).await;
@@ -1038,7 +1031,7 @@ fn tagged_echo(tag: &'static str, paths: Arc<std::sync::Mutex<Vec<String>>>) -> 
 
 #[tokio::test]
 async fn an_absolute_form_target_is_routed_by_its_authority_which_becomes_the_host() {
-    within(async {
+    within(TEST_TIMEOUT, "the answers to absolute-form targets", async {
         let engine = TestEngine::start().await;
         let paths_a = Arc::new(std::sync::Mutex::new(Vec::new()));
         let a = http_service(tagged_echo("a", paths_a.clone())).await;
@@ -1085,7 +1078,7 @@ async fn an_absolute_form_target_is_routed_by_its_authority_which_becomes_the_ho
 
 #[tokio::test]
 async fn a_refused_local_service_gets_a_502_that_names_nothing_behind_the_agent() {
-    within(async {
+    within(TEST_TIMEOUT, "the 502 pages", async {
         let engine = TestEngine::start().await;
         // A port nothing listens on: the real agent cannot reach its service.
         let closed = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
@@ -1206,7 +1199,7 @@ async fn idle_websocket_is_closed_going_away<S>(
 
 #[tokio::test]
 async fn an_idle_websocket_is_closed_with_1001_on_both_sides() {
-    within(async {
+    within(TEST_TIMEOUT, "the idle WebSocket's close", async {
         let engine = TestEngine::start_with("timeouts: {http_idle_seconds: 1}\n").await;
         let (service, mut closes) = websocket_service().await;
         let (_control, _) = publish(&engine, published("wsidle"), service).await;
@@ -1232,7 +1225,7 @@ async fn an_idle_websocket_is_closed_with_1001_on_both_sides() {
 
 #[tokio::test]
 async fn other_idle_upgrades_and_connect_are_closed_without_a_frame() {
-    within(async {
+    within(TEST_TIMEOUT, "the idle upgrades' closes", async {
         let engine = TestEngine::start_with("timeouts: {http_idle_seconds: 1}\n").await;
         let local = http_service(upgrade_echo_handler()).await;
         let (_control, _) = publish(&engine, published("rawidle"), local).await;

@@ -26,6 +26,16 @@ const REBIND: std::time::Duration = std::time::Duration::from_secs(30);
 /// machine; only a broken engine reaches it.
 const STEP: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// The bound on one whole test of the suites: a hang fails the test,
+/// saying what it waited for, long before the CI stage's limit.
+pub const TEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `future`'s output if it ends within `bound`; else a panic saying that
+/// `what` (what was being waited for) did not come in time.
+pub async fn within<F: Future>(bound: std::time::Duration, what: &str, future: F) -> F::Output {
+    tokio::time::timeout(bound, future).await.unwrap_or_else(|_| panic!("{what} in time: not within {bound:?}"))
+}
+
 pub struct TestEngine {
     pub engine: EngineSlot,
     pub dir: tempfile::TempDir,

@@ -313,37 +313,43 @@ async fn ten_at_once(
 
 #[tokio::test]
 async fn an_answer_of_unknown_length_is_cached_once_complete() {
-    let engine = Arc::new(TestEngine::start().await);
-    let body = artifact(4 << 20);
-    let (_control, hits) = chunked_tunnel(&engine, "chunked", body.clone(), 64 << 20).await;
-    let host = "chunked.t.localhost";
-    let how = ten_at_once(&engine, host, &body).await;
-    // The others wait for the whole (it could have outgrown the store),
-    // then read it as a hit.
-    assert_eq!(hits_of(&hits, "/v/stream"), 1, "one upstream fetch: {how:?}");
-    assert_eq!((how.get("MISS"), how.get("HIT")), (Some(&1), Some(&9)), "{how:?}");
-    // Stored with its length now, ranges included.
-    let got = fetch(&engine, host, false, Request::get("/v/stream").header(header::RANGE, "bytes=10-19")).await;
-    assert_eq!((got.status, cache_header(&got)), (StatusCode::PARTIAL_CONTENT, "HIT"));
-    assert_eq!(got.body, body.slice(10..20));
-    let got = fetch(&engine, host, true, Request::head("/v/stream")).await;
-    assert_eq!(got.headers[header::CONTENT_LENGTH], body.len().to_string());
-    assert_eq!(hits_of(&hits, "/v/stream"), 1);
+    within(TEST_TIMEOUT, "a chunked answer cached for ten clients", async {
+        let engine = Arc::new(TestEngine::start().await);
+        let body = artifact(4 << 20);
+        let (_control, hits) = chunked_tunnel(&engine, "chunked", body.clone(), 64 << 20).await;
+        let host = "chunked.t.localhost";
+        let how = ten_at_once(&engine, host, &body).await;
+        // The others wait for the whole (it could have outgrown the store),
+        // then read it as a hit.
+        assert_eq!(hits_of(&hits, "/v/stream"), 1, "one upstream fetch: {how:?}");
+        assert_eq!((how.get("MISS"), how.get("HIT")), (Some(&1), Some(&9)), "{how:?}");
+        // Stored with its length now, ranges included.
+        let got = fetch(&engine, host, false, Request::get("/v/stream").header(header::RANGE, "bytes=10-19")).await;
+        assert_eq!((got.status, cache_header(&got)), (StatusCode::PARTIAL_CONTENT, "HIT"));
+        assert_eq!(got.body, body.slice(10..20));
+        let got = fetch(&engine, host, true, Request::head("/v/stream")).await;
+        assert_eq!(got.headers[header::CONTENT_LENGTH], body.len().to_string());
+        assert_eq!(hits_of(&hits, "/v/stream"), 1);
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn an_answer_of_unknown_length_that_outgrows_the_store_still_reaches_every_client_whole() {
-    // Past max_object_bytes, then past the engine's budget: either way the
-    // fill is handed to its leader's client, the others fetch for
-    // themselves, nothing is stored, and no byte is lost.
-    for (engine_yaml, max_object) in [("", 1 << 20), ("edge: {cache_max_bytes: 1048576}\n", 64 << 20)] {
-        let engine = Arc::new(TestEngine::start_with(engine_yaml).await);
-        let body = artifact(3 << 20);
-        let (_control, hits) = chunked_tunnel(&engine, "big", body.clone(), max_object).await;
-        let how = ten_at_once(&engine, "big.t.localhost", &body).await;
-        assert_eq!(how.get("MISS"), Some(&10), "{engine_yaml}: {how:?}");
-        assert_eq!(hits_of(&hits, "/v/stream"), 10, "{engine_yaml}: each fetched for itself");
-        let again = fetch(&engine, "big.t.localhost", false, Request::get("/v/stream")).await;
-        assert_eq!((cache_header(&again), again.body.len()), ("MISS", body.len()), "{engine_yaml}: nothing stored");
-    }
+    within(TEST_TIMEOUT, "a chunked answer too large to keep, for ten clients", async {
+        // Past max_object_bytes, then past the engine's budget: either way the
+        // fill is handed to its leader's client, the others fetch for
+        // themselves, nothing is stored, and no byte is lost.
+        for (engine_yaml, max_object) in [("", 1 << 20), ("edge: {cache_max_bytes: 1048576}\n", 64 << 20)] {
+            let engine = Arc::new(TestEngine::start_with(engine_yaml).await);
+            let body = artifact(3 << 20);
+            let (_control, hits) = chunked_tunnel(&engine, "big", body.clone(), max_object).await;
+            let how = ten_at_once(&engine, "big.t.localhost", &body).await;
+            assert_eq!(how.get("MISS"), Some(&10), "{engine_yaml}: {how:?}");
+            assert_eq!(hits_of(&hits, "/v/stream"), 10, "{engine_yaml}: each fetched for itself");
+            let again = fetch(&engine, "big.t.localhost", false, Request::get("/v/stream")).await;
+            assert_eq!((cache_header(&again), again.body.len()), ("MISS", body.len()), "{engine_yaml}: nothing stored");
+        }
+    })
+    .await;
 }

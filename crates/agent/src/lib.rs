@@ -26,7 +26,8 @@ pub use strait_proto::TunnelProperties;
 pub use tls::client_config as tls_client_config;
 pub use transport::{AUTO_TLS_DELAY, Carrier, TransportMode, close_quic};
 pub use tunnel::{
-    Carried, Incoming, PACKET_SESSION_IDLE, Tunnel, forward_packets, forward_stream, on_own_port, pin_address,
+    Carried, Incoming, PACKET_SESSION_IDLE, Tunnel, forward_one, forward_packets, forward_stream, on_own_port,
+    pin_address,
 };
 
 /// Re-exported so binaries install the same crypto provider.

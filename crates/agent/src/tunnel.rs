@@ -85,14 +85,17 @@ impl Tunnel {
         let mut served = 0;
         while let Some(stream) = self.accept().await {
             served += 1;
-            if datagrams {
-                tokio::spawn(forward_packets(stream, local.clone()));
-            } else {
-                tokio::spawn(forward_stream(stream, local.clone()));
-            }
+            tokio::spawn(forward_one(stream, local.clone(), datagrams));
         }
         served
     }
+}
+
+/// Serves one stream of a tunnel: a datagram tunnel's packets to the UDP
+/// service `local` ([`forward_packets`]), else a TCP connection to `local`
+/// spliced with it ([`forward_stream`]).
+pub async fn forward_one(stream: Stream, local: String, datagrams: bool) -> Carried {
+    if datagrams { forward_packets(stream, local).await } else { forward_stream(stream, local).await }
 }
 
 /// Whether served properties are a published tunnel on a public port of

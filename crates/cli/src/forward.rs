@@ -203,25 +203,18 @@ async fn serve_streams(
     while let Some(incoming) = tunnel.accept_incoming().await {
         let (stream, local) = (incoming.stream, local.to_string());
         let source = incoming.source.map_or_else(|| "-".to_string(), |ip| ip.to_string());
-        if datagrams {
-            sessions.spawn(async move {
-                let started = Instant::now();
-                let carried = strait_agent::forward_packets(stream, local).await;
-                if own_port {
-                    println!("{}", crate::request_log::session_line("udp", &source, &carried, started.elapsed()));
-                }
-            });
-        } else if log_requests {
+        if log_requests && !datagrams {
             sessions.spawn(crate::request_log::serve(stream, local));
-        } else {
-            sessions.spawn(async move {
-                let started = Instant::now();
-                let carried = strait_agent::forward_stream(stream, local).await;
-                if own_port {
-                    println!("{}", crate::request_log::session_line("tcp", &source, &carried, started.elapsed()));
-                }
-            });
+            continue;
         }
+        sessions.spawn(async move {
+            let started = Instant::now();
+            let carried = strait_agent::forward_one(stream, local, datagrams).await;
+            if own_port {
+                let protocol = if datagrams { "udp" } else { "tcp" };
+                println!("{}", crate::request_log::session_line(protocol, &source, &carried, started.elapsed()));
+            }
+        });
     }
 }
 

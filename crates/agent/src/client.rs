@@ -79,7 +79,7 @@ pub struct Client {
 
 pub(crate) fn client_details(token: Option<String>) -> ClientDetails {
     ClientDetails {
-        agent: Some(strait_proto::STRAIT_AGENT.into()),
+        agent: Some("strait".into()),
         channel: Some("stable".into()),
         version: Some(env!("CARGO_PKG_VERSION").into()),
         os: Some(std::env::consts::OS.into()),

@@ -57,9 +57,6 @@ pub(crate) struct Inner {
     outbox: mpsc::Sender<Message>,
     state: Mutex<State>,
     dialbacks: Semaphore,
-    /// The engine is strait's: beside each datagram channel it takes a
-    /// spill stream for the packets too large for a datagram.
-    spills: bool,
     /// `None` while open; the reason once closed.
     closed: watch::Sender<Option<String>>,
 }
@@ -169,7 +166,6 @@ impl ControlChannel {
             outbox,
             state: Mutex::new(State::default()),
             dialbacks: Semaphore::new(MAX_ACTIVE_STREAMS),
-            spills: ok.server_details.as_ref().and_then(|d| d.agent.as_deref()) == Some(strait_proto::STRAIT_ENGINE),
             closed,
         });
         let stop = tokio_util::sync::CancellationToken::new();
@@ -405,7 +401,36 @@ async fn dial_back(inner: Arc<Inner>, req: ProxyConnReq) {
         return;
     };
     let Ok(_permit) = inner.dialbacks.acquire().await else { return };
-    let result = reverse_dial(&inner, &req).await;
+    let result = async {
+        let mut tls = inner.client.open_on(&inner.carrier).await?;
+        let zero_rtt = inner.client.config.zero_rtt;
+        let proxy = ProxyReq {
+            client_details: Some(client_details(req.secret.clone())),
+            stream_id: req.stream_id.clone(),
+            zero_rtt: Some(zero_rtt),
+        };
+        write_message(&mut tls, &Payload::ProxyReq(proxy).into()).await?;
+        if zero_rtt {
+            return Ok::<Stream, AgentError>(Prefixed::new(Default::default(), tls));
+        }
+        let mut reader = FrameReader::new(tls, MAX_FRAME_LEN);
+        let rsp = tokio::time::timeout(inner.client.config.operation_timeout, reader.read_message())
+            .await
+            .map_err(|_| AgentError::Timeout("waiting for ProxyRsp"))??;
+        match rsp.payload {
+            Some(Payload::ProxyRsp(rsp)) => match rsp.error {
+                Some(e) => Err(AgentError::Engine(e)),
+                None => {
+                    let (tls, rest) = reader.into_parts();
+                    Ok(Prefixed::new(rest, tls))
+                }
+            },
+            other => {
+                Err(AgentError::Protocol(format!("expected ProxyRsp, got {}", other.map_or("nothing", |p| p.name()))))
+            }
+        }
+    }
+    .await;
     let error = match result {
         Ok(stream) => {
             match streams.try_send(Incoming { stream, source: req.source_ip.as_ref().and_then(|ip| ip.ip()) }) {
@@ -416,36 +441,6 @@ async fn dial_back(inner: Arc<Inner>, req: ProxyConnReq) {
         Err(e) => Some(Error::new(ErrorCode::InvalidStream, e.to_string())),
     };
     let _ = inner.send(Payload::ProxyConnRsp(ProxyConnRsp { stream_id: req.stream_id, error })).await;
-}
-
-/// Dials the engine for the stream `req` announced and presents its secret
-/// (`ProxyReq`); the stream, once the engine took it.
-async fn reverse_dial(inner: &Inner, req: &ProxyConnReq) -> Result<Stream, AgentError> {
-    let mut tls = inner.client.open_on(&inner.carrier).await?;
-    let zero_rtt = inner.client.config.zero_rtt;
-    let proxy = ProxyReq {
-        client_details: Some(client_details(req.secret.clone())),
-        stream_id: req.stream_id.clone(),
-        zero_rtt: Some(zero_rtt),
-    };
-    write_message(&mut tls, &Payload::ProxyReq(proxy).into()).await?;
-    if zero_rtt {
-        return Ok(Prefixed::new(Default::default(), tls));
-    }
-    let mut reader = FrameReader::new(tls, MAX_FRAME_LEN);
-    let rsp = tokio::time::timeout(inner.client.config.operation_timeout, reader.read_message())
-        .await
-        .map_err(|_| AgentError::Timeout("waiting for ProxyRsp"))??;
-    match rsp.payload {
-        Some(Payload::ProxyRsp(rsp)) => match rsp.error {
-            Some(e) => Err(AgentError::Engine(e)),
-            None => {
-                let (tls, rest) = reader.into_parts();
-                Ok(Prefixed::new(rest, tls))
-            }
-        },
-        other => Err(AgentError::Protocol(format!("expected ProxyRsp, got {}", other.map_or("nothing", |p| p.name())))),
-    }
 }
 
 /// Answers a `ProxyConnReq` of a datagram tunnel on QUIC: no stream, a
@@ -463,26 +458,9 @@ async fn datagrams_back(
         return;
     };
     let registration = inner.client.quic.channels.register(id);
-    // strait's engine takes a spill stream first; without it the channel
-    // is refused, as a reverse dial that fails would be.
-    let spill = if inner.spills {
-        let Ok(_permit) = inner.dialbacks.acquire().await else { return };
-        match reverse_dial(&inner, &req).await {
-            Ok(spill) => Some(spill),
-            Err(e) => {
-                let error = Error::new(ErrorCode::InvalidStream, e.to_string());
-                let _ = inner
-                    .send(Payload::ProxyConnRsp(ProxyConnRsp { stream_id: req.stream_id, error: Some(error) }))
-                    .await;
-                return;
-            }
-        }
-    } else {
-        None
-    };
     let closed = tokio_util::sync::CancellationToken::new();
     inner.lock().channels.insert(req.stream_id.clone(), closed.clone());
-    let (stream, pump) = crate::datagram::pipe(conn, id, registration, spill, closed);
+    let (stream, pump) = crate::datagram::pipe(conn, id, registration, closed);
     let source = req.source_ip.as_ref().and_then(|ip| ip.ip());
     let error = streams
         .try_send(Incoming { stream, source })

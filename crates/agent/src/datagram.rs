@@ -5,11 +5,6 @@
 //! A tunnel sees every stream the same way: a datagram channel is handed to
 //! it as a [`Stream`] of framed packets (`strait_proto::packet`), exactly
 //! what the same tunnel carries over TLS, so forwarding code has one path.
-//! Beside each channel strait's engine takes a spill stream (the agent's
-//! reverse dial for the same stream id): a packet too large for a datagram
-//! goes framed on it, either way, so nothing the service sends is lost for
-//! its size. Other engines get datagrams only.
-//!
 //! A dialer gets a [`PacketConn`]: datagrams over QUIC, or framed packets
 //! on a stream where the engine, the transport or the tunnel (guaranteed
 //! delivery) calls for one.
@@ -87,24 +82,15 @@ impl Drop for Registration {
     }
 }
 
-/// What became of a packet offered as a datagram.
-enum Sent {
-    Sent,
-    /// Larger than a datagram on this path.
-    TooLarge,
-}
-
-/// Sends one packet as a datagram. A packet the path cannot carry is
-/// handed back to a caller that has a spill stream (`spills`); otherwise
-/// it is lost, as it would be on UDP, and said so.
-fn send_datagram(conn: &quinn::Connection, id: &[u8; 12], packet: &[u8], spills: bool) -> io::Result<Sent> {
+/// Sends one packet as a datagram; a packet the path cannot carry is lost,
+/// as it would be on UDP, and said so.
+fn send_datagram(conn: &quinn::Connection, id: &[u8; 12], packet: &[u8]) -> io::Result<()> {
     /// Packets dropped for size, process-wide: the first and every
     /// thousandth are logged, so a service that sends big packets is seen
     /// without a line per packet.
     static TOO_LARGE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     match conn.send_datagram(packet::datagram(id, packet)) {
-        Ok(()) => Ok(Sent::Sent),
-        Err(quinn::SendDatagramError::TooLarge) if spills => Ok(Sent::TooLarge),
+        Ok(()) => Ok(()),
         Err(quinn::SendDatagramError::TooLarge) => {
             let dropped = TOO_LARGE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if dropped.is_multiple_of(1000) {
@@ -116,66 +102,34 @@ fn send_datagram(conn: &quinn::Connection, id: &[u8; 12], packet: &[u8], spills:
                      packets of any size"
                 );
             }
-            Ok(Sent::Sent)
+            Ok(())
         }
         Err(error) => Err(io::Error::new(io::ErrorKind::BrokenPipe, error.to_string())),
     }
 }
 
 /// Turns an agent-side datagram channel into a stream of framed packets
-/// for its tunnel; what does not fit in a datagram goes on `spill` where
-/// there is one. The pump ends when the tunnel lets go of the stream (the
+/// for its tunnel. The pump ends when the tunnel lets go of the stream (the
 /// returned future then says so, for a `DatagramChannelClose`), when the
-/// engine closes the channel (`closed`) or its spill stream, or when the
-/// connection goes.
+/// engine closes the channel (`closed`), or when the connection goes.
 pub(crate) fn pipe(
     conn: quinn::Connection,
     id: [u8; 12],
     mut registration: Registration,
-    spill: Option<Stream>,
     closed: CancellationToken,
 ) -> (Stream, impl Future<Output = bool>) {
     let (ours, theirs) = tokio::io::duplex(PIPE);
     let pump = async move {
         let (mut read, mut write) = tokio::io::split(ours);
-        let (mut spill_read, mut spill_write) = match spill {
-            Some(spill) => {
-                let (read, write) = tokio::io::split(spill);
-                (Some(read), Some(write))
-            }
-            None => (None, None),
-        };
         let from_tunnel = async {
             while let Ok(Some(packet)) = read_packet(&mut read).await {
-                match (send_datagram(&conn, &id, &packet, spill_write.is_some()), spill_write.as_mut()) {
-                    (Ok(Sent::Sent), _) => {}
-                    (Ok(Sent::TooLarge), Some(spill)) => {
-                        if write_packet(spill, &packet).await.is_err() {
-                            return;
-                        }
-                    }
-                    (Ok(Sent::TooLarge), None) | (Err(_), _) => return,
-                }
-            }
-        };
-        // The spill stream's packets join the datagrams through a queue: a
-        // frame half read is never dropped for a datagram that came first.
-        let (spilled_tx, mut spilled) = mpsc::channel::<Bytes>(QUEUE);
-        let spill_reader = async {
-            let Some(spill) = spill_read.as_mut() else { return std::future::pending().await };
-            while let Ok(Some(packet)) = read_packet(spill).await {
-                if spilled_tx.send(packet).await.is_err() {
+                if send_datagram(&conn, &id, &packet).is_err() {
                     return;
                 }
             }
         };
         let to_tunnel = async {
-            loop {
-                let packet = tokio::select! {
-                    packet = registration.rx.recv() => packet,
-                    Some(packet) = spilled.recv() => Some(packet),
-                };
-                let Some(packet) = packet else { return };
+            while let Some(packet) = registration.rx.recv().await {
                 if write_packet(&mut write, &packet).await.is_err() {
                     return;
                 }
@@ -185,7 +139,6 @@ pub(crate) fn pipe(
             _ = closed.cancelled() => false,
             _ = from_tunnel => true,
             _ = to_tunnel => true,
-            _ = spill_reader => true,
         }
     };
     (strait_proto::Prefixed::new(Default::default(), Box::new(theirs) as strait_proto::BoxIo), pump)
@@ -256,7 +209,7 @@ impl PacketConn {
                 if closed.is_cancelled() {
                     return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the datagram channel is closed"));
                 }
-                send_datagram(conn, id, packet, false).map(|_| ())
+                send_datagram(conn, id, packet)
             }
             Inner::Framed(stream) => write_packet(stream, packet).await,
         }

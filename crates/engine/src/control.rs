@@ -72,7 +72,7 @@ pub fn negotiate_liveness(asked: Option<&ControlChannelLiveness>) -> Option<Cont
 
 fn server_details() -> ServerDetails {
     ServerDetails {
-        agent: Some(strait_proto::STRAIT_ENGINE.into()),
+        agent: Some("strait-engine".into()),
         channel: Some("community".into()),
         version: Some(env!("CARGO_PKG_VERSION").into()),
         plan: None,

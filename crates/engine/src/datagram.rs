@@ -7,16 +7,7 @@
 //! stream (`strait_proto::packet`: a TLS peer, a tunnel with guaranteed
 //! delivery, a dialer that asked for a plain stream), or one public source
 //! of a published UDP port ([`crate::edge::udp`]). [`bridge`] carries
-//! packets between any two legs.
-//!
-//! A QUIC datagram carries only what fits in one packet on the path
-//! (about 1,200 to 1,450 bytes). Between strait's own agent and engine an
-//! agent leg also has a spill stream: the agent's reverse dial for the same
-//! stream id, on which packets too large for a datagram go framed, either
-//! way, so a published UDP port carries packets up to 65,507 bytes to a
-//! QUIC agent too. Peers that do not announce themselves as strait (the
-//! official SDKs) get datagrams only, and a packet too large is dropped
-//! and counted, as they expect. The [`Router`] finds the channel a QUIC
+//! packets between any two legs. The [`Router`] finds the channel a QUIC
 //! datagram belongs to: unknown ids, short and oversized datagrams are
 //! dropped and counted, never buffered without bound.
 
@@ -69,10 +60,6 @@ struct Entry {
     /// The agent's client id, for an agent's leg: its control channel's
     /// end closes it.
     client_id: Option<String>,
-    /// The leg has a spill stream: its peer (strait's agent) does not know
-    /// `quic.max_datagram_bytes` and sends whatever the path takes, which
-    /// QUIC bounds already.
-    spills: bool,
 }
 
 /// The datagram channels of every QUIC connection.
@@ -86,19 +73,18 @@ impl Router {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers channel `id` on `conn` (`spills`: the leg will have a
-    /// spill stream); the registration removes it when dropped.
+    /// Registers channel `id` on `conn`; the registration removes it when
+    /// dropped.
     pub fn register(
         self: &Arc<Self>,
         conn: &quinn::Connection,
         id: [u8; 12],
         client_id: Option<String>,
-        spills: bool,
     ) -> Registration {
         let (tx, rx) = mpsc::channel(QUEUE);
         let closed = CancellationToken::new();
         let key = (conn.stable_id(), id);
-        self.lock().insert(key, Entry { tx, closed: closed.clone(), client_id, spills });
+        self.lock().insert(key, Entry { tx, closed: closed.clone(), client_id });
         Registration { router: self.clone(), key, rx, closed }
     }
 
@@ -107,16 +93,13 @@ impl Router {
         if datagram.len() < 12 {
             return Err(Dropped::Short);
         }
-        let oversized = datagram.len() > max;
+        if datagram.len() > max {
+            return Err(Dropped::Oversized);
+        }
         let id: [u8; 12] = datagram[..12].try_into().expect("checked above");
         let channels = self.lock();
-        match channels.get(&(conn, id)) {
-            Some(entry) if !oversized || entry.spills => {
-                entry.tx.try_send(datagram.slice(12..)).map_err(|_| Dropped::QueueFull)
-            }
-            _ if oversized => Err(Dropped::Oversized),
-            _ => Err(Dropped::UnknownChannel),
-        }
+        let entry = channels.get(&(conn, id)).ok_or(Dropped::UnknownChannel)?;
+        entry.tx.try_send(datagram.slice(12..)).map_err(|_| Dropped::QueueFull)
     }
 
     /// The peer closed channel `id` on `conn` (`DatagramChannelClose`).
@@ -175,9 +158,8 @@ pub async fn read_datagrams(shared: Arc<Shared>, conn: quinn::Connection) {
 
 /// One side of a channel.
 pub enum Leg {
-    /// DATAGRAM frames on this connection under this channel id, and the
-    /// packets too large for one framed on `spill`, where the peer has one.
-    Quic { conn: quinn::Connection, id: [u8; 12], registration: Registration, spill: Option<Box<dyn strait_proto::Io>> },
+    /// DATAGRAM frames on this connection under this channel id.
+    Quic { conn: quinn::Connection, id: [u8; 12], registration: Registration },
     /// Packets framed in a stream.
     Framed(Box<dyn strait_proto::Io>),
     /// One source of a published UDP port: what it sent, as the port's
@@ -254,7 +236,7 @@ pub async fn bridge(shared: &Shared, dialer: Leg, agent: Leg, until: Until) -> C
 
 /// Where a bridge sends a leg's packets.
 enum Sender {
-    Quic { conn: quinn::Connection, id: [u8; 12], spill: Option<FramedWrite> },
+    Quic { conn: quinn::Connection, id: [u8; 12] },
     Framed(tokio::io::WriteHalf<Box<dyn strait_proto::Io>>),
     Udp { socket: Arc<UdpSocket>, peer: SocketAddr },
 }
@@ -263,21 +245,21 @@ impl Sender {
     /// Sends one packet; false once the leg can take no more.
     async fn send(&mut self, shared: &Shared, packet: Bytes) -> bool {
         match self {
-            Sender::Quic { conn, id, spill } => {
+            Sender::Quic { conn, id } => {
                 let datagram = packet::datagram(id, &packet);
                 let fits = datagram.len() <= shared.config.quic.max_datagram_bytes
                     && conn.max_datagram_size().is_some_and(|max| datagram.len() <= max);
-                let sent = if fits { conn.send_datagram(datagram) } else { Err(quinn::SendDatagramError::TooLarge) };
-                match (sent, spill) {
-                    (Ok(()), _) => true,
-                    (Err(quinn::SendDatagramError::TooLarge), Some(spill)) => {
-                        write_packet(spill, &packet).await.is_ok()
-                    }
-                    (Err(quinn::SendDatagramError::TooLarge), None) => {
+                if !fits {
+                    shared.metrics.datagram_dropped(Dropped::Oversized.label());
+                    return true;
+                }
+                match conn.send_datagram(datagram) {
+                    Ok(()) => true,
+                    Err(quinn::SendDatagramError::TooLarge) => {
                         shared.metrics.datagram_dropped(Dropped::Oversized.label());
                         true
                     }
-                    (Err(_), _) => false,
+                    Err(_) => false,
                 }
             }
             Sender::Framed(writer) => write_packet(writer, &packet).await.is_ok(),
@@ -295,42 +277,25 @@ impl Sender {
 /// framed leg's is filled by a reader task), and where to send.
 fn open(leg: Leg) -> (Receiver, Sender, Option<tokio::task::JoinHandle<()>>) {
     match leg {
-        Leg::Quic { conn, id, registration, spill: None } => {
-            (Receiver::Quic(registration, None), Sender::Quic { conn, id, spill: None }, None)
-        }
-        Leg::Quic { conn, id, registration, spill: Some(io) } => {
-            let (write, rx, task) = read_framed(io);
-            (Receiver::Quic(registration, Some(rx)), Sender::Quic { conn, id, spill: Some(write) }, Some(task))
-        }
+        Leg::Quic { conn, id, registration } => (Receiver::Quic(registration), Sender::Quic { conn, id }, None),
         Leg::Udp { rx, socket, peer } => (Receiver::Framed(rx), Sender::Udp { socket, peer }, None),
         Leg::Framed(io) => {
-            let (write, rx, task) = read_framed(io);
+            let (mut read, write) = tokio::io::split(io);
+            let (tx, rx) = mpsc::channel(QUEUE);
+            let task = tokio::spawn(async move {
+                while let Ok(Some(packet)) = read_packet(&mut read).await {
+                    if tx.send(packet).await.is_err() {
+                        return;
+                    }
+                }
+            });
             (Receiver::Framed(rx), Sender::Framed(write), Some(task))
         }
     }
 }
 
-type FramedWrite = tokio::io::WriteHalf<Box<dyn strait_proto::Io>>;
-
-/// Splits a stream of framed packets: its write half, and a task queueing
-/// what it reads (the queue closes when the stream ends).
-fn read_framed(io: Box<dyn strait_proto::Io>) -> (FramedWrite, mpsc::Receiver<Bytes>, tokio::task::JoinHandle<()>) {
-    let (mut read, write) = tokio::io::split(io);
-    let (tx, rx) = mpsc::channel(QUEUE);
-    let task = tokio::spawn(async move {
-        while let Ok(Some(packet)) = read_packet(&mut read).await {
-            if tx.send(packet).await.is_err() {
-                return;
-            }
-        }
-    });
-    (write, rx, task)
-}
-
 enum Receiver {
-    /// A channel's datagrams, and what its spill stream carries; the spill
-    /// stream's end is the channel's end.
-    Quic(Registration, Option<mpsc::Receiver<Bytes>>),
+    Quic(Registration),
     Framed(mpsc::Receiver<Bytes>),
 }
 
@@ -338,16 +303,10 @@ impl Receiver {
     /// The next packet; `None` once the leg has ended.
     async fn recv(&mut self) -> Option<Bytes> {
         match self {
-            Receiver::Quic(registration, None) => tokio::select! {
+            Receiver::Quic(registration) => tokio::select! {
                 biased;
                 _ = registration.closed.cancelled() => None,
                 packet = registration.rx.recv() => packet,
-            },
-            Receiver::Quic(registration, Some(spill)) => tokio::select! {
-                biased;
-                _ = registration.closed.cancelled() => None,
-                packet = registration.rx.recv() => packet,
-                packet = spill.recv() => packet,
             },
             Receiver::Framed(rx) => rx.recv().await,
         }

@@ -37,16 +37,6 @@ pub struct ClientInfo {
     pub transport: &'static str,
 }
 
-impl ClientInfo {
-    /// strait's own agent: on QUIC it dials back a spill stream beside each
-    /// datagram channel, for the packets too large for a datagram (see
-    /// [`crate::datagram`]). The official SDKs do not, so nothing is asked
-    /// of them.
-    pub fn spills_large_packets(&self) -> bool {
-        self.agent.as_deref() == Some(strait_proto::STRAIT_AGENT)
-    }
-}
-
 /// A live control channel.
 #[derive(Debug)]
 pub struct Client {

@@ -175,7 +175,7 @@ pub async fn open_to_agent(
     tunnel: &Tunnel,
     source: IpAddr,
 ) -> Result<(String, AgentIo), StreamFailure> {
-    match pair(shared, tunnel, source, None, Answer::Stream).await? {
+    match pair(shared, tunnel, source, None).await? {
         (stream_id, Some(io)) => Ok((stream_id, io)),
         (_, None) => Err(StreamFailure::Refused("the agent answered with a datagram channel".into())),
     }
@@ -183,16 +183,12 @@ pub async fn open_to_agent(
 
 /// The agent's leg of a datagram tunnel's channel: a QUIC datagram channel
 /// when its agent is on QUIC, else packets framed in its reverse dial.
-/// strait's own agent on QUIC dials back as well, for a spill stream that
-/// carries the packets too large for a datagram (see [`crate::datagram`]).
 pub async fn open_datagrams_to_agent(
     shared: &Shared,
     tunnel: &Tunnel,
     source: IpAddr,
 ) -> Result<(String, crate::datagram::Leg), StreamFailure> {
-    let client = shared.registry.client(&tunnel.client_id);
-    let spills = client.as_ref().is_some_and(|c| c.info.spills_large_packets());
-    let quic = client.and_then(|c| c.quic.clone());
+    let quic = shared.registry.client(&tunnel.client_id).and_then(|c| c.quic.clone());
     let (conn, stream_id) = match quic {
         Some(conn) if tunnel.spec.datagram_channels => (conn, ids::stream_id()),
         _ => {
@@ -202,40 +198,25 @@ pub async fn open_datagrams_to_agent(
     };
     let id = strait_proto::packet::channel_id(&stream_id).expect("stream ids are 24 hex characters");
     // Registered first: the agent may send right after its answer.
-    let registration = shared.datagrams.register(&conn, id, Some(tunnel.client_id.clone()), spills);
-    let answer = if spills { Answer::Stream } else { Answer::Report };
-    match pair(shared, tunnel, source, Some(stream_id), answer).await? {
-        (stream_id, None) => Ok((stream_id, crate::datagram::Leg::Quic { conn, id, registration, spill: None })),
-        (stream_id, Some(io)) if spills => {
-            Ok((stream_id, crate::datagram::Leg::Quic { conn, id, registration, spill: Some(Box::new(io)) }))
-        }
+    let registration = shared.datagrams.register(&conn, id, Some(tunnel.client_id.clone()));
+    match pair(shared, tunnel, source, Some(stream_id)).await? {
+        (stream_id, None) => Ok((stream_id, crate::datagram::Leg::Quic { conn, id, registration })),
         // An agent may still answer with a stream; its packets are framed.
         (stream_id, Some(io)) => Ok((stream_id, crate::datagram::Leg::Framed(Box::new(io)))),
     }
 }
 
-/// What completes a pairing.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Answer {
-    /// The agent's reverse dial (a `ProxyConnRsp` counts only if it fails).
-    Stream,
-    /// The agent's `ProxyConnRsp`: a datagram channel, no stream (a stream
-    /// that comes first is taken as well).
-    Report,
-}
-
-/// Sends `ProxyConnReq` and waits for the agent's answer (see [`Answer`]):
-/// its stream, or `None` for a datagram channel reported ready.
+/// Sends `ProxyConnReq` and waits for the agent: its stream, or (for a
+/// datagram channel, `stream_id` given) its `ProxyConnRsp`.
 async fn pair(
     shared: &Shared,
     tunnel: &Tunnel,
     source: IpAddr,
-    stream_id: Option<String>,
-    answer: Answer,
+    datagram_stream: Option<String>,
 ) -> Result<(String, Option<AgentIo>), StreamFailure> {
     let client = shared.registry.client(&tunnel.client_id).ok_or(StreamFailure::AgentGone)?;
-    let datagrams = answer == Answer::Report;
-    let stream_id = stream_id.unwrap_or_else(ids::stream_id);
+    let datagrams = datagram_stream.is_some();
+    let stream_id = datagram_stream.unwrap_or_else(ids::stream_id);
     let secret = ids::stream_secret();
     let (tx, rx) = oneshot::channel();
     let waiter = Waiter { secret: secret.clone(), client_id: tunnel.client_id.clone(), datagrams, tx };
@@ -379,10 +360,10 @@ pub async fn private_dial(
             let carried = match (wants_channel, &transport) {
                 (true, Transport::Quic(conn)) => {
                     let id = strait_proto::packet::channel_id(&stream_id).expect("stream ids are 24 hex characters");
-                    let registration = shared.datagrams.register(conn, id, None, false);
+                    let registration = shared.datagrams.register(conn, id, None);
                     let (read, mut write) = tokio::io::split(dialer);
                     datagram::watch_lifeline(read, registration.closed_token());
-                    let leg = Leg::Quic { conn: conn.clone(), id, registration, spill: None };
+                    let leg = Leg::Quic { conn: conn.clone(), id, registration };
                     let carried = datagram::bridge(&shared, leg, agent, Default::default()).await;
                     datagram::close_lifeline(&mut write, &stream_id).await;
                     carried

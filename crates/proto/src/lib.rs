@@ -27,12 +27,5 @@ pub use prefixed::Prefixed;
 /// The protocol version this build speaks, as agents send it.
 pub const PROTOCOL_VERSION: &str = "1.4.5";
 
-/// `ClientDetails.agent` of strait's agent and `ServerDetails.agent` of
-/// strait's engine. Each side turns on what only strait speaks (a spill
-/// stream beside a QUIC datagram channel, for packets too large for a
-/// datagram) when the other names itself so, and never otherwise.
-pub const STRAIT_AGENT: &str = "strait";
-pub const STRAIT_ENGINE: &str = "strait-engine";
-
 /// ALPN that selects the agent protocol on the engine's TLS port.
 pub const ALPN: &[u8] = b"rstrm/1";

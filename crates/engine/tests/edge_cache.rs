@@ -353,3 +353,46 @@ async fn an_answer_of_unknown_length_that_outgrows_the_store_still_reaches_every
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_chunked_answer_that_breaks_off_reaches_its_client_as_broken() {
+    within(TEST_TIMEOUT, "a broken chunked answer", async {
+        let engine = TestEngine::start().await;
+        // Half a MiB, then the service fails the body.
+        let handler: Handler = Arc::new(|_req: Request<Incoming>| {
+            Box::pin(async move {
+                let frames = futures_util::stream::iter(
+                    (0..8)
+                        .map(|_| Ok(hyper::body::Frame::data(bytes::Bytes::from(vec![7u8; 64 << 10]))))
+                        .chain(std::iter::once(Err(std::io::Error::other("the disk went away")))),
+                );
+                http::Response::builder()
+                    .header(header::CACHE_CONTROL, "public, max-age=600")
+                    .body(http_body_util::StreamBody::new(frames).boxed())
+                    .unwrap()
+            })
+        });
+        let local = http_service(handler).await;
+        let mut properties = published("broken");
+        properties.labels.insert("strait.policy".into(), r#"{"cache": {"paths": ["/v/*"]}}"#.into());
+        let (_control, _) = publish(&engine, properties, local).await;
+        for h2 in [false, true] {
+            let request = Request::get("/v/x").header(header::HOST, "broken.t.localhost").body(full("")).unwrap();
+            let response = if h2 {
+                let (mut parts, body) = request.into_parts();
+                parts.uri = "https://broken.t.localhost/v/x".parse().unwrap();
+                parts.headers.remove(header::HOST);
+                engine.h2("broken.t.localhost").await.send_request(Request::from_parts(parts, body)).await.unwrap()
+            } else {
+                engine.h1("broken.t.localhost").await.send_request(request).await.unwrap()
+            };
+            assert_eq!(response.status(), StatusCode::OK);
+            let read = response.into_body().collect().await;
+            assert!(read.is_err(), "h2={h2}: a cut-off body must not look complete");
+            // Nothing was stored.
+            let again = fetch(&engine, "broken.t.localhost", false, Request::head("/v/x")).await;
+            assert_ne!(cache_header(&again), "HIT", "h2={h2}");
+        }
+    })
+    .await;
+}

@@ -47,6 +47,9 @@ pub const X_STRAIT_CACHE: HeaderName = HeaderName::from_static("x-strait-cache")
 
 /// How long to keep an `immutable` response that gives no lifetime.
 const IMMUTABLE_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
+/// How long clients wait for an answer of unknown length to complete
+/// before they fetch for themselves.
+const UNSIZED_JOIN_WAIT: Duration = Duration::from_secs(10);
 /// Bytes read from a stored file per frame.
 const FILE_CHUNK: usize = 64 * 1024;
 
@@ -595,6 +598,10 @@ pub struct Fill {
     /// The chunks' bytes, held from the engine's budget while an answer
     /// handed to its leader's client is read.
     held: Mutex<Option<Reservation>>,
+    /// Why the service's body broke off, for the one reader of an answer
+    /// of unknown length: without a length, only an error tells its client
+    /// that the body is incomplete.
+    failure: Mutex<Option<hyper::Error>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -625,6 +632,7 @@ impl Fill {
             shared_as_it_comes: Default::default(),
             rest: Mutex::new(None),
             held: Mutex::new(None),
+            failure: Mutex::new(None),
         }
     }
 
@@ -646,7 +654,10 @@ impl Fill {
         let mut state = progress.wait_for(|p| *p != Progress::Waiting).await.ok().map(|p| *p)?;
         let shared = self.shared_as_it_comes.load(Ordering::Acquire);
         if !shared {
-            state = progress.wait_for(|p| !matches!(p, Progress::Body(_))).await.ok().map(|p| *p)?;
+            // Bounded: a service that trickles a body must not hold every
+            // other client; past the wait they fetch for themselves.
+            let complete = progress.wait_for(|p| !matches!(p, Progress::Body(_)));
+            state = tokio::time::timeout(UNSIZED_JOIN_WAIT, complete).await.ok()?.ok().map(|p| *p)?;
         }
         match state {
             Progress::Abandoned | Progress::Handed(_) => None,
@@ -700,10 +711,6 @@ impl Body for FillBody {
                 return match Pin::new(rest).poll_frame(cx) {
                     // Trailers are not passed on, as for a filled body.
                     Poll::Ready(Some(Ok(frame))) if !frame.is_data() => continue,
-                    Poll::Ready(Some(Err(error))) => {
-                        tracing::debug!(%error, "the service's body broke off");
-                        Poll::Ready(None)
-                    }
                     other => other,
                 };
             }
@@ -714,11 +721,21 @@ impl Body for FillBody {
             }
             let state = *self.progress.borrow_and_update();
             match state {
-                Progress::Done(n) | Progress::Broken(n) if self.next >= n => return Poll::Ready(None),
+                Progress::Done(n) if self.next >= n => return Poll::Ready(None),
+                Progress::Broken(n) if self.next >= n => {
+                    let failure = self.fill.failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    return Poll::Ready(failure.map(Err));
+                }
                 Progress::Handed(n) if self.next >= n => {
                     let rest = self.fill.rest.lock().unwrap_or_else(|e| e.into_inner()).take();
                     match rest {
-                        Some(rest) => self.rest = Some(rest),
+                        Some(rest) => {
+                            // Nobody else reads a handed fill: its chunks
+                            // and their share of the budget go now.
+                            self.fill.chunks.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                            drop(self.fill.held.lock().unwrap_or_else(|e| e.into_inner()).take());
+                            self.rest = Some(rest);
+                        }
                         None => return Poll::Ready(None),
                     }
                     continue;
@@ -751,12 +768,18 @@ pub struct Leader {
 impl Drop for Leader {
     fn drop(&mut self) {
         // Never shared (an error, an answer not to keep): waiters go alone.
-        self.fill.progress.send_if_modified(|p| {
-            let waiting = *p == Progress::Waiting;
-            if waiting {
+        // A fetch dropped half way (the engine shutting down) ends its
+        // readers' bodies as broken rather than leaving them waiting.
+        self.fill.progress.send_if_modified(|p| match *p {
+            Progress::Waiting => {
                 *p = Progress::Abandoned;
+                true
             }
-            waiting
+            Progress::Body(n) => {
+                *p = Progress::Broken(n);
+                true
+            }
+            _ => false,
         });
         self.unregister();
     }
@@ -856,6 +879,9 @@ impl Leader {
                 }
                 Err(error) => {
                     tracing::debug!(%error, target = %self.target, "cache fill broke off");
+                    if len.is_none() {
+                        *self.fill.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
+                    }
                     ok = false;
                     break;
                 }

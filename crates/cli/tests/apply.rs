@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{DEADLINE, Running, Strait, TestEngine, dial, echo_server, echo_through, output};
+use strait_testkit::udp_echo_server;
 use tokio::net::UdpSocket;
 
 async fn assert_echoes(engine: &TestEngine, tunnel: &str) {
@@ -260,19 +261,6 @@ async fn free_port(udp: bool) -> u16 {
         tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr()
     };
     addr.unwrap().port()
-}
-
-/// A local UDP echo service: every datagram goes back to its sender.
-async fn udp_echo_server() -> SocketAddr {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = socket.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
-            let _ = socket.send_to(&buf[..n], from).await;
-        }
-    });
-    addr
 }
 
 /// The public port in `created <name>: <scheme>://localhost:<port> -> <local>`.

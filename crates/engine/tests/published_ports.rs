@@ -223,19 +223,6 @@ async fn trusted_ips_close_connections_from_elsewhere() {
     echo_round(&mut trusted, b"trusted").await;
 }
 
-/// A local UDP echo service.
-async fn udp_echo() -> SocketAddr {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let addr = socket.local_addr().unwrap();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
-            let _ = socket.send_to(&buf[..n], from).await;
-        }
-    });
-    addr
-}
-
 async fn publish_udp(
     engine: &TestEngine,
     transport: TransportMode,
@@ -244,7 +231,7 @@ async fn publish_udp(
     let control = tokio::time::timeout(WAIT, engine.client_over("alice", transport).connect()).await.unwrap().unwrap();
     let mut tunnel = control.open_tunnel(properties).await.unwrap();
     let port = port_of(tunnel.properties());
-    let echo = udp_echo().await;
+    let echo = udp_echo_server().await;
     tokio::spawn(async move { tunnel.forward(echo.to_string()).await });
     (control, port)
 }

@@ -321,6 +321,19 @@ pub async fn echo_server() -> SocketAddr {
     addr
 }
 
+/// A local UDP echo service: every datagram goes back to its sender.
+pub async fn udp_echo_server() -> SocketAddr {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let _ = socket.send_to(&buf[..n], from).await;
+        }
+    });
+    addr
+}
+
 /// One HTTP answer from the Engine API.
 pub struct HttpAnswer {
     pub status: u16,

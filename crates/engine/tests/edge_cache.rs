@@ -78,9 +78,11 @@ struct Got {
     body: bytes::Bytes,
 }
 
-async fn fetch(engine: &TestEngine, host: &str, h2: bool, request: http::request::Builder) -> Got {
+/// Sends one request on a new public connection (HTTP/2 or HTTP/1.1)
+/// and returns the answer with its body still to read.
+async fn send(engine: &TestEngine, host: &str, h2: bool, request: http::request::Builder) -> http::Response<Incoming> {
     let request = request.header(header::HOST, host).body(full("")).unwrap();
-    let response = if h2 {
+    if h2 {
         let mut sender = engine.h2(host).await;
         let (mut parts, body) = request.into_parts();
         parts.uri = format!("https://{host}{}", parts.uri).parse().unwrap();
@@ -88,8 +90,11 @@ async fn fetch(engine: &TestEngine, host: &str, h2: bool, request: http::request
         sender.send_request(Request::from_parts(parts, body)).await.unwrap()
     } else {
         engine.h1(host).await.send_request(request).await.unwrap()
-    };
-    let (parts, body) = response.into_parts();
+    }
+}
+
+async fn fetch(engine: &TestEngine, host: &str, h2: bool, request: http::request::Builder) -> Got {
+    let (parts, body) = send(engine, host, h2, request).await.into_parts();
     Got { status: parts.status, headers: parts.headers, body: body.collect().await.unwrap().to_bytes() }
 }
 
@@ -377,15 +382,7 @@ async fn a_chunked_answer_that_breaks_off_reaches_its_client_as_broken() {
         properties.labels.insert("strait.policy".into(), r#"{"cache": {"paths": ["/v/*"]}}"#.into());
         let (_control, _) = publish(&engine, properties, local).await;
         for h2 in [false, true] {
-            let request = Request::get("/v/x").header(header::HOST, "broken.t.localhost").body(full("")).unwrap();
-            let response = if h2 {
-                let (mut parts, body) = request.into_parts();
-                parts.uri = "https://broken.t.localhost/v/x".parse().unwrap();
-                parts.headers.remove(header::HOST);
-                engine.h2("broken.t.localhost").await.send_request(Request::from_parts(parts, body)).await.unwrap()
-            } else {
-                engine.h1("broken.t.localhost").await.send_request(request).await.unwrap()
-            };
+            let response = send(&engine, "broken.t.localhost", h2, Request::get("/v/x")).await;
             assert_eq!(response.status(), StatusCode::OK);
             let read = response.into_body().collect().await;
             assert!(read.is_err(), "h2={h2}: a cut-off body must not look complete");

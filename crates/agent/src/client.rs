@@ -86,6 +86,7 @@ pub(crate) fn client_details(token: Option<String>) -> ClientDetails {
         arch: Some(std::env::consts::ARCH.into()),
         token,
         protocol_version: Some(strait_proto::PROTOCOL_VERSION.into()),
+        strait_features: Vec::new(),
     }
 }
 

@@ -29,6 +29,10 @@ const MAX_ACTIVE_STREAMS: usize = 64;
 /// Streams handed to a tunnel and not yet accepted.
 const TUNNEL_BACKLOG: usize = 256;
 
+/// The engine's largest datagram when it does not say (its default
+/// `quic.max_datagram_bytes`).
+const DEFAULT_MAX_DATAGRAM: usize = 1350;
+
 type OpenReply = oneshot::Sender<Result<TunnelProperties, Error>>;
 
 /// An open tunnel: where its streams go, and whether its packets ride QUIC
@@ -44,14 +48,23 @@ struct State {
     opening: HashMap<String, (OpenReply, mpsc::Sender<Incoming>)>,
     tunnels: HashMap<String, Open>,
     /// Datagram channels by stream id, for the engine's
-    /// `DatagramChannelClose`.
-    channels: HashMap<String, tokio_util::sync::CancellationToken>,
+    /// `DatagramChannelClose` and its asks for their spill streams.
+    channels: HashMap<String, Channel>,
     /// Waiters for `CloseTunnelRsp`, with the engine's refusal if any.
     closing: HashMap<String, Vec<oneshot::Sender<Option<strait_proto::Error>>>>,
 }
 
+/// A datagram channel: cancelled when it closes, and its spill stream.
+struct Channel {
+    closed: tokio_util::sync::CancellationToken,
+    spill: Option<Arc<crate::datagram::Spill>>,
+}
+
 pub(crate) struct Inner {
     client: Client,
+    /// The largest QUIC datagram the engine takes, when it spills larger
+    /// packets (`strait_proto::features::DATAGRAM_SPILL`).
+    spill_above: Option<usize>,
     /// What carries this control channel; its streams go the same way.
     carrier: Carrier,
     outbox: mpsc::Sender<Message>,
@@ -78,8 +91,8 @@ impl Inner {
         let mut state = self.lock();
         state.opening.clear();
         state.tunnels.clear();
-        for (_, closed) in state.channels.drain() {
-            closed.cancel();
+        for (_, channel) in state.channels.drain() {
+            channel.closed.cancel();
         }
         state.closing.clear();
     }
@@ -127,8 +140,10 @@ impl ControlChannel {
         let (io, carrier) = client.open_first().await?;
         let (read_half, mut write_half) = tokio::io::split(io);
         let interval_ms = client.config.heartbeat_interval.map(|d| d.as_millis().clamp(1, u32::MAX as u128) as u32);
+        let mut details = client_details(client.config.token.clone());
+        details.strait_features = vec![strait_proto::features::DATAGRAM_SPILL.into()];
         let req = OpenControlChannelReq {
-            client_details: Some(client_details(client.config.token.clone())),
+            client_details: Some(details),
             liveness: interval_ms
                 .map(|ms| ControlChannelLiveness { heartbeat_interval_ms: ms, heartbeat_timeout_ms: 0 }),
         };
@@ -160,8 +175,13 @@ impl ControlChannel {
 
         let (outbox, mut outbox_rx) = mpsc::channel::<Message>(1024);
         let (closed, _) = watch::channel(None);
+        let spill_above = ok.server_details.as_ref().and_then(|d| {
+            let spills = d.strait_features.iter().any(|f| f == strait_proto::features::DATAGRAM_SPILL);
+            spills.then(|| d.strait_max_datagram_bytes.map_or(DEFAULT_MAX_DATAGRAM, |max| max as usize))
+        });
         let inner = Arc::new(Inner {
             client,
+            spill_above,
             carrier,
             outbox,
             state: Mutex::new(State::default()),
@@ -357,6 +377,12 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
                 }
             }
             Some(Payload::ProxyConnReq(req)) => {
+                // The channel's stream id again: the engine asks for its
+                // spill stream.
+                if let Some(Channel { spill: Some(spill), .. }) = inner.lock().channels.get(&req.stream_id) {
+                    spill.open();
+                    continue;
+                }
                 let inner = inner.clone();
                 let open = inner.lock().tunnels.get(&req.tunnel_id).cloned();
                 match (open, &inner.carrier) {
@@ -370,8 +396,8 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
                 }
             }
             Some(Payload::DatagramChannelClose(close)) => {
-                if let Some(closed) = inner.lock().channels.remove(&close.stream_id) {
-                    closed.cancel();
+                if let Some(channel) = inner.lock().channels.remove(&close.stream_id) {
+                    channel.closed.cancel();
                 }
             }
             Some(Payload::Heartbeat(hb)) => {
@@ -459,8 +485,19 @@ async fn datagrams_back(
     };
     let registration = inner.client.quic.channels.register(id);
     let closed = tokio_util::sync::CancellationToken::new();
-    inner.lock().channels.insert(req.stream_id.clone(), closed.clone());
-    let (stream, pump) = crate::datagram::pipe(conn, id, registration, closed);
+    let spill = inner.spill_above.map(|max| {
+        Arc::new(crate::datagram::Spill::new(crate::datagram::SpillTo {
+            conn: conn.clone(),
+            stream_id: req.stream_id.clone(),
+            secret: req.secret.clone(),
+            max_datagram: max,
+            deliver: registration.queue(),
+            timeout: inner.client.config.operation_timeout,
+        }))
+    });
+    let channel = Channel { closed: closed.clone(), spill: spill.clone() };
+    inner.lock().channels.insert(req.stream_id.clone(), channel);
+    let (stream, pump) = crate::datagram::pipe(conn, id, registration, closed, spill);
     let source = req.source_ip.as_ref().and_then(|ip| ip.ip());
     let error = streams
         .try_send(Incoming { stream, source })

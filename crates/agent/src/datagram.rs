@@ -8,13 +8,20 @@
 //! A dialer gets a [`PacketConn`]: datagrams over QUIC, or framed packets
 //! on a stream where the engine, the transport or the tunnel (guaranteed
 //! delivery) calls for one.
+//!
+//! When the engine speaks strait's spill extension
+//! (`strait_proto::features::DATAGRAM_SPILL`), a tunnel's packet too large
+//! for a datagram crosses on the channel's [`Spill`] stream instead of
+//! being lost.
 
 use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use bytes::Bytes;
 use strait_proto::packet::{self, read_packet, write_packet};
+use strait_proto::{FrameReader, MAX_FRAME_LEN, Payload, ProxyReq, write_message};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -39,8 +46,8 @@ impl Channels {
 
     pub(crate) fn register(self: &Arc<Self>, id: [u8; 12]) -> Registration {
         let (tx, rx) = mpsc::channel(QUEUE);
-        self.lock().insert(id, tx);
-        Registration { channels: self.clone(), id, rx }
+        self.lock().insert(id, tx.clone());
+        Registration { channels: self.clone(), id, rx, tx }
     }
 
     /// Reads `conn`'s datagrams into their channels until it closes;
@@ -74,6 +81,14 @@ pub(crate) struct Registration {
     channels: Arc<Channels>,
     id: [u8; 12],
     rx: mpsc::Receiver<Bytes>,
+    /// Where the channel's packets queue: its spill stream's go there too.
+    tx: mpsc::Sender<Bytes>,
+}
+
+impl Registration {
+    pub(crate) fn queue(&self) -> mpsc::Sender<Bytes> {
+        self.tx.clone()
+    }
 }
 
 impl Drop for Registration {
@@ -112,17 +127,23 @@ fn send_datagram(conn: &quinn::Connection, id: &[u8; 12], packet: &[u8]) -> io::
 /// for its tunnel. The pump ends when the tunnel lets go of the stream (the
 /// returned future then says so, for a `DatagramChannelClose`), when the
 /// engine closes the channel (`closed`), or when the connection goes.
+/// Packets too large for a datagram go on `spill`, if the engine has one.
 pub(crate) fn pipe(
     conn: quinn::Connection,
     id: [u8; 12],
     mut registration: Registration,
     closed: CancellationToken,
+    spill: Option<Arc<Spill>>,
 ) -> (Stream, impl Future<Output = bool>) {
     let (ours, theirs) = tokio::io::duplex(PIPE);
     let pump = async move {
         let (mut read, mut write) = tokio::io::split(ours);
         let from_tunnel = async {
             while let Ok(Some(packet)) = read_packet(&mut read).await {
+                if let Some(spill) = spill.as_ref().filter(|s| !s.fits(&conn, packet.len())) {
+                    spill.send(packet);
+                    continue;
+                }
                 if send_datagram(&conn, &id, &packet).is_err() {
                     return;
                 }
@@ -142,6 +163,132 @@ pub(crate) fn pipe(
         }
     };
     (strait_proto::Prefixed::new(Default::default(), Box::new(theirs) as strait_proto::BoxIo), pump)
+}
+
+/// Large packets waiting for the spill stream or its writer.
+const SPILL_QUEUE: usize = 16;
+
+/// The spill stream of one channel, idle until a packet too large for a
+/// datagram comes either way: the engine asks for it with a `ProxyConnReq`
+/// repeating the channel's stream id, or the tunnel has such a packet to
+/// send. It is this connection's reverse dial for the channel's stream id,
+/// with the channel's secret.
+pub(crate) struct Spill {
+    to: SpillTo,
+    active: Mutex<Option<(mpsc::Sender<Bytes>, tokio::task::JoinHandle<()>)>>,
+}
+
+/// Where a channel's spill stream goes and what it presents.
+#[derive(Clone)]
+pub(crate) struct SpillTo {
+    pub(crate) conn: quinn::Connection,
+    pub(crate) stream_id: String,
+    pub(crate) secret: Option<String>,
+    /// The largest datagram the engine takes (channel id included).
+    pub(crate) max_datagram: usize,
+    /// The channel's queue towards the tunnel.
+    pub(crate) deliver: mpsc::Sender<Bytes>,
+    /// How long the stream may take to open.
+    pub(crate) timeout: Duration,
+}
+
+impl Spill {
+    pub(crate) fn new(to: SpillTo) -> Self {
+        Self { to, active: Mutex::new(None) }
+    }
+
+    /// Whether a packet of `len` bytes rides a datagram.
+    fn fits(&self, conn: &quinn::Connection, len: usize) -> bool {
+        let size = len + 12;
+        size <= self.to.max_datagram && conn.max_datagram_size().is_some_and(|max| size <= max)
+    }
+
+    /// Opens the stream if it is not open (the engine asked for it).
+    pub(crate) fn open(&self) {
+        self.start();
+    }
+
+    /// Sends a packet too large for a datagram.
+    fn send(&self, packet: Bytes) {
+        if self.start().try_send(packet).is_err() {
+            static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            if DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(1000) {
+                tracing::warn!(stream_id = %self.to.stream_id, "a large packet was dropped: the spill stream is backed up or gone");
+            }
+        }
+    }
+
+    fn start(&self) -> mpsc::Sender<Bytes> {
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((out, _)) = &*active {
+            return out.clone();
+        }
+        let (out, out_rx) = mpsc::channel(SPILL_QUEUE);
+        let task = tokio::spawn(spill_pump(self.to.clone(), out_rx));
+        *active = Some((out.clone(), task));
+        out
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.active.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
+        }
+    }
+}
+
+/// Opens the spill stream, then carries packets both ways on it until the
+/// channel ends (the task is aborted) or the stream does.
+async fn spill_pump(to: SpillTo, mut out: mpsc::Receiver<Bytes>) {
+    let SpillTo { conn, stream_id, secret, deliver, timeout, .. } = to;
+    let opened = tokio::time::timeout(timeout, async {
+        let mut io = crate::transport::open_bi(&conn).await?;
+        let req = ProxyReq {
+            client_details: Some(crate::client::client_details(secret)),
+            stream_id: stream_id.clone(),
+            zero_rtt: Some(false),
+        };
+        write_message(&mut io, &Payload::ProxyReq(req).into()).await?;
+        let mut reader = FrameReader::new(io, MAX_FRAME_LEN);
+        match reader.read_message().await?.payload {
+            Some(Payload::ProxyRsp(rsp)) if rsp.error.is_none() => Ok(reader.into_parts()),
+            Some(Payload::ProxyRsp(rsp)) => Err(crate::AgentError::Engine(rsp.error.unwrap_or_default())),
+            other => Err(crate::AgentError::Protocol(format!(
+                "expected ProxyRsp, got {}",
+                other.map_or("nothing", |p| p.name())
+            ))),
+        }
+    })
+    .await;
+    let (io, rest) = match opened {
+        Ok(Ok(parts)) => parts,
+        Ok(Err(error)) => {
+            tracing::warn!(%stream_id, %error, "the datagram channel's spill stream failed; its large packets are dropped");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%stream_id, "the datagram channel's spill stream did not open in time; its large packets are dropped");
+            return;
+        }
+    };
+    let (mut read, mut write) = tokio::io::split(strait_proto::Prefixed::new(rest, io));
+    let from_engine = async {
+        while let Ok(Some(packet)) = read_packet(&mut read).await {
+            let _ = deliver.try_send(packet);
+        }
+    };
+    let to_engine = async {
+        while let Some(packet) = out.recv().await {
+            if write_packet(&mut write, &packet).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = from_engine => {}
+        _ = to_engine => {}
+    }
 }
 
 /// A dialer's side of a datagram tunnel.

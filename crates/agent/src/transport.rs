@@ -267,7 +267,7 @@ impl Client {
     }
 }
 
-async fn open_bi(conn: &quinn::Connection) -> Result<BoxIo, AgentError> {
+pub(crate) async fn open_bi(conn: &quinn::Connection) -> Result<BoxIo, AgentError> {
     let (send, recv) = conn.open_bi().await.map_err(|e| AgentError::Closed(format!("QUIC connection: {e}")))?;
     Ok(Box::new(strait_proto::quic::QuicStream::new(send, recv)))
 }

@@ -33,7 +33,9 @@ pub async fn serve(
         Some(Payload::OpenControlChannelReq(req)) => {
             Box::pin(control::serve(shared, io, rest, req, peer, transport)).await
         }
-        Some(Payload::ProxyReq(req)) => Box::pin(streams::accept_agent_stream(&shared, io, rest, req)).await,
+        Some(Payload::ProxyReq(req)) => {
+            Box::pin(streams::accept_agent_stream(&shared, io, rest, req, &transport)).await
+        }
         Some(Payload::StreamReq(req)) => Box::pin(streams::private_dial(shared, io, rest, req, peer, transport)).await,
         Some(other) => {
             tracing::warn!(message = other.name(), "agent channel refused: unexpected first frame");

@@ -70,7 +70,7 @@ pub fn negotiate_liveness(asked: Option<&ControlChannelLiveness>) -> Option<Cont
     Some(ControlChannelLiveness { heartbeat_interval_ms: interval, heartbeat_timeout_ms: timeout })
 }
 
-fn server_details() -> ServerDetails {
+fn server_details(shared: &Shared) -> ServerDetails {
     ServerDetails {
         agent: Some("strait-engine".into()),
         channel: Some("community".into()),
@@ -79,6 +79,8 @@ fn server_details() -> ServerDetails {
         provider: Some("self-hosted".into()),
         region: None,
         update: None,
+        strait_features: vec![strait_proto::features::DATAGRAM_SPILL.into()],
+        strait_max_datagram_bytes: u32::try_from(shared.config.quic.max_datagram_bytes).ok(),
     }
 }
 
@@ -137,7 +139,8 @@ pub async fn serve(
         Transport::Quic(conn) => Some(conn.clone()),
         Transport::Tls => None,
     };
-    let client = Arc::new(Client::new(info, outbox.clone(), quic));
+    let spill = details.strait_features.iter().any(|f| f == strait_proto::features::DATAGRAM_SPILL);
+    let client = Arc::new(Client::new(info, outbox.clone(), quic).with_datagram_spill(spill));
     if let Err(refused) = shared.registry.add_client(client.clone()) {
         tracing::warn!(principal = %principal, error = %refused, "control channel refused");
         let error = Error::new(ErrorCode::CapacityExhausted, refused.to_string());
@@ -147,7 +150,7 @@ pub async fn serve(
     }
     let ok = OpenControlChannelOk {
         client_id: client_id.clone(),
-        server_details: Some(server_details()),
+        server_details: Some(server_details(&shared)),
         liveness: liveness.clone(),
     };
     if write_message(&mut write_half, &open_rsp(OpenControlChannelResult::Ok(ok))).await.is_err() {

@@ -9,7 +9,9 @@
 //! of a published UDP port ([`crate::edge::udp`]). [`bridge`] carries
 //! packets between any two legs. The [`Router`] finds the channel a QUIC
 //! datagram belongs to: unknown ids, short and oversized datagrams are
-//! dropped and counted, never buffered without bound.
+//! dropped and counted, never buffered without bound. A packet too large
+//! for a datagram crosses an agent's channel on its [`spill`] stream, when
+//! the agent speaks that extension.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,6 +26,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
+
+pub mod spill;
+pub use spill::{Spill, SpillSpec};
 
 /// Packets queued per channel leg; a peer sending faster than the other
 /// side takes them loses the excess, as UDP would.
@@ -60,6 +65,8 @@ struct Entry {
     /// The agent's client id, for an agent's leg: its control channel's
     /// end closes it.
     client_id: Option<String>,
+    /// An agent's leg that spills large packets.
+    spill: Option<Arc<Spill>>,
 }
 
 /// The datagram channels of every QUIC connection.
@@ -73,19 +80,26 @@ impl Router {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Registers channel `id` on `conn`; the registration removes it when
-    /// dropped.
+    /// Registers channel `id` on `conn` (an agent's leg: `client_id`, and
+    /// `spill` if it spills); the registration removes it when dropped.
     pub fn register(
         self: &Arc<Self>,
         conn: &quinn::Connection,
         id: [u8; 12],
         client_id: Option<String>,
+        spill: Option<SpillSpec>,
     ) -> Registration {
         let (tx, rx) = mpsc::channel(QUEUE);
         let closed = CancellationToken::new();
         let key = (conn.stable_id(), id);
-        self.lock().insert(key, Entry { tx, closed: closed.clone(), client_id });
-        Registration { router: self.clone(), key, rx, closed }
+        let spill = spill.map(|spec| Arc::new(Spill::new(spec, tx.clone())));
+        self.lock().insert(key, Entry { tx, closed: closed.clone(), client_id, spill: spill.clone() });
+        Registration { router: self.clone(), key, rx, closed, spill }
+    }
+
+    /// The spill of channel `id` on `conn`, for the agent's spill stream.
+    pub fn spill(&self, conn: usize, id: [u8; 12]) -> Option<Arc<Spill>> {
+        self.lock().get(&(conn, id)).and_then(|e| e.spill.clone())
     }
 
     /// Hands a datagram from `conn` to its channel.
@@ -130,6 +144,7 @@ pub struct Registration {
     key: (usize, [u8; 12]),
     rx: mpsc::Receiver<Bytes>,
     closed: CancellationToken,
+    spill: Option<Arc<Spill>>,
 }
 
 impl Registration {
@@ -236,7 +251,7 @@ pub async fn bridge(shared: &Shared, dialer: Leg, agent: Leg, until: Until) -> C
 
 /// Where a bridge sends a leg's packets.
 enum Sender {
-    Quic { conn: quinn::Connection, id: [u8; 12] },
+    Quic { conn: quinn::Connection, id: [u8; 12], spill: Option<Arc<Spill>> },
     Framed(tokio::io::WriteHalf<Box<dyn strait_proto::Io>>),
     Udp { socket: Arc<UdpSocket>, peer: SocketAddr },
 }
@@ -245,18 +260,23 @@ impl Sender {
     /// Sends one packet; false once the leg can take no more.
     async fn send(&mut self, shared: &Shared, packet: Bytes) -> bool {
         match self {
-            Sender::Quic { conn, id } => {
-                let datagram = packet::datagram(id, &packet);
-                let fits = datagram.len() <= shared.config.quic.max_datagram_bytes
-                    && conn.max_datagram_size().is_some_and(|max| datagram.len() <= max);
+            Sender::Quic { conn, id, spill } => {
+                let size = packet.len() + 12;
+                let fits = size <= shared.config.quic.max_datagram_bytes
+                    && conn.max_datagram_size().is_some_and(|max| size <= max);
+                let too_large = |packet| match spill.as_deref() {
+                    Some(spill) => spill.send(shared, packet),
+                    None => shared.metrics.datagram_dropped(Dropped::Oversized.label()),
+                };
                 if !fits {
-                    shared.metrics.datagram_dropped(Dropped::Oversized.label());
+                    too_large(packet);
                     return true;
                 }
-                match conn.send_datagram(datagram) {
+                match conn.send_datagram(packet::datagram(id, &packet)) {
                     Ok(()) => true,
+                    // The path shrank between the check and the send.
                     Err(quinn::SendDatagramError::TooLarge) => {
-                        shared.metrics.datagram_dropped(Dropped::Oversized.label());
+                        too_large(packet);
                         true
                     }
                     Err(_) => false,
@@ -277,7 +297,10 @@ impl Sender {
 /// framed leg's is filled by a reader task), and where to send.
 fn open(leg: Leg) -> (Receiver, Sender, Option<tokio::task::JoinHandle<()>>) {
     match leg {
-        Leg::Quic { conn, id, registration } => (Receiver::Quic(registration), Sender::Quic { conn, id }, None),
+        Leg::Quic { conn, id, registration } => {
+            let spill = registration.spill.clone();
+            (Receiver::Quic(registration), Sender::Quic { conn, id, spill }, None)
+        }
         Leg::Udp { rx, socket, peer } => (Receiver::Framed(rx), Sender::Udp { socket, peer }, None),
         Leg::Framed(io) => {
             let (mut read, write) = tokio::io::split(io);

@@ -69,6 +69,7 @@ pub struct Metrics {
     quic_handshake_failures: Counter,
     datagrams_relayed: Counter,
     datagrams_dropped: Family<ReasonLabel, Counter>,
+    datagrams_spilled: Counter,
     published_connections: Family<StaticProtocolLabel, Gauge>,
     udp_packets: Family<DirectionLabel, Counter>,
     udp_packets_dropped: Family<ReasonLabel, Counter>,
@@ -103,6 +104,7 @@ impl Metrics {
             quic_handshake_failures: Counter::default(),
             datagrams_relayed: Counter::default(),
             datagrams_dropped: Family::default(),
+            datagrams_spilled: Counter::default(),
             published_connections: Family::default(),
             udp_packets: Family::default(),
             udp_packets_dropped: Family::default(),
@@ -136,6 +138,11 @@ impl Metrics {
             "datagrams_dropped",
             "QUIC datagrams dropped: short, oversized, unknown_channel, queue_full",
             m.datagrams_dropped.clone(),
+        );
+        registry.register(
+            "datagrams_spilled",
+            "Datagram-channel packets too large for a QUIC datagram, carried on the channel's spill stream",
+            m.datagrams_spilled.clone(),
         );
         registry.register(
             "published_connections",
@@ -243,6 +250,16 @@ impl Metrics {
 
     pub fn datagram_dropped(&self, reason: &'static str) {
         self.datagrams_dropped.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// The drop counter for `reason`, for a task that counts on its own.
+    pub fn datagram_drops(&self, reason: &'static str) -> Counter {
+        self.datagrams_dropped.get_or_create(&ReasonLabel { reason }).clone()
+    }
+
+    /// The spilled-packets counter, for a spill stream's task.
+    pub fn datagrams_spilled(&self) -> Counter {
+        self.datagrams_spilled.clone()
     }
 
     pub fn datagrams_dropped(&self, reason: &'static str) -> u64 {

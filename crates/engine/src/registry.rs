@@ -46,6 +46,9 @@ pub struct Client {
     /// The agent's QUIC connection, when it is on QUIC: its datagram
     /// tunnels' packets ride it.
     pub quic: Option<quinn::Connection>,
+    /// The agent spills datagram packets too large for a QUIC datagram
+    /// (`strait_proto::features::DATAGRAM_SPILL`).
+    pub datagram_spill: bool,
     /// When the agent last sent a frame (milliseconds since the Unix
     /// epoch): a refusal of another channel's tunnel says how long this
     /// one has been silent.
@@ -54,9 +57,15 @@ pub struct Client {
 
 impl Client {
     pub fn new(info: ClientInfo, outbox: mpsc::Sender<Message>, quic: Option<quinn::Connection>) -> Self {
-        let client = Self { info, outbox, quic, last_heard: Default::default() };
+        let client = Self { info, outbox, quic, datagram_spill: false, last_heard: Default::default() };
         client.heard();
         client
+    }
+
+    /// The agent named the spill extension.
+    pub fn with_datagram_spill(mut self, on: bool) -> Self {
+        self.datagram_spill = on;
+        self
     }
 
     /// The agent sent something.

@@ -175,7 +175,7 @@ pub async fn open_to_agent(
     tunnel: &Tunnel,
     source: IpAddr,
 ) -> Result<(String, AgentIo), StreamFailure> {
-    match pair(shared, tunnel, source, None).await? {
+    match pair(shared, tunnel, source, ids::stream_id(), ids::stream_secret(), false).await? {
         (stream_id, Some(io)) => Ok((stream_id, io)),
         (_, None) => Err(StreamFailure::Refused("the agent answered with a datagram channel".into())),
     }
@@ -188,18 +188,28 @@ pub async fn open_datagrams_to_agent(
     tunnel: &Tunnel,
     source: IpAddr,
 ) -> Result<(String, crate::datagram::Leg), StreamFailure> {
-    let quic = shared.registry.client(&tunnel.client_id).and_then(|c| c.quic.clone());
-    let (conn, stream_id) = match quic {
-        Some(conn) if tunnel.spec.datagram_channels => (conn, ids::stream_id()),
+    let client = shared.registry.client(&tunnel.client_id);
+    let (conn, spills) = match client.as_deref().and_then(|c| Some((c.quic.clone()?, c.datagram_spill))) {
+        Some(quic) if tunnel.spec.datagram_channels => quic,
         _ => {
             let (stream_id, io) = open_to_agent(shared, tunnel, source).await?;
             return Ok((stream_id, crate::datagram::Leg::Framed(Box::new(io))));
         }
     };
+    drop(client);
+    let (stream_id, secret) = (ids::stream_id(), ids::stream_secret());
     let id = strait_proto::packet::channel_id(&stream_id).expect("stream ids are 24 hex characters");
+    // The secret stays with the channel: the agent presents it again when
+    // it opens the spill stream.
+    let spill = spills.then(|| crate::datagram::SpillSpec {
+        client_id: tunnel.client_id.clone(),
+        tunnel_id: tunnel.id.clone(),
+        stream_id: stream_id.clone(),
+        secret: secret.clone(),
+    });
     // Registered first: the agent may send right after its answer.
-    let registration = shared.datagrams.register(&conn, id, Some(tunnel.client_id.clone()));
-    match pair(shared, tunnel, source, Some(stream_id)).await? {
+    let registration = shared.datagrams.register(&conn, id, Some(tunnel.client_id.clone()), spill);
+    match pair(shared, tunnel, source, stream_id, secret, true).await? {
         (stream_id, None) => Ok((stream_id, crate::datagram::Leg::Quic { conn, id, registration })),
         // An agent may still answer with a stream; its packets are framed.
         (stream_id, Some(io)) => Ok((stream_id, crate::datagram::Leg::Framed(Box::new(io)))),
@@ -207,17 +217,16 @@ pub async fn open_datagrams_to_agent(
 }
 
 /// Sends `ProxyConnReq` and waits for the agent: its stream, or (for a
-/// datagram channel, `stream_id` given) its `ProxyConnRsp`.
+/// datagram channel, `datagrams`) its `ProxyConnRsp`.
 async fn pair(
     shared: &Shared,
     tunnel: &Tunnel,
     source: IpAddr,
-    datagram_stream: Option<String>,
+    stream_id: String,
+    secret: String,
+    datagrams: bool,
 ) -> Result<(String, Option<AgentIo>), StreamFailure> {
     let client = shared.registry.client(&tunnel.client_id).ok_or(StreamFailure::AgentGone)?;
-    let datagrams = datagram_stream.is_some();
-    let stream_id = datagram_stream.unwrap_or_else(ids::stream_id);
-    let secret = ids::stream_secret();
     let (tx, rx) = oneshot::channel();
     let waiter = Waiter { secret: secret.clone(), client_id: tunnel.client_id.clone(), datagrams, tx };
     shared.pending.insert(stream_id.clone(), waiter, shared.config.limits.pending_streams_per_client)?;
@@ -243,10 +252,20 @@ async fn pair(
     }
 }
 
-/// An agent dialled back with `ProxyReq`.
-pub async fn accept_agent_stream(shared: &Shared, mut io: BoxIo, rest: Bytes, req: ProxyReq) {
+/// An agent dialled back with `ProxyReq`: for a stream asked for, or (on
+/// QUIC) a datagram channel's spill stream.
+pub async fn accept_agent_stream(shared: &Shared, mut io: BoxIo, rest: Bytes, req: ProxyReq, transport: &Transport) {
     let zero_rtt = req.zero_rtt.unwrap_or(false);
     let secret = req.client_details.and_then(|d| d.token).unwrap_or_default();
+    let spill = match transport {
+        Transport::Quic(conn) => {
+            strait_proto::packet::channel_id(&req.stream_id).and_then(|id| shared.datagrams.spill(conn.stable_id(), id))
+        }
+        Transport::Tls => None,
+    };
+    if let Some(spill) = spill {
+        return accept_spill(shared, io, rest, &req.stream_id, &secret, zero_rtt, &spill).await;
+    }
     match shared.pending.take_matching(&req.stream_id, &secret) {
         Err(reason) => {
             tracing::warn!(stream_id = %req.stream_id, reason, "agent stream refused");
@@ -264,6 +283,30 @@ pub async fn accept_agent_stream(shared: &Shared, mut io: BoxIo, rest: Bytes, re
             // The inbound side may have given up meanwhile; then this drops.
             let _ = waiter.tx.send(Ok(Some(Prefixed::new(rest, io))));
         }
+    }
+}
+
+/// The agent's spill stream for one of its datagram channels.
+async fn accept_spill(
+    shared: &Shared,
+    mut io: BoxIo,
+    rest: Bytes,
+    stream_id: &str,
+    secret: &str,
+    zero_rtt: bool,
+    spill: &crate::datagram::Spill,
+) {
+    if !zero_rtt {
+        let answer = match spill.check(secret) {
+            Ok(()) => ProxyRsp { error: None },
+            Err(reason) => ProxyRsp { error: Some(Error::new(ErrorCode::InvalidStream, reason)) },
+        };
+        if write_message(&mut io, &Payload::ProxyRsp(answer).into()).await.is_err() {
+            return;
+        }
+    }
+    if let Err(reason) = spill.attach(shared, secret, Prefixed::new(rest, io)) {
+        tracing::warn!(%stream_id, reason, "spill stream refused");
     }
 }
 
@@ -360,7 +403,7 @@ pub async fn private_dial(
             let carried = match (wants_channel, &transport) {
                 (true, Transport::Quic(conn)) => {
                     let id = strait_proto::packet::channel_id(&stream_id).expect("stream ids are 24 hex characters");
-                    let registration = shared.datagrams.register(conn, id, None);
+                    let registration = shared.datagrams.register(conn, id, None, None);
                     let (read, mut write) = tokio::io::split(dialer);
                     datagram::watch_lifeline(read, registration.closed_token());
                     let leg = Leg::Quic { conn: conn.clone(), id, registration };

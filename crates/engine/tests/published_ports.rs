@@ -252,10 +252,12 @@ async fn udp_round(port: u16, source: usize, count: usize, window: usize, larges
     socket.connect(("127.0.0.1", port)).await.unwrap();
     let mut expected = std::collections::HashMap::new();
     let (mut sent, mut lost) = (0, 0);
-    let mut buf = vec![0u8; 2048];
+    let mut buf = vec![0u8; 65_536];
     while sent < count || !expected.is_empty() {
         while sent < count && expected.len() < window {
-            let size = 5 + (sent * 7919 + source * 13) % (largest - 4);
+            // Every tenth packet is of the largest size, so the edge case
+            // is always in the mix.
+            let size = if sent % 10 == 9 { largest } else { 5 + (sent * 7919 + source * 13) % (largest - 4) };
             let p = packet(source, sent, size);
             socket.send(&p).await.unwrap();
             expected.insert(sent as u32, p);
@@ -278,10 +280,11 @@ async fn udp_round(port: u16, source: usize, count: usize, window: usize, larges
     lost
 }
 
-/// `largest`: a QUIC agent's packets ride QUIC datagrams, which must fit
-/// the path's datagram size (about 1,200 bytes before MTU discovery,
-/// `quic.max_datagram_bytes` at most); bigger ones are dropped and counted,
-/// as the Go SDK does. Over TLS they travel framed, up to 65,507 bytes.
+/// A QUIC agent's packets ride QUIC datagrams where they fit the path's
+/// datagram size (about 1,200 bytes before MTU discovery,
+/// `quic.max_datagram_bytes` at most); strait's agent and engine carry the
+/// larger ones on the channel's spill stream. Over TLS every packet
+/// travels framed. Either way packets up to 65,507 bytes arrive whole.
 async fn udp_echo_through(transport: TransportMode, largest: usize) {
     let engine = TestEngine::start_with(PORTS).await;
     let (_control, port) = publish_udp(&engine, transport, udp_tunnel()).await;
@@ -293,6 +296,7 @@ async fn udp_echo_through(transport: TransportMode, largest: usize) {
     assert_eq!(lost, 0, "loopback at this pace loses nothing");
     let shared = &engine.engine.shared;
     assert_eq!(shared.metrics.published_connections("udp"), 4, "one session per source");
+    assert_eq!(shared.metrics.datagrams_dropped("oversized"), 0, "no packet was lost for its size");
 }
 
 #[tokio::test]
@@ -302,7 +306,94 @@ async fn udp_packets_keep_their_boundaries_per_source_over_a_tls_agent() {
 
 #[tokio::test]
 async fn udp_packets_keep_their_boundaries_per_source_over_a_quic_agent() {
-    udp_echo_through(TransportMode::Quic, 1100).await;
+    udp_echo_through(TransportMode::Quic, 1400).await;
+}
+
+#[tokio::test]
+async fn udp_packets_up_to_the_ipv4_limit_cross_either_agent_whole() {
+    for transport in [TransportMode::Tls, TransportMode::Quic] {
+        let engine = TestEngine::start_with(PORTS).await;
+        let (control, port) = publish_udp(&engine, transport, udp_tunnel()).await;
+        // One packet in flight: a few packets this size fill a socket's
+        // default receive buffer.
+        let lost = tokio::time::timeout(Duration::from_secs(120), udp_round(port, 0, 200, 1, 65_507)).await;
+        assert_eq!(lost.expect("in time"), 0, "{transport:?}: every packet back, byte for byte");
+        let metrics = &engine.engine.shared.metrics;
+        assert_eq!(metrics.datagrams_dropped("oversized"), 0, "{transport:?}: none lost for its size");
+        if transport == TransportMode::Quic {
+            // The small ones went as datagrams, the large ones spilled,
+            // both ways: 200 packets, every tenth the largest.
+            let client = engine.engine.shared.registry.client(control.client_id()).unwrap();
+            let stats = client.quic.as_ref().expect("on QUIC").stats();
+            assert!(stats.frame_rx.datagram > 0 && stats.frame_tx.datagram > 0, "{stats:?}");
+            assert!(metrics.datagrams_spilled().get() >= 2 * 20, "spilled: {}", metrics.datagrams_spilled().get());
+        }
+    }
+}
+
+/// A hand-driven agent on QUIC naming `features`, with a published UDP
+/// tunnel whose first session is paired as a datagram channel (its first
+/// packet, "hello", received as a datagram).
+struct RawUdpAgent {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    reader: strait_proto::FrameReader<quinn::RecvStream>,
+    public: UdpSocket,
+    /// The channel's `ProxyConnReq`.
+    req: strait_proto::ProxyConnReq,
+    id: [u8; 12],
+}
+
+async fn raw_udp_agent(engine: &TestEngine, features: &[&str]) -> RawUdpAgent {
+    use strait_proto::{Payload, ProxyConnRsp, write_message};
+    let conn = engine.quic_connect().await;
+    let (mut send, mut reader) = engine.raw_quic_control_naming(&conn, "alice", features).await;
+    let open = Payload::OpenTunnelReq(strait_proto::OpenTunnelReq {
+        request_id: "r1".into(),
+        tunnel_properties: Some(udp_tunnel()),
+    });
+    write_message(&mut send, &open.into()).await.unwrap();
+    let reply = tokio::time::timeout(WAIT, reader.read_message()).await.unwrap().unwrap();
+    let Some(Payload::OpenTunnelRsp(strait_proto::OpenTunnelRsp {
+        payload: Some(strait_proto::OpenTunnelResult::TunnelProperties(properties)),
+        ..
+    })) = reply.payload
+    else {
+        panic!("{reply:?}")
+    };
+    let public = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    public.connect(("127.0.0.1", port_of(&properties))).await.unwrap();
+    public.send(b"hello").await.unwrap();
+    let asked = tokio::time::timeout(WAIT, reader.read_message()).await.unwrap().unwrap();
+    let Some(Payload::ProxyConnReq(req)) = asked.payload else { panic!("{asked:?}") };
+    write_message(
+        &mut send,
+        &Payload::ProxyConnRsp(ProxyConnRsp { stream_id: req.stream_id.clone(), error: None }).into(),
+    )
+    .await
+    .unwrap();
+    let id = strait_proto::packet::channel_id(&req.stream_id).unwrap();
+    let first = tokio::time::timeout(WAIT, conn.read_datagram()).await.unwrap().unwrap();
+    assert_eq!(&first[..], strait_proto::packet::datagram(&id, b"hello").as_ref());
+    RawUdpAgent { conn, send, reader, public, req, id }
+}
+
+/// An agent on QUIC that does not name the spill extension (an official
+/// SDK) gets datagrams only: a packet too large for one is dropped and
+/// counted, and the channel carries on.
+#[tokio::test]
+async fn an_sdk_agent_on_quic_gets_datagrams_only() {
+    let engine = TestEngine::start_with(PORTS).await;
+    // The control stream's halves stay bound: dropping them ends the channel.
+    let RawUdpAgent { conn, public, id, send: _send, reader: _reader, .. } = raw_udp_agent(&engine, &[]).await;
+    let metrics = &engine.engine.shared.metrics;
+    public.send(&[9u8; 1400]).await.unwrap();
+    assert!(eventually(|| metrics.datagrams_dropped("oversized") == 1).await, "too large for a datagram");
+    // Answers of any size the datagram takes still reach the source.
+    conn.send_datagram(strait_proto::packet::datagram(&id, b"back")).unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, public.recv(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf[..n], b"back");
 }
 
 #[tokio::test]
@@ -375,4 +466,60 @@ async fn ten_thousand_sources_stay_within_the_session_table() {
     }
     assert!(answered, "a real source is served after the flood");
     assert_eq!(udp_round(port, 9, 50, 4, 1000).await, 0);
+}
+
+/// The spill stream, by hand: the engine asks for it when its first large
+/// packet comes (a `ProxyConnReq` repeating the channel's stream id and
+/// secret), takes it only with the channel's secret and only once, and
+/// carries large packets both ways on it, framed.
+#[tokio::test]
+async fn a_spill_stream_is_asked_for_by_the_first_large_packet_and_needs_the_channel_secret() {
+    use strait_proto::packet::{read_packet, write_packet};
+    use strait_proto::{ErrorCode, Payload, ProxyReq, write_message};
+    let engine = TestEngine::start_with(PORTS).await;
+    let features = [strait_proto::features::DATAGRAM_SPILL];
+    let RawUdpAgent { conn, send: _send, mut reader, public, req, .. } = raw_udp_agent(&engine, &features).await;
+    let metrics = &engine.engine.shared.metrics;
+
+    let large: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    public.send(&large).await.unwrap();
+    let ask = tokio::time::timeout(WAIT, reader.read_message()).await.unwrap().unwrap();
+    let Some(Payload::ProxyConnReq(ask)) = ask.payload else { panic!("{ask:?}") };
+    assert_eq!((&ask.stream_id, &ask.secret), (&req.stream_id, &req.secret), "the channel's own id and secret");
+
+    // Opens a stream for the channel with `secret`; the engine's answer.
+    let dial = |secret: &str| {
+        let (conn, stream_id, secret) = (conn.clone(), req.stream_id.clone(), secret.to_string());
+        async move {
+            let (mut send, recv) = conn.open_bi().await.unwrap();
+            let proxy = ProxyReq {
+                client_details: Some(strait_proto::ClientDetails { token: Some(secret), ..Default::default() }),
+                stream_id,
+                zero_rtt: Some(false),
+            };
+            write_message(&mut send, &Payload::ProxyReq(proxy).into()).await.unwrap();
+            let mut reader = strait_proto::FrameReader::new(recv, strait_proto::MAX_FRAME_LEN);
+            let answer = tokio::time::timeout(WAIT, reader.read_message()).await.unwrap().unwrap();
+            let Some(Payload::ProxyRsp(rsp)) = answer.payload else { panic!("{answer:?}") };
+            let (recv, rest) = reader.into_parts();
+            (rsp.error, send, strait_proto::Prefixed::new(rest, recv))
+        }
+    };
+    let (refused, _, _) = dial("not-the-secret").await;
+    assert_eq!(refused.map(|e| e.code), Some(ErrorCode::InvalidStream as i32), "a wrong secret is refused");
+    let (accepted, mut spill_send, mut spill_recv) = dial(req.secret.as_deref().unwrap()).await;
+    assert_eq!(accepted, None);
+    // The packet that asked for it waited for it.
+    let first = tokio::time::timeout(WAIT, read_packet(&mut spill_recv)).await.unwrap().unwrap();
+    assert_eq!(first.as_deref(), Some(&large[..]));
+    // The other way: a large answer on the spill reaches the source whole.
+    let answer = vec![7u8; 3000];
+    write_packet(&mut spill_send, &answer).await.unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let n = tokio::time::timeout(WAIT, public.recv(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf[..n], &answer[..]);
+    // One spill stream per channel.
+    let (again, _, _) = dial(req.secret.as_deref().unwrap()).await;
+    assert_eq!(again.map(|e| e.code), Some(ErrorCode::InvalidStream as i32), "a second spill stream is refused");
+    assert_eq!((metrics.datagrams_spilled().get(), metrics.datagrams_dropped("oversized")), (2, 0));
 }

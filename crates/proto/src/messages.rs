@@ -119,6 +119,10 @@ pub struct ClientDetails {
     pub token: Option<String>,
     #[prost(message, optional, tag = "7")]
     pub protocol_version: Option<String>,
+    /// strait's extensions the agent speaks (see [`crate::features`]); a
+    /// field rstream does not define, which its engines and SDKs skip.
+    #[prost(string, repeated, tag = "1000")]
+    pub strait_features: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -137,6 +141,14 @@ pub struct ServerDetails {
     pub region: Option<String>,
     #[prost(message, optional, tag = "7")]
     pub update: Option<String>,
+    /// strait's extensions the engine speaks (see [`crate::features`]).
+    #[prost(string, repeated, tag = "1000")]
+    pub strait_features: Vec<String>,
+    /// The largest QUIC datagram the engine takes (`quic.max_datagram_bytes`,
+    /// the 12-byte channel id included), for an agent that spills larger
+    /// packets.
+    #[prost(uint32, optional, tag = "1001")]
+    pub strait_max_datagram_bytes: Option<u32>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -223,6 +235,9 @@ pub struct OpenControlChannelOk {
     pub liveness: Option<ControlChannelLiveness>,
 }
 
+// Built and read once per control channel: boxing the larger answer would
+// save nothing that matters.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, PartialEq, prost::Oneof)]
 pub enum OpenControlChannelResult {
     #[prost(message, tag = "1")]

@@ -210,10 +210,16 @@ impl TestEngine {
 
 /// An `OpenControlChannelReq` of protocol 1.4.5 without liveness.
 pub fn control_req(token: String) -> Payload {
+    control_req_naming(token, &[])
+}
+
+/// The same, naming strait's protocol extensions `features`.
+pub fn control_req_naming(token: String, features: &[&str]) -> Payload {
     Payload::OpenControlChannelReq(strait_proto::OpenControlChannelReq {
         client_details: Some(strait_proto::ClientDetails {
             token: Some(token),
             protocol_version: Some("1.4.5".into()),
+            strait_features: features.iter().map(|f| f.to_string()).collect(),
             ..Default::default()
         }),
         liveness: None,
@@ -272,9 +278,19 @@ impl TestEngine {
         conn: &quinn::Connection,
         sub: &str,
     ) -> (quinn::SendStream, FrameReader<quinn::RecvStream>) {
+        self.raw_quic_control_naming(conn, sub, &[]).await
+    }
+
+    /// The same, naming strait's protocol extensions `features`.
+    pub async fn raw_quic_control_naming(
+        &self,
+        conn: &quinn::Connection,
+        sub: &str,
+        features: &[&str],
+    ) -> (quinn::SendStream, FrameReader<quinn::RecvStream>) {
         let open = async {
             let (mut send, recv) = conn.open_bi().await.unwrap();
-            write_message(&mut send, &control_req(self.token(sub)).into()).await.unwrap();
+            write_message(&mut send, &control_req_naming(self.token(sub), features).into()).await.unwrap();
             let mut reader = FrameReader::new(recv, MAX_FRAME_LEN);
             let answer = reader.read_message().await.unwrap();
             (send, reader, answer)

@@ -1,0 +1,194 @@
+//! Spill streams: the packets of an agent's datagram channel that are too
+//! large for a QUIC datagram (`strait_proto::features::DATAGRAM_SPILL`).
+//!
+//! A channel gets its spill stream only when such a packet comes, either
+//! way: a flood of small packets opens nothing. The agent always opens it,
+//! as a reverse dial (`ProxyReq`) for the channel's stream id with the
+//! channel's secret, which the engine keeps for the channel's life. When
+//! the engine has the first large packet it asks for it with a
+//! `ProxyConnReq` that repeats the channel's stream id. Packets on the
+//! stream are framed (`strait_proto::packet`); what the agent sends on it
+//! joins the channel's queue beside its datagrams. A spill stream that does
+//! not come within `timeouts.stream_request_seconds` is not asked for
+//! again: the channel's large packets are dropped and counted from then on.
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use strait_proto::packet::{read_packet, write_packet};
+use strait_proto::{Payload, ProxyConnReq};
+use subtle::ConstantTimeEq;
+use tokio::sync::{mpsc, oneshot};
+
+use super::Dropped;
+use crate::Shared;
+use crate::streams::AgentIo;
+
+/// Large packets waiting for the spill stream or its writer, per channel.
+const QUEUE: usize = 16;
+
+/// What the engine keeps to ask for a channel's spill stream and to
+/// recognise it.
+pub struct SpillSpec {
+    pub client_id: String,
+    pub tunnel_id: String,
+    pub stream_id: String,
+    pub secret: String,
+}
+
+/// The spill of one channel: idle until its first large packet.
+pub struct Spill {
+    spec: SpillSpec,
+    /// The channel's queue: what the agent sends on the stream goes there.
+    deliver: mpsc::Sender<Bytes>,
+    active: Mutex<Option<Active>>,
+}
+
+/// A spill whose stream is asked for, or open.
+struct Active {
+    /// Large packets towards the agent.
+    out: mpsc::Sender<Bytes>,
+    /// Takes the agent's stream; `None` once it came.
+    stream: Option<oneshot::Sender<AgentIo>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Spill {
+    pub(super) fn new(spec: SpillSpec, deliver: mpsc::Sender<Bytes>) -> Self {
+        Self { spec, deliver, active: Mutex::new(None) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Active>> {
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends a packet too large for a datagram towards the agent, asking
+    /// for the spill stream first if the channel has none.
+    pub fn send(&self, shared: &Shared, packet: Bytes) {
+        let mut active = self.lock();
+        let active = match &mut *active {
+            Some(active) => active,
+            None => {
+                let ask = Payload::ProxyConnReq(ProxyConnReq {
+                    tunnel_id: self.spec.tunnel_id.clone(),
+                    stream_id: self.spec.stream_id.clone(),
+                    secret: Some(self.spec.secret.clone()),
+                    source_ip: None,
+                    proxy_endpoint: None,
+                });
+                let asked =
+                    shared.registry.client(&self.spec.client_id).is_some_and(|c| c.outbox.try_send(ask.into()).is_ok());
+                if !asked {
+                    tracing::debug!(stream_id = %self.spec.stream_id, "could not ask the agent for a spill stream");
+                }
+                active.insert(self.start(shared))
+            }
+        };
+        match active.out.try_send(packet) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => shared.metrics.datagram_dropped(Dropped::QueueFull.label()),
+            // The stream never came, or is gone.
+            Err(mpsc::error::TrySendError::Closed(_)) => shared.metrics.datagram_dropped(Dropped::Oversized.label()),
+        }
+    }
+
+    /// The agent dialled back for this channel (`ProxyReq` with its stream
+    /// id): its spill stream, if the secret is the channel's.
+    pub fn attach(&self, shared: &Shared, secret: &str, io: AgentIo) -> Result<(), &'static str> {
+        self.check(secret)?;
+        let mut active = self.lock();
+        let active = match &mut *active {
+            Some(active) => active,
+            None => active.insert(self.start(shared)),
+        };
+        let stream = active.stream.take().ok_or("the datagram channel has its spill stream already")?;
+        stream.send(io).map_err(|_| "the datagram channel no longer waits for its spill stream")
+    }
+
+    /// Whether `secret` is the channel's and its spill stream may come.
+    pub fn check(&self, secret: &str) -> Result<(), &'static str> {
+        if !bool::from(self.spec.secret.as_bytes().ct_eq(secret.as_bytes())) {
+            return Err("wrong stream secret");
+        }
+        match &*self.lock() {
+            Some(Active { stream: None, .. }) => Err("the datagram channel has its spill stream already"),
+            _ => Ok(()),
+        }
+    }
+
+    fn start(&self, shared: &Shared) -> Active {
+        let (out, out_rx) = mpsc::channel(QUEUE);
+        let (stream, stream_rx) = oneshot::channel();
+        let pump = Pump {
+            deliver: self.deliver.clone(),
+            deadline: Duration::from_secs(shared.config.timeouts.stream_request_seconds),
+            queue_full: shared.metrics.datagram_drops(Dropped::QueueFull.label()),
+            unsent: shared.metrics.datagram_drops(Dropped::Oversized.label()),
+            spilled: shared.metrics.datagrams_spilled(),
+            stream_id: self.spec.stream_id.clone(),
+        };
+        let task = tokio::spawn(pump.run(stream_rx, out_rx));
+        Active { out, stream: Some(stream), task }
+    }
+}
+
+impl Drop for Spill {
+    fn drop(&mut self) {
+        if let Some(active) = self.lock().take() {
+            active.task.abort();
+        }
+    }
+}
+
+/// The task of an active spill: waits for the stream, then carries
+/// packets both ways on it until the channel ends (the task is aborted) or
+/// the stream does.
+struct Pump {
+    deliver: mpsc::Sender<Bytes>,
+    deadline: Duration,
+    queue_full: Counter,
+    unsent: Counter,
+    spilled: Counter,
+    stream_id: String,
+}
+
+impl Pump {
+    async fn run(self, stream: oneshot::Receiver<AgentIo>, mut out: mpsc::Receiver<Bytes>) {
+        let Ok(Ok(io)) = tokio::time::timeout(self.deadline, stream).await else {
+            tracing::warn!(
+                stream_id = %self.stream_id,
+                "the agent did not open the datagram channel's spill stream; its packets too large for a QUIC \
+                 datagram are dropped"
+            );
+            out.close();
+            while out.try_recv().is_ok() {
+                self.unsent.inc();
+            }
+            return;
+        };
+        let (mut read, mut write) = tokio::io::split(io);
+        let from_agent = async {
+            while let Ok(Some(packet)) = read_packet(&mut read).await {
+                self.spilled.inc();
+                if self.deliver.try_send(packet).is_err() {
+                    self.queue_full.inc();
+                }
+            }
+        };
+        let to_agent = async {
+            while let Some(packet) = out.recv().await {
+                if write_packet(&mut write, &packet).await.is_err() {
+                    self.unsent.inc();
+                    return;
+                }
+                self.spilled.inc();
+            }
+        };
+        tokio::select! {
+            _ = from_agent => {}
+            _ = to_agent => {}
+        }
+    }
+}

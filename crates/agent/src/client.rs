@@ -139,7 +139,36 @@ impl Client {
         if self.port == 443 { host.to_string() } else { format!("{host}:{}", self.port) }
     }
 
+    /// The engine's host, as the configuration names it (`engine` without
+    /// its port).
+    pub fn engine_host(&self) -> &str {
+        &self.host
+    }
+
+    /// The name the engine's certificate must carry (`server_name`, else
+    /// the engine's host).
+    pub fn server_name(&self) -> String {
+        self.server_name.to_str().into_owned()
+    }
+
+    /// Opens a TLS connection to the engine's address for another name (a
+    /// published hostname) with `alpn`, verified as the engine's own.
+    pub async fn connect_named(&self, name: &str, alpn: &[u8]) -> Result<TlsStream<TcpStream>, AgentError> {
+        let server_name =
+            ServerName::try_from(name.to_string()).map_err(|_| AgentError::BadEngineAddress(name.to_string()))?;
+        let connector = TlsConnector::from(crate::tls::client_config(self.config.ca_file.as_deref(), alpn)?);
+        self.connect_as(&connector, server_name).await
+    }
+
     async fn connect_with(&self, connector: &TlsConnector) -> Result<TlsStream<TcpStream>, AgentError> {
+        self.connect_as(connector, self.server_name.clone()).await
+    }
+
+    async fn connect_as(
+        &self,
+        connector: &TlsConnector,
+        server_name: ServerName<'static>,
+    ) -> Result<TlsStream<TcpStream>, AgentError> {
         let addr = format!("{}:{}", self.host, self.port);
         let connect = async {
             // Resolved apart from connecting, so a name that does not
@@ -156,7 +185,7 @@ impl Client {
                 .await
                 .map_err(|source| AgentError::Connect { addr: addr.clone(), source })?;
             tcp.set_nodelay(true)?;
-            connector.connect(self.server_name.clone(), tcp).await.map_err(|source| {
+            connector.connect(server_name, tcp).await.map_err(|source| {
                 // tokio-rustls carries rustls' own error inside the io::Error.
                 match source.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
                     Some(tls) => AgentError::Tls { addr: addr.clone(), source: tls.clone() },

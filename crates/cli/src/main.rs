@@ -8,6 +8,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 mod apply;
 mod context;
 mod dial;
+mod doctor;
 mod engine_api;
 mod events;
 mod forward;
@@ -62,6 +63,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Check a running engine end to end: DNS, certificates, the Engine
+    /// API, round trips through a private and a published tunnel over TLS
+    /// and QUIC. Exit 0 pass, 3 warn, 1 fail.
+    #[command(
+        after_help = "Examples:\n  strait doctor\n  strait doctor -o json --warn-ms 100 --threshold tunnel.private.quic=50:500"
+    )]
+    Doctor(doctor::DoctorArgs),
     /// Forward a local service through a tunnel.
     #[command(
         after_help = "Examples:\n  strait forward 3000\n  strait forward 127.0.0.1:8443 --protocol tls --tls-mode passthrough\n  \
@@ -255,6 +263,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is::<shutdown::Interrupted>() => ExitCode::from(130),
+        // The report said it all.
+        Err(error) if error.is::<doctor::Unhealthy>() => {
+            ExitCode::from(error.downcast_ref::<doctor::Unhealthy>().map_or(1, doctor::Unhealthy::exit_code))
+        }
         Err(error) => {
             eprintln!("strait: {error:#}");
             ExitCode::FAILURE
@@ -309,6 +321,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Forward { target, options, .. } => {
             let local = forward::local_target(target.as_deref())?;
             forward::run(cli.client()?, (**options).clone(), local, &shutdown).await
+        }
+        Command::Doctor(args) => {
+            let check = doctor::run(context::resolve(&cli.overrides())?, args.clone());
+            shutdown::or_interrupted(&shutdown, check).await
         }
         Command::Run { apply, watch } => run::run(cli.overrides(), apply.clone(), *watch, &shutdown).await,
         Command::Connect { tunnel, listen, zero_rtt, udp: true, .. } => {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
+#[allow(unused_imports)] // not every test file uses every helper
 pub use strait_testkit::{SECRET, TestEngine, echo_server};
 
 /// How long any one expected line or condition may take.

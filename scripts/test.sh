@@ -73,8 +73,10 @@ stage() {
 }
 
 # System tools the tests drive (openssl s_client, curl, jq; iperf3 for the
-# benchmark smoke run).
-stage --tty "tools (openssl, curl, jq, iperf3)" 900 bash scripts/need.sh openssl curl jq iperf3
+# benchmark smoke run; strace and ip netns for the air-gapped proof, unshare
+# for strait doctor's private /etc/hosts).
+stage --tty "tools (openssl, curl, jq, iperf3, strace, ip, unshare)" 900 bash scripts/need.sh openssl curl jq iperf3 \
+    strace ip:iproute2 unshare:util-linux
 # The real software the published TCP and UDP proofs drive
 # (tests/compat/test_published_ports.py): RTMP through nginx's RTMP module,
 # SRT through srt-live-transmit, ffmpeg/ffprobe to send and check the

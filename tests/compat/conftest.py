@@ -58,7 +58,15 @@ class _Loopback(httpcore.AsyncNetworkBackend):
 class Engine:
     """A running strait-engine process."""
 
-    def __init__(self, tmp: pathlib.Path, extra_yaml: str = "", env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: pathlib.Path,
+        extra_yaml: str = "",
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
+        """`prefix`: a command the engine runs under (a network namespace,
+        a tracer)."""
         self.tmp = tmp
         subprocess.run(
             [BIN / "strait-engine", "gen-certs", "--host", "localhost", "--out", tmp],
@@ -77,7 +85,7 @@ class Engine:
         self.log_path = tmp / "engine.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [BIN / "strait-engine", "-c", config, "--print-ready"],
+            [*(prefix or []), BIN / "strait-engine", "-c", config, "--print-ready"],
             stdout=subprocess.PIPE,
             stderr=self._log,
             env={k: v for k, v in os.environ.items() if not k.startswith("RSTREAM_")} | (env or {}),

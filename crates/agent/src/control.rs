@@ -377,10 +377,12 @@ async fn read_loop<R: tokio::io::AsyncRead + Unpin>(
                 }
             }
             Some(Payload::ProxyConnReq(req)) => {
-                // The channel's stream id again: the engine asks for its
-                // spill stream.
-                if let Some(Channel { spill: Some(spill), .. }) = inner.lock().channels.get(&req.stream_id) {
-                    spill.open();
+                // The engine asks for a live channel's spill stream: never a
+                // new stream, even when the channel has just ended here.
+                if req.strait_spill {
+                    if let Some(Channel { spill: Some(spill), .. }) = inner.lock().channels.get(&req.stream_id) {
+                        spill.open();
+                    }
                     continue;
                 }
                 let inner = inner.clone();

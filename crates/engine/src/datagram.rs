@@ -46,6 +46,9 @@ pub enum Dropped {
     UnknownChannel,
     /// The channel's queue is full.
     QueueFull,
+    /// Too large for a datagram, and the agent has as many spill streams
+    /// as it may.
+    SpillLimit,
 }
 
 impl Dropped {
@@ -55,6 +58,7 @@ impl Dropped {
             Dropped::Oversized => "oversized",
             Dropped::UnknownChannel => "unknown_channel",
             Dropped::QueueFull => "queue_full",
+            Dropped::SpillLimit => "spill_limit",
         }
     }
 }

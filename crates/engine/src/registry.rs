@@ -49,6 +49,8 @@ pub struct Client {
     /// The agent spills datagram packets too large for a QUIC datagram
     /// (`strait_proto::features::DATAGRAM_SPILL`).
     pub datagram_spill: bool,
+    /// Its spill streams open at once (`datagram::spill::PER_CLIENT`).
+    pub spill_permits: Arc<tokio::sync::Semaphore>,
     /// When the agent last sent a frame (milliseconds since the Unix
     /// epoch): a refusal of another channel's tunnel says how long this
     /// one has been silent.
@@ -57,7 +59,14 @@ pub struct Client {
 
 impl Client {
     pub fn new(info: ClientInfo, outbox: mpsc::Sender<Message>, quic: Option<quinn::Connection>) -> Self {
-        let client = Self { info, outbox, quic, datagram_spill: false, last_heard: Default::default() };
+        let client = Self {
+            info,
+            outbox,
+            quic,
+            datagram_spill: false,
+            spill_permits: Arc::new(tokio::sync::Semaphore::new(crate::datagram::spill::PER_CLIENT)),
+            last_heard: Default::default(),
+        };
         client.heard();
         client
     }

@@ -237,6 +237,7 @@ async fn pair(
         secret: Some(secret),
         source_ip: Some(source.into()),
         proxy_endpoint: None,
+        strait_spill: false,
     });
     // Never wait on a slow control channel: a full outbox is a busy agent.
     client.outbox.try_send(request.into()).map_err(|e| match e {
@@ -296,17 +297,22 @@ async fn accept_spill(
     zero_rtt: bool,
     spill: &crate::datagram::Spill,
 ) {
+    let claimed = spill.claim(shared, secret);
     if !zero_rtt {
-        let answer = match spill.check(secret) {
-            Ok(()) => ProxyRsp { error: None },
-            Err(reason) => ProxyRsp { error: Some(Error::new(ErrorCode::InvalidStream, reason)) },
+        let answer = match &claimed {
+            Ok(_) => ProxyRsp { error: None },
+            Err(reason) => ProxyRsp { error: Some(Error::new(ErrorCode::InvalidStream, *reason)) },
         };
         if write_message(&mut io, &Payload::ProxyRsp(answer).into()).await.is_err() {
             return;
         }
     }
-    if let Err(reason) = spill.attach(shared, secret, Prefixed::new(rest, io)) {
-        tracing::warn!(%stream_id, reason, "spill stream refused");
+    match claimed {
+        Ok(slot) => {
+            // The channel may have ended meanwhile; then this drops.
+            let _ = slot.send(Prefixed::new(rest, io));
+        }
+        Err(reason) => tracing::warn!(%stream_id, reason, "spill stream refused"),
     }
 }
 

@@ -136,6 +136,7 @@ fn messages() -> Vec<(String, Message)> {
             secret: Some("one-time".into()),
             source_ip: Some(std::net::IpAddr::from([203, 0, 113, 7]).into()),
             proxy_endpoint: Some("edge.example.com:443".into()),
+            strait_spill: false,
         }),
         Payload::ProxyConnRsp(ProxyConnRsp { stream_id: "s1".into(), error: Some(error.clone()) }),
         Payload::ProxyReq(ProxyReq {

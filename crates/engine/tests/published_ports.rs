@@ -486,9 +486,10 @@ async fn a_spill_stream_is_asked_for_by_the_first_large_packet_and_needs_the_cha
     let ask = tokio::time::timeout(WAIT, reader.read_message()).await.unwrap().unwrap();
     let Some(Payload::ProxyConnReq(ask)) = ask.payload else { panic!("{ask:?}") };
     assert_eq!((&ask.stream_id, &ask.secret), (&req.stream_id, &req.secret), "the channel's own id and secret");
+    assert!(ask.strait_spill && !req.strait_spill, "the ask is marked as one, the channel's request is not");
 
     // Opens a stream for the channel with `secret`; the engine's answer.
-    let dial = |secret: &str| {
+    let dial = |conn: &quinn::Connection, secret: &str| {
         let (conn, stream_id, secret) = (conn.clone(), req.stream_id.clone(), secret.to_string());
         async move {
             let (mut send, recv) = conn.open_bi().await.unwrap();
@@ -505,9 +506,14 @@ async fn a_spill_stream_is_asked_for_by_the_first_large_packet_and_needs_the_cha
             (rsp.error, send, strait_proto::Prefixed::new(rest, recv))
         }
     };
-    let (refused, _, _) = dial("not-the-secret").await;
+    let secret = req.secret.as_deref().unwrap();
+    let (refused, _, _) = dial(&conn, "not-the-secret").await;
     assert_eq!(refused.map(|e| e.code), Some(ErrorCode::InvalidStream as i32), "a wrong secret is refused");
-    let (accepted, mut spill_send, mut spill_recv) = dial(req.secret.as_deref().unwrap()).await;
+    // The right secret on another QUIC connection finds no channel there.
+    let elsewhere = engine.quic_connect().await;
+    let (refused, _, _) = dial(&elsewhere, secret).await;
+    assert_eq!(refused.map(|e| e.code), Some(ErrorCode::InvalidStream as i32), "another connection is refused");
+    let (accepted, mut spill_send, mut spill_recv) = dial(&conn, secret).await;
     assert_eq!(accepted, None);
     // The packet that asked for it waited for it.
     let first = tokio::time::timeout(WAIT, read_packet(&mut spill_recv)).await.unwrap().unwrap();
@@ -519,7 +525,7 @@ async fn a_spill_stream_is_asked_for_by_the_first_large_packet_and_needs_the_cha
     let n = tokio::time::timeout(WAIT, public.recv(&mut buf)).await.unwrap().unwrap();
     assert_eq!(&buf[..n], &answer[..]);
     // One spill stream per channel.
-    let (again, _, _) = dial(req.secret.as_deref().unwrap()).await;
+    let (again, _, _) = dial(&conn, secret).await;
     assert_eq!(again.map(|e| e.code), Some(ErrorCode::InvalidStream as i32), "a second spill stream is refused");
     assert_eq!((metrics.datagrams_spilled().get(), metrics.datagrams_dropped("oversized")), (2, 0));
 }

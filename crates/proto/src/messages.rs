@@ -313,6 +313,11 @@ pub struct ProxyConnReq {
     pub source_ip: Option<IpAddressMsg>,
     #[prost(message, optional, tag = "5")]
     pub proxy_endpoint: Option<String>,
+    /// strait's extension: this asks for the spill stream of the live
+    /// datagram channel `stream_id`, not for a new stream
+    /// (`crate::features::DATAGRAM_SPILL`).
+    #[prost(bool, tag = "1000")]
+    pub strait_spill: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -9,8 +9,12 @@
 //! `ProxyConnReq` that repeats the channel's stream id. Packets on the
 //! stream are framed (`strait_proto::packet`); what the agent sends on it
 //! joins the channel's queue beside its datagrams. A spill stream that does
-//! not come within `timeouts.stream_request_seconds` is not asked for
-//! again: the channel's large packets are dropped and counted from then on.
+//! not come within `timeouts.stream_request_seconds`, or that ends, is not
+//! asked for again: the channel's large packets are dropped and counted from
+//! then on (the channel itself carries on). An agent has at most
+//! [`PER_CLIENT`] spill streams at once, so a flood of large packets from
+//! many sources cannot take its QUIC connection's stream budget; past that
+//! they are dropped and counted (`spill_limit`).
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -28,6 +32,9 @@ use crate::streams::AgentIo;
 
 /// Large packets waiting for the spill stream or its writer, per channel.
 const QUEUE: usize = 16;
+
+/// Spill streams one agent may have open at once.
+pub const PER_CLIENT: usize = 64;
 
 /// What the engine keeps to ask for a channel's spill stream and to
 /// recognise it.
@@ -53,6 +60,8 @@ struct Active {
     /// Takes the agent's stream; `None` once it came.
     stream: Option<oneshot::Sender<AgentIo>>,
     task: tokio::task::JoinHandle<()>,
+    /// One of the agent's [`PER_CLIENT`] spill streams.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Spill {
@@ -71,19 +80,24 @@ impl Spill {
         let active = match &mut *active {
             Some(active) => active,
             None => {
+                let Some(started) = self.start(shared) else {
+                    shared.metrics.datagram_dropped(Dropped::SpillLimit.label());
+                    return;
+                };
                 let ask = Payload::ProxyConnReq(ProxyConnReq {
                     tunnel_id: self.spec.tunnel_id.clone(),
                     stream_id: self.spec.stream_id.clone(),
                     secret: Some(self.spec.secret.clone()),
                     source_ip: None,
                     proxy_endpoint: None,
+                    strait_spill: true,
                 });
                 let asked =
                     shared.registry.client(&self.spec.client_id).is_some_and(|c| c.outbox.try_send(ask.into()).is_ok());
                 if !asked {
                     tracing::debug!(stream_id = %self.spec.stream_id, "could not ask the agent for a spill stream");
                 }
-                active.insert(self.start(shared))
+                active.insert(started)
             }
         };
         match active.out.try_send(packet) {
@@ -95,30 +109,28 @@ impl Spill {
     }
 
     /// The agent dialled back for this channel (`ProxyReq` with its stream
-    /// id): its spill stream, if the secret is the channel's.
-    pub fn attach(&self, shared: &Shared, secret: &str, io: AgentIo) -> Result<(), &'static str> {
-        self.check(secret)?;
-        let mut active = self.lock();
-        let active = match &mut *active {
-            Some(active) => active,
-            None => active.insert(self.start(shared)),
-        };
-        let stream = active.stream.take().ok_or("the datagram channel has its spill stream already")?;
-        stream.send(io).map_err(|_| "the datagram channel no longer waits for its spill stream")
-    }
-
-    /// Whether `secret` is the channel's and its spill stream may come.
-    pub fn check(&self, secret: &str) -> Result<(), &'static str> {
+    /// id): where its spill stream goes, if the secret is the channel's and
+    /// the channel waits for one. Taken in one step, so two racing dials
+    /// cannot both be told yes.
+    pub fn claim(&self, shared: &Shared, secret: &str) -> Result<oneshot::Sender<AgentIo>, &'static str> {
         if !bool::from(self.spec.secret.as_bytes().ct_eq(secret.as_bytes())) {
             return Err("wrong stream secret");
         }
-        match &*self.lock() {
-            Some(Active { stream: None, .. }) => Err("the datagram channel has its spill stream already"),
-            _ => Ok(()),
+        let mut active = self.lock();
+        let active = match &mut *active {
+            Some(active) => active,
+            None => active.insert(self.start(shared).ok_or("the agent has as many spill streams as it may")?),
+        };
+        let stream = active.stream.take().ok_or("the datagram channel has its spill stream already")?;
+        if stream.is_closed() {
+            return Err("the datagram channel no longer waits for its spill stream");
         }
+        Ok(stream)
     }
 
-    fn start(&self, shared: &Shared) -> Active {
+    /// The pump, if the agent may have one more spill stream.
+    fn start(&self, shared: &Shared) -> Option<Active> {
+        let permit = shared.registry.client(&self.spec.client_id)?.spill_permits.clone().try_acquire_owned().ok()?;
         let (out, out_rx) = mpsc::channel(QUEUE);
         let (stream, stream_rx) = oneshot::channel();
         let pump = Pump {
@@ -130,7 +142,7 @@ impl Spill {
             stream_id: self.spec.stream_id.clone(),
         };
         let task = tokio::spawn(pump.run(stream_rx, out_rx));
-        Active { out, stream: Some(stream), task }
+        Some(Active { out, stream: Some(stream), task, _permit: permit })
     }
 }
 
@@ -171,10 +183,10 @@ impl Pump {
         let (mut read, mut write) = tokio::io::split(io);
         let from_agent = async {
             while let Ok(Some(packet)) = read_packet(&mut read).await {
-                self.spilled.inc();
-                if self.deliver.try_send(packet).is_err() {
-                    self.queue_full.inc();
-                }
+                match self.deliver.try_send(packet) {
+                    Ok(()) => self.spilled.inc(),
+                    Err(_) => self.queue_full.inc(),
+                };
             }
         };
         let to_agent = async {
@@ -189,6 +201,11 @@ impl Pump {
         tokio::select! {
             _ = from_agent => {}
             _ = to_agent => {}
+        }
+        // The stream is over: what still waits for it is lost.
+        out.close();
+        while out.try_recv().is_ok() {
+            self.unsent.inc();
         }
     }
 }

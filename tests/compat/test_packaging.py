@@ -121,8 +121,8 @@ def test_compose_file_is_the_ce_baseline(tmp_path):
 
     # The environment file reached the service.
     environment = engine["environment"]
-    assert environment["RSTREAM_ENGINE_AUTH__JWT__TOKEN_JWT_SECRET"] == jwt_secret
-    assert environment["RSTREAM_ENGINE_METRICS__PROMETHEUS__BEARER_TOKEN"] == metrics_token
+    assert environment.get("RSTREAM_ENGINE_AUTH__JWT__TOKEN_JWT_SECRET") == jwt_secret
+    assert environment.get("RSTREAM_ENGINE_METRICS__PROMETHEUS__BEARER_TOKEN") == metrics_token
 
     mounts = {v["target"]: v for v in engine["volumes"]}
     assert set(mounts) == {CONFIG_PATH, "/etc/rstream/tls"}, mounts
@@ -443,7 +443,7 @@ def test_the_engine_runs_as_the_unit_says(unit_user):
             folder.mkdir(parents=True)
             os.chown(folder, uid, gid)
             folder.chmod(int(service.get(f"{key}Mode", ["0755"])[0], 8))
-        stale = path("/var/cache/strait-engine/obj-stale")
+        stale = path(f"/var/cache/{service['CacheDirectory'][0]}/obj-stale")
         stale.write_bytes(b"left by an earlier run")
         os.chown(stale, uid, gid)
 
@@ -524,3 +524,18 @@ def test_the_engine_runs_as_the_unit_says(unit_user):
             proc.kill()
             proc.wait(timeout=PROCESS_DEADLINE)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_readme_install_section_names_what_exists():
+    """Every repository path the install section tells a user to use is there."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Installing\n", 1)[1].split("\n## ", 1)[0]
+    paths = set(re.findall(r"(?<![\w/.])((?:deploy|crates|target/release)/[\w./-]*\w)", section))
+    assert {"deploy/strait-engine.service", "deploy/compose.yaml", "deploy/engine.yaml"} <= paths, paths
+    for path in paths - {"deploy/tls"}:
+        if path.startswith("target/release/"):
+            assert path.removeprefix("target/release/") in ("strait-engine", "strait"), path
+        else:
+            assert (ROOT / path).exists(), f"README.md's install section names {path}, which does not exist"
+    # The unit the section installs is the one the tests verify and run.
+    assert "deploy/strait-engine.service /etc/systemd/system/" in section

@@ -86,6 +86,13 @@ stage --tty "tools (openssl, curl, jq, iperf3, strace, ip, unshare)" 900 bash sc
 stage --tty "tools (ffmpeg, nginx-rtmp, srt-tools, openssh)" 900 bash scripts/need.sh \
     ffmpeg ffprobe:ffmpeg nginx /usr/lib/nginx/modules/ngx_rtmp_module.so:libnginx-mod-rtmp \
     srt-live-transmit:srt-tools sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
+# The packaging tests (tests/compat/test_packaging.py): systemd-analyze on
+# the unit, setpriv and useradd to start the engine as the unit's user,
+# ldd on the binary the image ships; and the real `docker compose` (its
+# `config` needs no Docker engine), built from its pinned Go module.
+stage --tty "tools (systemd-analyze, setpriv, useradd, ldd)" 900 bash scripts/need.sh \
+    systemd-analyze:systemd setpriv:util-linux useradd:passwd ldd:libc-bin
+stage "tools (docker compose, built from its Go module)" 900 bash scripts/compose.sh
 stage "Python venv" 600 bash scripts/venv.sh
 
 stage "building" 1200 cargo build --workspace --all-targets

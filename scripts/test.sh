@@ -80,7 +80,8 @@ stage --tty "tools (openssl, curl, jq, iperf3, strace, ip, unshare)" 900 bash sc
 # The real software the published TCP and UDP proofs drive
 # (tests/compat/test_published_ports.py): RTMP through nginx's RTMP module,
 # SRT through srt-live-transmit, ffmpeg/ffprobe to send and check the
-# streams, and an sshd with its client. need.sh installs only what is
+# streams, and an sshd with its client. nginx also serves the Rend recipe's
+# UI and HLS origin (examples/rend, tests/compat/test_recipe_rend.py). need.sh installs only what is
 # missing; the RTMP module has no command of its own, so its load_module
 # file stands for it.
 stage --tty "tools (ffmpeg, nginx-rtmp, srt-tools, openssh)" 900 bash scripts/need.sh \
